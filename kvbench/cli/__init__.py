@@ -1,0 +1,27 @@
+"""The ``kvbench`` command line: Typer wiring only; each command lives in its own module."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from kvbench.cli import presses as presses_cmd
+from kvbench.cli import run as run_cmd
+
+app = typer.Typer(
+    help="Benchmark KV-cache eviction during decoding on reasoning tasks.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+app.command("run")(run_cmd.run)
+app.command("presses")(presses_cmd.presses)
+
+
+def main() -> None:
+    from kvbench.errors import KvbenchError
+
+    try:
+        app()
+    except KvbenchError as err:
+        typer.secho(f"error: {err}", err=True, fg="red")
+        sys.exit(2)

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def _split(values: list[str]) -> list[str]:
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def run(
+    model: str = typer.Option("smollm2-135m", help="HF id, local directory, .gguf file, or alias: "
+                              "smollm2-135m, tiny-llama, tiny-qwen2."),
+    press: list[str] = typer.Option(["full"], "--press", "-p", help="Eviction policy; repeat or comma-separate "
+                                    "to compare several (see `kvbench presses`)."),
+    budget: list[str] = typer.Option([], "--budget", "-b", help="KV entries kept per layer per KV head, prompt "
+                                     "included; repeat for several; 'full' = no eviction."),
+    press_arg: list[str] = typer.Option([], "--press-arg", "-a", help="Press parameter key=value (every press "
+                                        "that has it) or press.key=value; repeatable."),
+    dataset: str = typer.Option("arith", "--dataset", "-d", help="Dataset config name (datasets_cfg/)."),
+    num_samples: int | None = typer.Option(None, "--num-samples", "-n", help="Use a fixed seeded subset of N "
+                                           "examples (the same for every press and budget)."),
+    max_new_tokens: int | None = typer.Option(None, help="Generation limit (default: the dataset's)."),
+    seed: int = typer.Option(0, help="Seed for sampling and seeded presses."),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling threshold (with --temperature > 0)."),
+    store: Path = typer.Option(Path("results"), help="Parquet result store directory."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
+    device: str = typer.Option("auto", help="auto (cuda if present), cpu, cuda, cuda:N."),
+    data_dir: Path | None = typer.Option(None, help="Local data <dir>/<name>/<split>.jsonl instead of the hub "
+                                         "(default: $KVBENCH_DATA_DIR)."),
+) -> None:
+    """Generate, score and store one model on one dataset for each press x budget; print the comparison."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from kvbench.run import RunConfig, execute, parse_budget, plan
+    from kvbench.tables import result_table
+
+    config = RunConfig(
+        model=model, presses=tuple(_split(press)), budgets=tuple(parse_budget(b) for b in _split(budget)),
+        press_args=tuple(press_arg), dataset=dataset, num_samples=num_samples, max_new_tokens=max_new_tokens,
+        seed=seed, temperature=temperature, top_p=top_p, store=str(store), dtype=dtype, device=device,
+        data_dir=str(data_dir) if data_dir else None,
+    )
+    plan(config)  # fail on bad input before any model loads
+    console = Console(stderr=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        bar = progress.add_task(f"loading {model}", total=None)
+
+        def on_start(total: int) -> None:
+            progress.update(bar, total=total, description="generating")
+
+        def on_example(cell, example) -> None:
+            label = cell.press.name if cell.budget is None else f"{cell.press.name}@{cell.budget}"
+            progress.update(bar, advance=1, description=f"generating {label}")
+
+        task, cells = execute(config, on_start=on_start, on_example=on_example)
+    Console(width=max(Console().width, 120)).print(result_table(task, cells, config))

@@ -1,0 +1,124 @@
+"""A registered attention function over the cache's physical slots, and the attention scores presses ask for.
+
+Attention output always comes from ``scaled_dot_product_attention`` (no eager attention). Scores are a
+separate softmax(q·K/sqrt(d)) computed only for layers whose press asks, over the same visible slots and
+with the same mask (invalid slots and slots later than the query are excluded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from kvbench.engine.cache import BudgetCache
+
+IMPLEMENTATION = "kvbench"
+_QUERY_CHUNK = 256  # bounds the [B, H, chunk, S] score tensor during long prefills
+
+
+def attention_probs(
+    query: torch.Tensor,
+    query_positions: torch.Tensor,
+    query_valid: torch.Tensor,
+    keys: torch.Tensor,
+    key_positions: torch.Tensor,
+    key_valid: torch.Tensor,
+    scaling: float,
+    reduce: str = "sum",
+    gqa: str = "mean",
+) -> torch.Tensor:
+    """Attention that the valid queries place on each key slot, per KV head.
+
+    query [B, Hq, Lq, D] with positions/valid [B, Lq]; keys [B, H, S, D] with positions/valid [B, H, S].
+    Probabilities are reduced over queries (``sum`` or ``mean`` over valid queries), then over the query
+    heads of each GQA group (``mean`` or ``max``). Returns float32 [B, H, S].
+    """
+    b, hq, lq, d = query.shape
+    h, s = keys.shape[1], keys.shape[2]
+    group = hq // h
+    keys32 = keys.float()
+    total = torch.zeros(b, h, group, s, dtype=torch.float32, device=keys.device)
+    for start in range(0, lq, _QUERY_CHUNK):
+        stop = min(lq, start + _QUERY_CHUNK)
+        q = query[:, :, start:stop].float().reshape(b, h, group * (stop - start), d)
+        logits = torch.matmul(q, keys32.transpose(-1, -2)) * scaling  # [B, H, G*l, S]
+        q_pos = query_positions[:, start:stop].repeat(1, group)  # group-major, matching the reshape above
+        mask = key_valid[:, :, None, :] & (key_positions[:, :, None, :] <= q_pos[:, None, :, None])
+        logits = logits.masked_fill(~mask, torch.finfo(torch.float32).min)
+        probs = torch.softmax(logits, dim=-1) * mask
+        probs = probs * query_valid[:, start:stop].repeat(1, group)[:, None, :, None]
+        total += probs.reshape(b, h, group, stop - start, s).sum(dim=3)
+    if reduce == "mean":
+        total = total / query_valid.sum(dim=-1).clamp(min=1)[:, None, None, None]
+    elif reduce != "sum":
+        raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
+    if gqa == "mean":
+        return total.mean(dim=2)
+    if gqa == "max":
+        return total.amax(dim=2)
+    raise ValueError(f"gqa aggregation must be 'mean' or 'max', got {gqa!r}")
+
+
+def kvbench_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    kvbench_cache: BudgetCache | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention over the slots returned by ``BudgetCache.update``; masks built from the cache itself."""
+    if kvbench_cache is None:
+        raise RuntimeError("the kvbench attention implementation needs kvbench_cache=BudgetCache(...)")
+    layer = kvbench_cache.layers[module.layer_idx]
+    b, hq, lq, d = query.shape
+    h = key.shape[1]
+    scaling = d**-0.5 if scaling is None else scaling
+    if lq == 1 and not layer.overflowing:
+        # One query per sequence: fold the GQA group into the query length, so keys are never expanded.
+        mask = layer.valid[:, :, None, :]
+        out = F.scaled_dot_product_attention(query.view(b, h, hq // h, d), key, value, attn_mask=mask, scale=scaling)
+        out = out.view(b, hq, 1, -1)
+    else:
+        positions, valid = layer.visible_positions()
+        if layer.heads_uniform:
+            positions, valid = positions[:, :1], valid[:, :1]
+        q_pos = kvbench_cache.step.positions
+        mask = valid[:, :, None, :] & (positions[:, :, None, :] <= q_pos[:, None, :, None])
+        if mask.shape[1] > 1:
+            mask = mask.repeat_interleave(hq // h, dim=1)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
+        out = out.nan_to_num(0.0)  # padding queries may see no key; their outputs are never used
+    layer.after_attention(query, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _no_mask(*args, **kwargs) -> None:
+    return None  # masks come from the cache's own slot state, never from transformers' mask builders
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(IMPLEMENTATION, kvbench_attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, _no_mask)
+
+
+@contextlib.contextmanager
+def use_kvbench_attention(model):
+    """Route ``model``'s attention through ``kvbench_attention`` for the duration of the block."""
+    register()
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = IMPLEMENTATION
+    try:
+        yield model
+    finally:
+        model.config._attn_implementation = previous

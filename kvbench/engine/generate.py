@@ -1,0 +1,192 @@
+"""Our own prefill + decode loop (not ``model.generate``), with explicit positions and per-sequence telemetry.
+
+Batches are left-padded; padding is never written as a valid slot, so it is never attended and never
+counts against the budget. Finished sequences are frozen: they feed an invalid token that the cache ignores.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from kvbench.engine.attention import use_kvbench_attention
+from kvbench.engine.cache import BudgetCache
+from kvbench.presses.base import Press
+
+FINISH_REASONS = ("eos", "stop", "length", "loop")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 512
+    #: 0 = greedy.
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    eos_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+
+
+@dataclass
+class SequenceOutput:
+    tokens: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    output_tokens: int
+    prefill_s: float
+    decode_s: float
+    tokens_per_s: float
+    peak_kv_bytes: int
+    evicted_tokens: float
+    mean_cache_len: float
+    text: str | None = None
+    #: Next-token logits of every step (only with ``record_logits=True``; for tests and analysis).
+    logits: list[torch.Tensor] = field(default_factory=list, repr=False)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _next_tokens(logits: torch.Tensor, settings: GenerationSettings, generators: list[torch.Generator]):
+    if settings.temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / settings.temperature, dim=-1)
+    if settings.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > settings.top_p  # keep the first that crosses
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    # One generator per sequence, so a sequence samples the same tokens whatever batch it is in.
+    return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generators)])
+
+
+def generate(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    press: Press,
+    budget: int | None,
+    settings: GenerationSettings,
+    *,
+    decode: Callable[[list[int]], str] | None = None,
+    pad_token_id: int = 0,
+    seeds: Sequence[int] | None = None,
+    record_logits: bool = False,
+    on_step: Callable[[BudgetCache, int], None] | None = None,
+) -> list[SequenceOutput]:
+    """Generate for a batch of tokenised prompts under ``press`` at ``budget`` (None = no eviction).
+
+    ``decode`` turns tokens into text (needed for stop strings and ``SequenceOutput.text``); ``seeds`` gives
+    each sequence its own sampling and press seed (default: ``settings.seed`` for all); ``on_step(cache, t)``
+    is called after every forward (t = 0 for the prefill).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if settings.stop_strings and decode is None:
+        raise ValueError("stop strings need a decode function")
+    device = next(model.parameters()).device
+    batch = len(prompts)
+    lengths = [len(p) for p in prompts]
+    width = max(lengths)
+    seeds = list(seeds) if seeds is not None else [settings.seed] * batch
+
+    ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
+    valid = torch.zeros(batch, width, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+        valid[row, width - len(prompt):] = True
+    positions = (valid.long().cumsum(dim=-1) - 1).clamp(min=0)
+    ids, valid, positions = ids.to(device), valid.to(device), positions.to(device)
+
+    config = model.config.get_text_config(decoder=True)
+    cache = BudgetCache(press, budget, config.num_hidden_layers, width + settings.max_new_tokens, seeds)
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    eos = set(settings.eos_token_ids)
+
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    logits_log: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+    finish: list[str | None] = [None] * batch
+    decode_end = [0.0] * batch
+    cache_len_sum = [0.0] * batch
+    next_position = torch.tensor(lengths, device=device)
+
+    def forward(input_ids, pos, ok, counts):
+        cache.begin_step(pos, ok, counts)
+        out = model(
+            input_ids=input_ids, position_ids=pos, past_key_values=cache, use_cache=True,
+            kvbench_cache=cache, logits_to_keep=1,
+        )
+        return out.logits[:, -1]
+
+    with torch.inference_mode(), use_kvbench_attention(model):
+        _synchronize(device)
+        start = time.perf_counter()
+        logits = forward(ids, positions, valid, lengths)
+        if on_step:
+            on_step(cache, 0)
+        _synchronize(device)
+        decode_start = time.perf_counter()
+        prefill_s = decode_start - start
+
+        for step in range(1, settings.max_new_tokens + 1):
+            chosen = _next_tokens(logits, settings, generators)
+            chosen_list = chosen.tolist()  # the stopping check: the one synchronisation per step
+            now = time.perf_counter()
+            for row in range(batch):
+                if finish[row] is not None:
+                    continue
+                token = chosen_list[row]
+                tokens[row].append(token)
+                if record_logits:
+                    logits_log[row].append(logits[row].float().cpu())
+                if token in eos:
+                    finish[row] = "eos"
+                elif settings.stop_strings and _hits_stop(tokens[row], decode, settings.stop_strings):
+                    finish[row] = "stop"
+                elif len(tokens[row]) >= settings.max_new_tokens:
+                    finish[row] = "length"
+                if finish[row] is not None:
+                    decode_end[row] = now
+            if all(f is not None for f in finish):
+                break
+            active = [f is None for f in finish]
+            active_mask = torch.tensor(active, device=device)
+            step_ids = torch.where(active_mask, chosen, pad_token_id)[:, None]
+            logits = forward(step_ids, next_position[:, None], active_mask[:, None], [int(a) for a in active])
+            next_position = next_position + active_mask.long()  # not in place: the cache keeps the old tensor
+            for row in range(batch):
+                if active[row]:
+                    cache_len_sum[row] += cache.entries(row)
+            if on_step:
+                on_step(cache, step)
+        _synchronize(device)
+
+    results = []
+    for row in range(batch):
+        n_out = len(tokens[row])
+        decode_s = max(decode_end[row] - decode_start, 1e-9)
+        steps = max(n_out - 1, 1)  # decode forwards this sequence took part in
+        results.append(SequenceOutput(
+            tokens=tokens[row],
+            finish_reason=finish[row] or "length",
+            prompt_tokens=lengths[row],
+            output_tokens=n_out,
+            prefill_s=prefill_s,
+            decode_s=decode_s,
+            tokens_per_s=n_out / decode_s,
+            peak_kv_bytes=cache.peak_bytes(row),
+            evicted_tokens=cache.evicted_tokens(row),
+            mean_cache_len=cache_len_sum[row] / steps if n_out > 1 else cache.entries(row),
+            text=decode(tokens[row]) if decode else None,
+            logits=logits_log[row],
+        ))
+    return results
+
+
+def _hits_stop(tokens: list[int], decode: Callable[[list[int]], str], stops: tuple[str, ...]) -> bool:
+    tail = decode(tokens[-16:])  # stop strings are short; the tail is enough and keeps this O(1) per step
+    return any(s in tail for s in stops)

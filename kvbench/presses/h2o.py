@@ -1,0 +1,46 @@
+from dataclasses import dataclass
+
+import torch
+
+from kvbench.presses.base import Press, protect
+
+
+@dataclass
+class H2OPress(Press):
+    """Heavy hitters: accumulated attention received, plus a recent window.
+
+    The paper's variant is ``recent_ratio=0 normalize=true``: no recent window, and the accumulated
+    attention divided by the number of queries that could attend to each token (its age).
+    """
+
+    name = "h2o"
+    summary = "accumulated attention received + recent window"
+    source = "Zhang et al. 2023, arXiv 2306.14048"
+    state_names = ("accumulated",)
+
+    #: Fraction of the budget kept for the most recent tokens (H2O splits heavy hitters and recent 50/50).
+    recent_ratio: float = 0.5
+    #: Divide accumulated attention by the token's age (queries that saw it), as the paper's harness did.
+    normalize: bool = False
+    #: How the query heads of a GQA group are combined: mean (the paper) or max.
+    gqa: str = "mean"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.recent_ratio <= 1.0:
+            raise ValueError(f"h2o: recent_ratio must be in [0, 1], got {self.recent_ratio}")
+
+    @property
+    def accumulates_attention(self) -> bool:
+        return True
+
+    def observe(self, view, attention: torch.Tensor) -> None:
+        view.state["accumulated"] += attention
+
+    def score(self, view) -> torch.Tensor:
+        scores = view.state["accumulated"].clone()
+        if self.normalize:
+            age = (view.query_position[:, None, None] - view.positions + 1).clamp(min=1)
+            scores = scores / age
+        recent = int(self.recent_ratio * view.budget) if view.budget else 0
+        return protect(scores, view, recent=recent)

@@ -1,0 +1,227 @@
+"""``kvbench run``'s core: every (press, budget) cell of one model on one dataset, scored and stored.
+
+Everything is validated before the model loads, so bad input fails in a second, not after a download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from kvbench import __version__
+from kvbench.errors import ConfigError
+from kvbench.models import DEFAULT_MODEL, resolve
+from kvbench.presses import Press, make_press, parse_press_args
+from kvbench.store import ResultStore
+from kvbench.tasks import Example, Task, load_examples, load_task
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str = DEFAULT_MODEL
+    presses: tuple[str, ...] = ("full",)
+    #: None = the full cache.
+    budgets: tuple[int | None, ...] = ()
+    press_args: tuple[str, ...] = ()
+    dataset: str = "arith"
+    num_samples: int | None = None
+    #: None = the dataset's default.
+    max_new_tokens: int | None = None
+    seed: int = 0
+    temperature: float = 0.0
+    top_p: float = 1.0
+    store: str = "results"
+    dtype: str = "auto"
+    device: str = "auto"
+    data_dir: str | None = None
+
+
+@dataclass
+class Cell:
+    """One (press, budget) combination and the rows it produced."""
+
+    press: Press
+    budget: int | None
+    run_key: str = ""
+    rows: list[dict] = field(default_factory=list)
+
+
+def parse_budget(text: str) -> int | None:
+    if text.strip().lower() in {"full", "none"}:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"--budget {text!r} is not an integer or 'full'") from None
+    if value < 1:
+        raise ConfigError(f"--budget must be >= 1, got {value}")
+    return value
+
+
+def plan(config: RunConfig) -> tuple[Task, list[Example], list[Cell]]:
+    """Validate everything and list the cells, without loading the model."""
+    if config.num_samples is not None and config.num_samples < 1:
+        raise ConfigError(f"--num-samples must be >= 1, got {config.num_samples}")
+    if config.max_new_tokens is not None and config.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {config.max_new_tokens}")
+    if not 0.0 < config.top_p <= 1.0 or config.temperature < 0:
+        raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
+    for b in config.budgets:
+        if b is not None and b < 1:
+            raise ConfigError(f"--budget must be >= 1, got {b}")
+    resolve(config.model)
+    names = list(dict.fromkeys(config.presses))
+    args = parse_press_args(list(config.press_args), names)
+    cells: list[Cell] = []
+    for name in names:
+        press = make_press(name, args[name])
+        if not press.evicts:
+            cells.append(Cell(press=press, budget=None))
+            continue
+        budgets = [b for b in config.budgets if b is not None]
+        if not budgets:
+            raise ConfigError(f"press {name!r} evicts: give at least one --budget")
+        cells.extend(Cell(press=press, budget=b) for b in dict.fromkeys(budgets))
+    task = load_task(config.dataset)
+    examples = load_examples(task, config.num_samples, config.data_dir)
+    return task, examples, cells
+
+
+def max_new_tokens(config: RunConfig, task: Task) -> int:
+    return config.max_new_tokens or int(task.generation.get("max_new_tokens", 512))
+
+
+def run_key(config: RunConfig, task: Task, cell: Cell, model_revision: str | None) -> str:
+    """Hash of everything that changes the output of a row."""
+    payload = {
+        "model": config.model, "revision": model_revision, "press": cell.press.name,
+        "press_args": cell.press.params(), "budget": cell.budget, "dataset": task.name,
+        "dataset_version": task.version, "prompt_hash": task.prompt_hash,
+        "max_new_tokens": max_new_tokens(config, task), "temperature": config.temperature,
+        "top_p": config.top_p if config.temperature > 0 else 1.0, "seed": config.seed, "dtype": config.dtype,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def execute(
+    config: RunConfig,
+    on_start: Callable[[int], None] | None = None,
+    on_example: Callable[[Cell, Example], None] | None = None,
+) -> tuple[Task, list[Cell]]:
+    """Run every cell on every example not already stored; return cells with all their rows (stored ones too)."""
+    import torch
+    import transformers
+
+    from kvbench import models
+    from kvbench.engine.generate import GenerationSettings, generate
+
+    task, examples, cells = plan(config)
+    store = ResultStore(config.store)
+    loaded = models.load(config.model, dtype=config.dtype, device=config.device, seed=config.seed)
+    tokenizer = loaded.tokenizer
+    revision = loaded.spec.revision or getattr(loaded.model.config, "_commit_hash", None)
+    for cell in cells:
+        cell.run_key = run_key(config, task, cell, revision)
+    todo = {}
+    for cell in cells:
+        done = store.done(cell.run_key)
+        todo[cell.run_key] = [e for e in examples if (e.id, 0) not in done]
+    if on_start:
+        on_start(sum(len(v) for v in todo.values()))
+
+    eos = _eos_ids(loaded.model, tokenizer)
+    settings = GenerationSettings(
+        max_new_tokens=max_new_tokens(config, task), temperature=config.temperature, top_p=config.top_p,
+        seed=config.seed, eos_token_ids=eos, stop_strings=tuple(task.generation.get("stop", ())),
+    )
+    provenance = {
+        "kvbench_version": __version__, "git_commit": _git_commit(), "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__, "device": _device_name(loaded.device),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+    }
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    for cell in cells:
+        for example in todo[cell.run_key]:
+            prompt_text = tokenizer.apply_chat_template(task.messages(example), tokenize=False,
+                                                        add_generation_prompt=True)
+            prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+            out = generate(loaded.model, [prompt_ids], cell.press, cell.budget, settings, decode=decode,
+                           pad_token_id=tokenizer.pad_token_id)[0]
+            extracted = task.extract(out.text)
+            row = {
+                "run_key": cell.run_key, "created_at": datetime.now(timezone.utc),
+                "model": config.model, "model_source": loaded.spec.source, "model_revision": revision,
+                "press": cell.press.name, "press_args": json.dumps(cell.press.params(), sort_keys=True),
+                "budget": cell.budget, "buffer": cell.press.buffer,
+                "dataset": task.name, "dataset_version": task.version, "split": task.split,
+                "prompt_hash": task.prompt_hash, "example_id": example.id, "sample": 0, "seed": config.seed,
+                "max_new_tokens": settings.max_new_tokens, "temperature": config.temperature,
+                "top_p": config.top_p, "prompt": prompt_text, "response": out.text, "gold": example.gold,
+                "extracted": extracted, "correct": task.score(extracted, example.gold),
+                "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
+                "output_tokens": out.output_tokens, "prefill_s": out.prefill_s, "decode_s": out.decode_s,
+                "tokens_per_s": out.tokens_per_s, "peak_kv_bytes": out.peak_kv_bytes,
+                "evicted_tokens": out.evicted_tokens, "mean_cache_len": out.mean_cache_len, **provenance,
+            }
+            store.append([row])  # one atomic part per example: a kill loses at most this one
+            if on_example:
+                on_example(cell, example)
+
+    wanted = {(c.run_key, e.id) for c in cells for e in examples}
+    stored = store.read().to_pylist()
+    by_key = {c.run_key: c for c in cells}
+    for row in stored:
+        if (row["run_key"], row["example_id"]) in wanted and row["sample"] == 0:
+            by_key[row["run_key"]].rows.append(row)
+    return task, cells
+
+
+def summarize(cell: Cell) -> dict:
+    """The numbers of one row of the result table."""
+    rows = cell.rows
+    n = len(rows)
+
+    def mean(key):
+        return sum(r[key] for r in rows) / n if n else float("nan")
+
+    return {
+        "press": cell.press.name, "budget": "full" if cell.budget is None else cell.budget, "n": n,
+        "accuracy": mean("correct") if n else float("nan"),
+        "invalid": sum(r["extracted"] is None for r in rows) / n if n else float("nan"),
+        "truncated": sum(r["finish_reason"] == "length" for r in rows) / n if n else float("nan"),
+        "output_tokens": mean("output_tokens"), "tokens_per_s": mean("tokens_per_s"),
+        "peak_kv_mib": mean("peak_kv_bytes") / 2**20,
+    }
+
+
+def _eos_ids(model, tokenizer) -> tuple[int, ...]:
+    ids = model.generation_config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return tuple(dict.fromkeys(ids))
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"

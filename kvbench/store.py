@@ -1,0 +1,106 @@
+"""Append-only Parquet result store: one row per (run, example, sample).
+
+Every append writes a new ``part-*.parquet`` through a temporary file and an atomic rename, so a killed
+run loses at most the rows in flight and never leaves a half-written part. Re-running skips stored rows.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kvbench.errors import KvbenchError
+
+SCHEMA = pa.schema([
+    ("run_key", pa.string()),
+    ("created_at", pa.timestamp("ms", tz="UTC")),
+    # what was run
+    ("model", pa.string()),
+    ("model_source", pa.string()),
+    ("model_revision", pa.string()),
+    ("press", pa.string()),
+    ("press_args", pa.string()),  # JSON of every press parameter, defaults included
+    ("budget", pa.int64()),  # null = full cache
+    ("buffer", pa.int64()),
+    ("dataset", pa.string()),
+    ("dataset_version", pa.int64()),
+    ("split", pa.string()),
+    ("prompt_hash", pa.string()),
+    ("example_id", pa.string()),
+    ("sample", pa.int64()),
+    ("seed", pa.int64()),
+    ("max_new_tokens", pa.int64()),
+    ("temperature", pa.float64()),
+    ("top_p", pa.float64()),
+    # what came out
+    ("prompt", pa.string()),
+    ("response", pa.string()),
+    ("gold", pa.string()),
+    ("extracted", pa.string()),  # null = no answer found (invalid)
+    ("correct", pa.bool_()),
+    ("finish_reason", pa.string()),  # eos / stop / length / loop
+    # telemetry
+    ("prompt_tokens", pa.int64()),
+    ("output_tokens", pa.int64()),
+    ("prefill_s", pa.float64()),
+    ("decode_s", pa.float64()),
+    ("tokens_per_s", pa.float64()),
+    ("peak_kv_bytes", pa.int64()),
+    ("evicted_tokens", pa.float64()),
+    ("mean_cache_len", pa.float64()),
+    # provenance
+    ("kvbench_version", pa.string()),
+    ("git_commit", pa.string()),
+    ("torch_version", pa.string()),
+    ("transformers_version", pa.string()),
+    ("device", pa.string()),
+    ("dtype", pa.string()),
+])
+
+
+class StoreError(KvbenchError):
+    """The store cannot be read or written."""
+
+
+class ResultStore:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def parts(self) -> list[Path]:
+        return sorted(self.path.glob("part-*.parquet")) if self.path.is_dir() else []
+
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        tables = []
+        for part in self.parts():
+            try:
+                tables.append(pq.read_table(part, columns=columns, schema=SCHEMA))
+            except (pa.ArrowInvalid, OSError) as err:
+                raise StoreError(f"{part}: unreadable Parquet part ({err})") from None
+        if not tables:
+            return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
+        return pa.concat_tables(tables)
+
+    def done(self, run_key: str) -> set[tuple[str, int]]:
+        """(example_id, sample) pairs already stored for ``run_key``."""
+        table = self.read(columns=["run_key", "example_id", "sample"])
+        return {(e, s) for k, e, s in zip(*(table[c].to_pylist() for c in ("run_key", "example_id", "sample")))
+                if k == run_key}
+
+    def append(self, rows: list[dict]) -> Path | None:
+        if not rows:
+            return None
+        table = pa.Table.from_pylist(rows, schema=SCHEMA)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            name = f"part-{rows[0]['created_at'].strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}.parquet"
+            final = self.path / name
+            tmp = self.path / f".{name}.tmp"
+            pq.write_table(table, tmp)
+            os.replace(tmp, final)
+        except OSError as err:
+            raise StoreError(f"cannot write to store {self.path}: {err.strerror or err}") from None
+        return final

@@ -1,0 +1,162 @@
+"""Engine correctness on tiny seeded models: equivalence with the full cache and HF generate, and invariants."""
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from kvbench.engine.generate import GenerationSettings, generate
+from kvbench.presses import PRESSES, make_press
+from tests.conftest import prompt_ids
+
+N_NEW = 40
+
+
+def hf_greedy(model, prompt, n_new):
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                         past_key_values=DynamicCache(), eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("press_name", list(PRESSES))
+def test_budget_at_least_length_equals_full_and_hf_generate(tiny, press_name):
+    model, tokenizer = tiny
+    prompt = prompt_ids(tokenizer)[:40]
+    settings = GenerationSettings(max_new_tokens=N_NEW)
+    budget = len(prompt) + N_NEW  # every token fits: no press may change anything
+    ours = generate(model, [prompt], make_press(press_name), budget, settings)[0]
+    full = generate(model, [prompt], make_press("full"), None, settings)[0]
+    assert ours.evicted_tokens == 0
+    assert ours.tokens == full.tokens == hf_greedy(model, prompt, N_NEW)
+
+
+def test_small_budget_changes_output(tiny):
+    """The equivalence above is not vacuous: a small budget does change the generated tokens."""
+    model, tokenizer = tiny
+    prompt = prompt_ids(tokenizer)[:40]
+    settings = GenerationSettings(max_new_tokens=N_NEW)
+    full = generate(model, [prompt], make_press("full"), None, settings)[0]
+    small = generate(model, [prompt], make_press("streaming_llm"), 8, settings)[0]
+    assert small.tokens != full.tokens
+
+
+CAPACITY_CASES = [("h2o", {}), ("snapkv-d", {}), ("rkv", {"buffer": "5"}), ("streaming_llm", {"buffer": "3"}),
+                  ("knorm", {}), ("tova", {}), ("random", {})]
+
+
+@pytest.mark.parametrize(("press_name", "args"), CAPACITY_CASES)
+@pytest.mark.parametrize("budget", [10, 50])
+def test_physical_cache_never_exceeds_budget_plus_buffer(tiny_llama, press_name, args, budget):
+    model, tokenizer = tiny_llama
+    press = make_press(press_name, args)
+    seen = []
+
+    def check(cache, step):
+        for layer in cache.layers:
+            assert layer.keys.shape[2] <= budget + press.buffer
+            held = int(layer.valid.sum(dim=-1).max())
+            # After a step's compression at most `budget`; between compressions at most budget + buffer - 1.
+            assert held <= budget + press.buffer - 1
+            seen.append(held)
+
+    out = generate(model, [prompt_ids(tokenizer)[:30]], press, budget, GenerationSettings(max_new_tokens=60),
+                   on_step=check)[0]
+    assert out.evicted_tokens > 0
+    assert out.peak_kv_bytes == (budget + press.buffer) * 3 * 2 * (16 + 16) * 4  # layers x heads x (k+v) x fp32
+
+
+PROTECTION_CASES = [
+    ("streaming_llm", {"n_sink": "4"}, lambda t: set(range(4)) | {t}),
+    ("snapkv-d", {"window_size": "6"}, lambda t: set(range(t - 5, t + 1))),
+    ("h2o", {"recent_ratio": "0.5"}, lambda t: set(range(t - 9, t + 1))),  # budget 20 -> 10 recent
+    ("knorm", {"n_sink": "2", "recent_window": "3"}, lambda t: {0, 1} | set(range(t - 2, t + 1))),
+    ("rkv", {"buffer": "4", "window_size": "5"}, lambda t: set(range(t - 4, t + 1))),
+]
+
+
+@pytest.mark.parametrize(("press_name", "args", "protected"), PROTECTION_CASES)
+def test_protected_tokens_always_present(tiny_llama, press_name, args, protected):
+    model, tokenizer = tiny_llama
+    prompt = prompt_ids(tokenizer)[:30]
+    checked = []
+
+    def check(cache, step):
+        newest = int(cache.query_position[0])
+        for layer_kept in cache.kept_positions(0):
+            for head_kept in layer_kept:
+                assert protected(newest) <= head_kept, (step, newest, sorted(head_kept))
+        checked.append(step)
+
+    generate(model, [prompt], make_press(press_name, args), 20, GenerationSettings(max_new_tokens=40), on_step=check)
+    assert len(checked) == 40
+
+
+@dataclasses.dataclass
+class PermutedInLayer:
+    """Wraps a press; in one layer, its scores are reversed (a permutation of the slots' scores)."""
+
+    inner: object
+    layer: int
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def score(self, view):
+        scores = self.inner.score(view)
+        return scores.flip(-1) if view.layer_idx == self.layer else scores
+
+
+@pytest.mark.parametrize("press_name", ["h2o", "snapkv-d", "knorm", "tova"])
+def test_per_layer_state_is_independent(tiny_llama, press_name):
+    """Permuting one layer's scores at prefill changes that layer's kept set and no other layer's."""
+    model, tokenizer = tiny_llama
+    prompt = prompt_ids(tokenizer)[:40]
+    settings = GenerationSettings(max_new_tokens=1)
+
+    def kept_after_prefill(press):
+        kept = []
+        generate(model, [prompt], press, 16, settings, on_step=lambda c, t: kept.append(c.kept_positions(0)))
+        return kept[0]
+
+    base = kept_after_prefill(make_press(press_name))
+    permuted = kept_after_prefill(PermutedInLayer(make_press(press_name), layer=1))
+    assert permuted[0] == base[0] and permuted[2] == base[2]
+    assert permuted[1] != base[1]
+
+
+def test_batch_of_one_padded_prompt_matches_unpadded(tiny_llama):
+    """Left padding is never attended: a short prompt batched with a long one decodes as it does alone."""
+    model, tokenizer = tiny_llama
+    short, long = prompt_ids(tokenizer)[:20], prompt_ids(tokenizer)[:45]
+    settings = GenerationSettings(max_new_tokens=20)
+    for name, budget in (("full", None), ("h2o", 24), ("snapkv-d", 24), ("streaming_llm", 24)):
+        alone = [generate(model, [p], make_press(name), budget, settings)[0].tokens for p in (short, long)]
+        batched = [o.tokens for o in generate(model, [short, long], make_press(name), budget, settings)]
+        assert batched == alone, name
+
+
+def test_sampling_is_seeded(tiny_llama):
+    model, tokenizer = tiny_llama
+    prompt = prompt_ids(tokenizer)[:30]
+    settings = GenerationSettings(max_new_tokens=30, temperature=1.0, top_p=0.9, seed=3)
+    a = generate(model, [prompt], make_press("h2o"), 16, settings)[0].tokens
+    b = generate(model, [prompt], make_press("h2o"), 16, settings)[0].tokens
+    c = generate(model, [prompt], make_press("h2o"), 16, dataclasses.replace(settings, seed=4))[0].tokens
+    assert a == b and a != c
+
+
+def test_eos_and_stop_strings_end_generation(tiny_llama):
+    model, tokenizer = tiny_llama
+    prompt = prompt_ids(tokenizer)[:30]
+    free = generate(model, [prompt], make_press("full"), None, GenerationSettings(max_new_tokens=30))[0]
+    assert free.finish_reason == "length" and free.output_tokens == 30
+    eos = free.tokens[9]
+    stopped = generate(model, [prompt], make_press("full"), None,
+                       GenerationSettings(max_new_tokens=30, eos_token_ids=(eos,)))[0]
+    assert stopped.finish_reason == "eos" and stopped.tokens == free.tokens[:free.tokens.index(eos) + 1]
+    text = tokenizer.decode(free.tokens[:12])
+    out = generate(model, [prompt], make_press("full"), None,
+                   GenerationSettings(max_new_tokens=30, stop_strings=(text[-3:],)),
+                   decode=lambda ids: tokenizer.decode(ids))[0]
+    assert out.finish_reason == "stop" and out.output_tokens <= 12

@@ -1,0 +1,61 @@
+"""Eviction equals masking: every step's logits equal a full forward with exactly the evicted entries masked."""
+
+import pytest
+import torch
+
+from kvbench.engine.generate import GenerationSettings, generate
+from kvbench.presses import PRESSES, make_press
+from tests.conftest import prompt_ids
+from tests.oracle import masked_logits, masks_from_kept
+
+CASES = [(name, {}) for name in PRESSES if name not in ("full", "rkv")] + [
+    ("rkv", {"buffer": "4"}),  # R-KV's default buffer (128) never fills in a short test
+    ("h2o", {"recent_ratio": "0", "normalize": "true"}),  # the paper's H2O variant
+    ("snapkv-d", {"window_size": "4", "pooling": "max", "gqa": "max"}),
+    ("tova", {"per_head": "true"}),
+    ("knorm", {"n_sink": "2", "recent_window": "3"}),
+    ("streaming_llm", {"buffer": "3"}),
+]
+
+
+def run_and_record(model, prompt, press, budget, n_new):
+    kept = []
+    outputs = generate(
+        model, [prompt], press, budget, GenerationSettings(max_new_tokens=n_new), record_logits=True,
+        on_step=lambda cache, t: kept.append(cache.kept_positions(0)),
+    )
+    return outputs[0], kept
+
+
+@pytest.mark.parametrize(("press_name", "args"), CASES, ids=[f"{n}-{a}" if a else n for n, a in CASES])
+@pytest.mark.parametrize("budget", [12, 40])  # 12 < prompt (prefill compression); 40 > prompt (decode only)
+def test_eviction_equals_masking(tiny, press_name, args, budget):
+    model, tokenizer = tiny
+    prompt = prompt_ids(tokenizer)[:30]
+    n_new = 36
+    out, kept = run_and_record(model, prompt, make_press(press_name, args), budget, n_new)
+    assert out.evicted_tokens > 0, "the case must actually evict"
+    tokens = prompt + out.tokens[:-1]
+    cfg = model.config
+    masks = masks_from_kept(kept, len(prompt), len(tokens), cfg.num_hidden_layers, cfg.num_key_value_heads)
+    expected = masked_logits(model, tokens, masks)
+    ours = torch.stack(out.logits)
+    reference = expected[len(prompt) - 1:]
+    assert ours.shape == reference.shape
+    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_oracle_detects_a_wrong_mask(tiny_llama):
+    """The oracle is not vacuous: masking one kept entry more than the engine did changes the logits."""
+    model, tokenizer = tiny_llama
+    prompt = prompt_ids(tokenizer)[:30]
+    out, kept = run_and_record(model, prompt, make_press("h2o"), 12, 20)
+    tokens = prompt + out.tokens[:-1]
+    cfg = model.config
+    # Drop the sink-most kept position of layer 0, head 0 from every decode step.
+    tampered = [[[set(h) for h in layer] for layer in step] for step in kept]
+    for step in tampered:
+        step[0][0].discard(min(step[0][0]))
+    masks = masks_from_kept(tampered, len(prompt), len(tokens), cfg.num_hidden_layers, cfg.num_key_value_heads)
+    expected = masked_logits(model, tokens, masks)[len(prompt) - 1:]
+    assert not torch.allclose(torch.stack(out.logits), expected, atol=1e-4, rtol=1e-4)
