@@ -22,7 +22,7 @@ ifneq ($(wildcard ../shared/data),)
 export KVBENCH_DATA_DIR ?= $(abspath ../shared/data)
 endif
 
-RUN_ARGS ?= --model smollm2-135m --dataset arith --num-samples 12 --max-new-tokens 160 \
+RUN_ARGS ?= --model smollm2-135m --dataset arith --num-samples 6 --max-new-tokens 128 \
 	--press full --press snapkv-d --press h2o --press streaming_llm --budget 64
 
 .PHONY: install run test lint clean

