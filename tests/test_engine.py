@@ -160,3 +160,13 @@ def test_eos_and_stop_strings_end_generation(tiny_llama):
                    GenerationSettings(max_new_tokens=30, stop_strings=(text[-3:],)),
                    decode=lambda ids: tokenizer.decode(ids))[0]
     assert out.finish_reason == "stop" and out.output_tokens <= 12
+
+
+def test_sliding_window_models_are_refused():
+    from kvbench.errors import KvbenchError
+    from kvbench.models import build_tiny
+
+    model, tokenizer = build_tiny("tiny-qwen2")
+    model.config.layer_types = ["sliding_attention", "full_attention", "full_attention"]
+    with pytest.raises(KvbenchError, match="sliding_attention"):
+        generate(model, [[1, 2, 3]], make_press("h2o"), 8, GenerationSettings(max_new_tokens=2))

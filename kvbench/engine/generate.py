@@ -14,9 +14,8 @@ import torch
 
 from kvbench.engine.attention import use_kvbench_attention
 from kvbench.engine.cache import BudgetCache
+from kvbench.errors import KvbenchError
 from kvbench.presses.base import Press
-
-FINISH_REASONS = ("eos", "stop", "length", "loop")
 
 
 @dataclass(frozen=True)
@@ -103,6 +102,10 @@ def generate(
     ids, valid, positions = ids.to(device), valid.to(device), positions.to(device)
 
     config = model.config.get_text_config(decoder=True)
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        raise KvbenchError(f"{config.model_type}: layers of type {sorted(layer_types - {'full_attention'})} are not "
+                           "supported (kvbench evicts from full-attention caches only)")
     cache = BudgetCache(press, budget, config.num_hidden_layers, width + settings.max_new_tokens, seeds)
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     eos = set(settings.eos_token_ids)
