@@ -101,11 +101,19 @@ def run_key(config: RunConfig, task: Task, cell: Cell, model_revision: str | Non
     payload = {
         "model": config.model, "revision": model_revision, "press": cell.press.name,
         "press_args": cell.press.params(), "budget": cell.budget, "dataset": task.name,
-        "dataset_version": task.version, "prompt_hash": task.prompt_hash,
+        "dataset_version": task.version, "prompt_hash": task.prompt_hash, "data": data_source(config, task),
         "max_new_tokens": max_new_tokens(config, task), "temperature": config.temperature,
         "top_p": config.top_p if config.temperature > 0 else 1.0, "seed": config.seed, "dtype": config.dtype,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def data_source(config: RunConfig, task: Task) -> str:
+    """Where the examples come from: local files and the hub may hold different versions of a dataset."""
+    from kvbench.tasks import data_dir
+
+    kind = "builtin" if task.builtin else "local" if data_dir(config.data_dir) is not None else "hub"
+    return f"{kind}:{task.split(config.data_dir)}"
 
 
 def execute(
@@ -145,6 +153,8 @@ def execute(
         "dtype": str(loaded.dtype).removeprefix("torch."),
     }
 
+    split = task.split(config.data_dir)
+
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -155,17 +165,18 @@ def execute(
             prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
             out = generate(loaded.model, [prompt_ids], cell.press, cell.budget, settings, decode=decode,
                            pad_token_id=tokenizer.pad_token_id)[0]
-            extracted = task.extract(out.text)
+            scored = task.score(out.text, example.gold)
             row = {
                 "run_key": cell.run_key, "created_at": datetime.now(timezone.utc),
                 "model": config.model, "model_source": loaded.spec.source, "model_revision": revision,
                 "press": cell.press.name, "press_args": json.dumps(cell.press.params(), sort_keys=True),
                 "budget": cell.budget, "buffer": cell.press.buffer,
-                "dataset": task.name, "dataset_version": task.version, "split": task.split,
+                "dataset": task.name, "dataset_version": task.version, "split": split,
                 "prompt_hash": task.prompt_hash, "example_id": example.id, "sample": 0, "seed": config.seed,
                 "max_new_tokens": settings.max_new_tokens, "temperature": config.temperature,
                 "top_p": config.top_p, "prompt": prompt_text, "response": out.text, "gold": example.gold,
-                "extracted": extracted, "correct": task.score(extracted, example.gold),
+                "extracted": scored.extracted, "correct": scored.correct,
+                "metrics": json.dumps(scored.metrics, sort_keys=True),
                 "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
                 "output_tokens": out.output_tokens, "prefill_s": out.prefill_s, "decode_s": out.decode_s,
                 "tokens_per_s": out.tokens_per_s, "peak_kv_bytes": out.peak_kv_bytes,

@@ -42,6 +42,7 @@ SCHEMA = pa.schema([
     ("gold", pa.string()),
     ("extracted", pa.string()),  # null = no answer found (invalid)
     ("correct", pa.bool_()),
+    ("metrics", pa.string()),  # JSON of the scorer's extra metrics (DROP f1, MATH strict_match)
     ("finish_reason", pa.string()),  # eos / stop / length / loop
     # telemetry
     ("prompt_tokens", pa.int64()),
@@ -74,15 +75,32 @@ class ResultStore:
         return sorted(self.path.glob("part-*.parquet")) if self.path.is_dir() else []
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
-        tables = []
-        for part in self.parts():
-            try:
-                tables.append(pq.read_table(part, columns=columns, schema=SCHEMA))
-            except (pa.ArrowInvalid, OSError) as err:
-                raise StoreError(f"{part}: unreadable Parquet part ({err})") from None
+        tables = [self.read_part(part, columns) for part in self.parts()]
         if not tables:
             return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
         return pa.concat_tables(tables)
+
+    @staticmethod
+    def read_part(part: Path, columns: list[str] | None = None) -> pa.Table:
+        """One part, conformed to the current schema (columns added since it was written read as null)."""
+        try:
+            table = pq.read_table(part)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise StoreError(f"{part}: unreadable Parquet part ({err})") from None
+        for f in SCHEMA:
+            if f.name not in table.column_names:
+                table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+        table = table.select(SCHEMA.names).cast(SCHEMA)
+        return table if columns is None else table.select(columns)
+
+    def replace_part(self, part: Path, rows: list[dict]) -> None:
+        """Atomically rewrite one part (``kvbench score``); the old file stays whole until the rename."""
+        tmp = part.with_name(f".{part.name}.tmp")
+        try:
+            pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
+            os.replace(tmp, part)
+        except OSError as err:
+            raise StoreError(f"cannot rewrite {part}: {err.strerror or err}") from None
 
     def done(self, run_key: str) -> set[tuple[str, int]]:
         """(example_id, sample) pairs already stored for ``run_key``."""

@@ -89,3 +89,17 @@ def test_presses_lists_every_press_with_defaults():
     for name in ("full", "streaming_llm", "h2o", "snapkv-d", "knorm", "rkv", "random", "tova"):
         assert name in result.stdout
     assert "window_size=32" in result.stdout and "buffer=128" in result.stdout
+
+
+def test_run_key_separates_data_sources(monkeypatch):
+    from kvbench.presses import make_press
+    from kvbench.run import Cell, run_key
+    from kvbench.tasks import load_task
+
+    task = load_task("folio")
+    cell = Cell(press=make_press("h2o"), budget=64)
+    monkeypatch.delenv("KVBENCH_DATA_DIR", raising=False)
+    hub = run_key(RunConfig(dataset="folio"), task, cell, None)
+    local = run_key(RunConfig(dataset="folio", data_dir="/somewhere"), task, cell, None)
+    assert hub != local
+    assert hub == run_key(RunConfig(dataset="folio"), task, cell, None)

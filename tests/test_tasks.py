@@ -1,31 +1,187 @@
-"""Datasets: the arith generator, extraction and scoring, and GSM8K from the local copy of the real data."""
+"""Datasets: configs, loading from the local copies of the real data, extraction and scoring."""
 
-import os
+import json
 from pathlib import Path
 
 import pytest
 
-from kvbench.errors import DataError
-from kvbench.tasks import load_examples, load_task
+from kvbench.errors import ConfigError, DataError
+from kvbench.tasks import LETTERS, available, load_examples, load_task
 from kvbench.tasks.arith import generate_arith
+from kvbench.tasks.drop import drop_metrics
 from kvbench.tasks.extract import extract
-from kvbench.tasks.score import numeric
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+EXPECTED = {  # dataset -> (local file, examples)
+    "gsm8k": ("gsm8k/test.jsonl", 1319), "math500": ("math500/test.jsonl", 500), "aime24": ("aime24/test.jsonl", 30),
+    "aime25": ("aime25/test.jsonl", 30), "commonsense_qa": ("csqa/dev.jsonl", 1221),
+    "openbookqa": ("obqa/test.jsonl", 500), "strategyqa": ("strategyqa/dev.jsonl", 2290),
+    "reclor": ("reclor/val.jsonl", 500), "drop": ("drop/dev.jsonl", 9536), "folio": ("folio/validation.jsonl", 204),
+    "logiqa": ("logiqa/test.jsonl", 651),
+}
 
 
-def test_arith_is_deterministic_and_exact():
-    a, b = generate_arith(20, seed=0), generate_arith(20, seed=0)
-    assert a == b and generate_arith(20, seed=1) != a
-    assert generate_arith(5) == a[:5]  # a prefix: --num-samples N is the first N, the same for every press
-    for item in a:
-        assert int(item["answer"]) > 0 and item["question"].endswith("now?")
+def local(name):
+    path = SHARED_DATA / EXPECTED[name][0]
+    if not path.is_file():
+        pytest.skip(f"{path} absent (the local copies live in ../shared/data)")
+    return load_task(name), load_examples(load_task(name), data_dir_override=str(SHARED_DATA))
 
 
-def test_arith_answers_match_a_replay_of_the_story():
+def raw_records(name):
+    return [json.loads(line) for line in (SHARED_DATA / EXPECTED[name][0]).open()]
+
+
+def test_every_paper_dataset_has_a_config():
+    assert set(EXPECTED) | {"arith"} == set(available())
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_config_loads_locally_with_expected_size(name):
+    task, examples = local(name)
+    assert len(examples) == EXPECTED[name][1]
+    assert len({e.id for e in examples}) == len(examples)
+    for example in examples[:50]:
+        assert example.gold and task.messages(example)[-1]["content"]
+
+
+# --- gold self-consistency on the real files -------------------------------------------------------------
+
+
+def test_gsm8k_gold_rationales_score_correct():
+    task, examples = local("gsm8k")
+    wrong = [e.id for e, r in zip(examples, raw_records("gsm8k")) if not task.score(r["answer"], e.gold).correct]
+    assert wrong == []
+
+
+def test_math500_gold_solutions_verify():
+    task, examples = local("math500")
+    results = [task.score(r["solution"], e.gold) for e, r in zip(examples, raw_records("math500"))]
+    assert [e.id for e, s in zip(examples, results) if not s.correct] == []
+    assert all(s.metrics["strict_match"] for s in results)
+    # and the scorer discriminates: each solution against the *next* problem's gold mostly fails
+    shifted = sum(task.score(r["solution"], examples[(i + 1) % 500].gold).correct
+                  for i, r in enumerate(raw_records("math500")))
+    assert shifted < 10
+
+
+@pytest.mark.parametrize("name", ["aime24", "aime25"])
+def test_aime_integer_answers(name):
+    task, examples = local(name)
+    for e in examples:
+        assert task.score(f"so \\boxed{{{int(e.gold):03d}}}", e.gold).correct  # "025" = 25
+        assert not task.score(f"\\boxed{{{int(e.gold) + 1}}}", e.gold).correct
+
+
+def choice_forms(letter):
+    number = LETTERS.index(letter) + 1
+    return [f"Let me think. The answer is {letter}.", f"Answer: ({letter})", f"So the answer is \\boxed{{{letter}}}",
+            f"Thus **{letter}**", f"Therefore the answer is **{letter}. some option text**", f"The answer is {number}.",
+            f"I pick option {letter}.", f"Reasoning...\n{letter}"]
+
+
+@pytest.mark.parametrize("name", ["commonsense_qa", "openbookqa", "reclor", "logiqa"])
+def test_multiple_choice_gold_in_every_form_scores_correct(name):
+    task, examples = local(name)
+    for e in examples:
+        other = LETTERS[(LETTERS.index(e.gold) + 1) % len(e.fields["choices"])]
+        assert all(task.score(form, e.gold).correct for form in choice_forms(e.gold)), e.id
+        assert not any(task.score(form, e.gold).correct for form in choice_forms(other)), e.id
+
+
+def test_strategyqa_yes_no_forms():
+    task, examples = local("strategyqa")
+    for e in examples:
+        other = "no" if e.gold == "yes" else "yes"
+        boolean = "true" if e.gold == "yes" else "false"
+        for form in (f"The answer is {e.gold}.", f"Answer: **{e.gold.capitalize()}**", f"\\boxed{{{e.gold}}}",
+                     f"The answer is {boolean}."):
+            assert task.score(form, e.gold).correct, (e.id, form)
+        assert not task.score(f"The answer is {other}.", e.gold).correct
+
+
+def test_folio_label_forms():
+    task, examples = local("folio")
+    labels = ["True", "False", "Uncertain"]
+    for e in examples:
+        forms = [f"The answer is {e.gold}.", f"**{e.gold}**", f"\\boxed{{{e.gold}}}"]
+        if e.gold == "Uncertain":
+            forms.append("The answer is unknown.")
+        assert all(task.score(f, e.gold).correct for f in forms), e.id
+        other = labels[(labels.index(e.gold) + 1) % 3]
+        assert not task.score(f"The answer is {other}.", e.gold).correct
+
+
+def test_drop_every_gold_alternative_scores_exact():
+    task, examples = local("drop")
+    for e in examples:
+        for alternative in json.loads(e.gold):
+            scored = task.score(f"The answer is {alternative[0]}.", e.gold)
+            assert scored.correct and scored.metrics["f1"] == 1.0, (e.id, alternative)
+
+
+# --- tricky responses ---------------------------------------------------------------------------------------
+
+TRICKY = [
+    # (dataset, response, gold, correct, extracted)
+    ("gsm8k", "The answer is **1,250**.", "1250", True, "1,250"),
+    ("gsm8k", "I think 5. Wait, no: the answer is 7.", "7", True, "7"),
+    ("gsm8k", "The answer is $18.00.", "18", True, "$18.00"),
+    ("gsm8k", "<think>The answer is 3</think>So the answer is 5.", "5", True, "5"),
+    ("gsm8k", "<think>The answer is 3, I am still thinking", "3", False, None),  # answer only inside <think>
+    ("gsm8k", "", "3", False, None),
+    ("math500", "Thus $\\boxed{\\dfrac{1}{2}}$.", "\\frac{1}{2}", True, "\\dfrac{1}{2}"),
+    ("math500", "First \\boxed{3}, then correcting: \\boxed{4}", "4", True, "4"),
+    ("commonsense_qa", "The answer is (B) library.", "B", True, "B"),
+    ("commonsense_qa", "A good guess is A. But the answer is C.", "C", True, "C"),
+    ("commonsense_qa", "A revolving door is convenient.", "A", False, None),  # the article "A" is not an answer
+    ("commonsense_qa", "<think>The answer is A</think>", "A", False, None),
+    ("strategyqa", "Yes, because... The answer is no.", "no", True, "no"),
+    ("strategyqa", "The answer is: **Yes**.", "yes", True, "yes"),
+    ("folio", "The conclusion is therefore **Uncertain**.", "Uncertain", True, "Uncertain"),
+    ("drop", "Counting the touchdowns, the answer is 3.", json.dumps([["3"]]), True, "3"),
+]
+
+
+@pytest.mark.parametrize(("name", "response", "gold", "correct", "extracted"), TRICKY)
+def test_tricky_responses(name, response, gold, correct, extracted):
+    scored = load_task(name).score(response, gold)
+    assert (scored.correct, scored.extracted) == (correct, extracted)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("So 3 + 4 = 7. The answer is 7.", "7"), ("First 2, then \\boxed{18}", "18"),
+    ("We get 12 apples, then 15 apples", "15"), ("no digits here", None),
+])
+def test_number_extraction_chain(text, expected):
+    assert extract(text, ["answer_is", "boxed", "last_number"]) == expected
+
+
+# --- DROP official metric on hand-worked examples ------------------------------------------------------------
+
+@pytest.mark.parametrize(("prediction", "golds", "em", "f1"), [
+    ("2", [["2.0"]], 1.0, 1.0),  # numbers are canonicalised
+    ("the Bears", [["Bears"]], 1.0, 1.0),  # articles and case dropped
+    ("12 yards", [["13 yards"]], 0.0, 0.0),  # numbers must match, or F1 is 0
+    ("New Orleans Saints", [["Saints"]], 0.0, 0.5),  # bag of tokens: P = 1/3, R = 1
+    ("October 5, 1998", [["5 October 1998"]], 0.0, 1.0),  # dates reordered: same bag (F1 1), not EM
+    ("October 5, 1998", [["October 5 1998"]], 1.0, 1.0),  # punctuation dropped: EM
+    ("Pakistanis", [["Pakistanis and Filipinos"], ["Pakistani and Filipino"]], 0.0, 0.5),  # max over golds
+    (["Alice", "Bob"], [["Bob", "Alice"]], 1.0, 1.0),  # multi-span: order-free
+    ("Alice", [["Alice", "Bob"]], 0.0, 0.5),  # one of two spans: aligned F1 (1 + 0) / 2
+])
+def test_drop_metric(prediction, golds, em, f1):
+    assert drop_metrics(prediction, golds) == (em, f1)
+
+
+# --- arith ----------------------------------------------------------------------------------------------------
+
+def test_arith_is_deterministic_and_replays():
     import re
 
-    for item in generate_arith(200):
+    items = generate_arith(200, seed=0)
+    assert items == generate_arith(200, seed=0) and generate_arith(5) == items[:5]
+    for item in items:
         sentences = item["question"].split(". ")
         value = int(re.search(r"has (\d+)", sentences[0]).group(1))
         for s in sentences[1:]:
@@ -35,53 +191,18 @@ def test_arith_answers_match_a_replay_of_the_story():
                 value -= int(m.group(1))
             elif m := re.search(r"gives \w+ (\d+) more", s):
                 value += int(m.group(1))
-        assert value == int(item["answer"]), item
+        assert value == int(item["answer"]) > 0
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("So 3 + 4 = 7. The answer is 7.", "7"),
-    ("The answer is: $1,250.", "$1,250"),
-    ("the answer is **42**", "42"),
-    ("<think>The answer is 3</think> Final: The answer is 5", "5"),
-    ("First 2, then \\boxed{18}", "18"),
-    ("We get 12 apples, then 15 apples", "15"),
-    ("no digits here", None),
-])
-def test_extraction_chain(text, expected):
-    assert extract(text, ["answer_is", "boxed", "last_number"]) == expected
+# --- errors --------------------------------------------------------------------------------------------------
+
+def test_subset_is_fixed_and_seeded():
+    task, _ = local("gsm8k")
+    a = [e.id for e in load_examples(task, 10, data_dir_override=str(SHARED_DATA))]
+    assert a == [e.id for e in load_examples(task, 10, data_dir_override=str(SHARED_DATA))] and len(set(a)) == 10
 
 
-@pytest.mark.parametrize(("pred", "gold", "ok"), [
-    ("18", "18", True), ("18.00", "18", True), ("$1,000", "1000", True), ("18 apples", "18", True),
-    ("-3", "-3", True), ("0.5", "1/2", False), ("17", "18", False), (None, "18", False),
-])
-def test_numeric_scorer(pred, gold, ok):
-    assert numeric(pred, gold) is ok
-
-
-@pytest.mark.skipif(not (SHARED_DATA / "gsm8k" / "test.jsonl").is_file(), reason="needs ../shared/data")
-def test_gsm8k_gold_rationales_score_correct(monkeypatch):
-    """Every GSM8K test rationale, read as a model response, extracts and scores correct."""
-    monkeypatch.setenv("KVBENCH_DATA_DIR", str(SHARED_DATA))
-    task = load_task("gsm8k")
-    examples = load_examples(task)
-    assert len(examples) == 1319
-    import json
-
-    raw = [json.loads(line) for line in (SHARED_DATA / "gsm8k" / "test.jsonl").open()]
-    wrong = [ex.id for ex, rec in zip(examples, raw) if not task.score(task.extract(rec["answer"]), ex.gold)]
-    assert wrong == []
-
-
-@pytest.mark.skipif(not (SHARED_DATA / "gsm8k" / "test.jsonl").is_file(), reason="needs ../shared/data")
-def test_subset_is_fixed_and_seeded(monkeypatch):
-    monkeypatch.setenv("KVBENCH_DATA_DIR", str(SHARED_DATA))
-    task = load_task("gsm8k")
-    a = [e.id for e in load_examples(task, 10)]
-    assert a == [e.id for e in load_examples(task, 10)] and len(set(a)) == 10
-
-
-def test_wrong_size_and_missing_file_are_clear(tmp_path, monkeypatch):
+def test_wrong_size_and_missing_file_are_clear(tmp_path):
     task = load_task("gsm8k")
     with pytest.raises(DataError, match="not found"):
         load_examples(task, data_dir_override=str(tmp_path))
@@ -89,4 +210,33 @@ def test_wrong_size_and_missing_file_are_clear(tmp_path, monkeypatch):
     (tmp_path / "gsm8k" / "test.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n')
     with pytest.raises(DataError, match="expected 1319"):
         load_examples(task, data_dir_override=str(tmp_path))
-    os.environ.pop("KVBENCH_DATA_DIR", None)
+    (tmp_path / "gsm8k" / "test.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n{oops\n')
+    with pytest.raises(DataError, match=r"test.jsonl:2: malformed JSON"):
+        load_examples(task, data_dir_override=str(tmp_path))
+
+
+def test_gated_dataset_names_the_fix(monkeypatch):
+    import datasets
+
+    def gated(*args, **kwargs):
+        raise ConnectionError("401 Client Error: this dataset is gated, you must be authenticated")
+
+    monkeypatch.delenv("KVBENCH_DATA_DIR", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", gated)
+    with pytest.raises(DataError, match="gated: accept its terms .* HF_TOKEN"):
+        load_examples(load_task("folio"))
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("name: x\nversion: [", "malformed YAML"),
+    ("name: x\nversion: 1\n", "missing keys"),
+    ("name: x\nversion: 1\nprompt: p\nextractors: [nope]\nscorer: numeric\nlocal: {fields: {}}\n",
+     "unknown extractor 'nope'"),
+    ("name: x\nversion: 1\nprompt: p\nextractors: [boxed]\nscorer: numeric\nlocal: {}\ncolour: red\n",
+     "unknown keys colour"),
+])
+def test_malformed_configs_fail_clearly(tmp_path, monkeypatch, text, message):
+    (tmp_path / "x.yaml").write_text(text)
+    monkeypatch.setenv("KVBENCH_DATASETS_CFG", str(tmp_path))
+    with pytest.raises(ConfigError, match=message):
+        load_task("x")

@@ -6,8 +6,10 @@ import sys
 
 import typer
 
+from kvbench.cli import datasets as datasets_cmd
 from kvbench.cli import presses as presses_cmd
 from kvbench.cli import run as run_cmd
+from kvbench.cli import score as score_cmd
 
 app = typer.Typer(
     help="Benchmark KV-cache eviction during decoding on reasoning tasks.",
@@ -15,6 +17,8 @@ app = typer.Typer(
 )
 app.command("run")(run_cmd.run)
 app.command("presses")(presses_cmd.presses)
+app.command("score")(score_cmd.score)
+app.add_typer(datasets_cmd.app, name="datasets")
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
 """Datasets as declarative YAML configs (``datasets_cfg/<name>.yaml``), loaded into normalised examples.
 
-A config names its source (a built-in generator, a Hugging Face dataset, or local JSON Lines under
-``--data-dir`` / ``KVBENCH_DATA_DIR`` laid out ``<dir>/<name>/<split>.jsonl``), the field mapping, the
-prompt template, generation defaults, and its extractor chain and scorer *by registry name*.
-This package knows nothing about torch.
+A config declares a ``hub`` layout (Hugging Face ``datasets``) and/or a ``local`` layout (JSON Lines under
+``--data-dir`` / ``KVBENCH_DATA_DIR``, ``<dir>/<local.dir>/<split>.jsonl``), or a built-in generator; each
+layout maps its own fields to the same normalised example. Prompt template, generation defaults, extractor
+chain and scorer are named, never coded, in the YAML. This package knows nothing about torch.
 """
 
 from __future__ import annotations
@@ -20,59 +20,75 @@ import yaml
 from kvbench.errors import ConfigError, DataError
 from kvbench.tasks.arith import GENERATORS
 from kvbench.tasks.extract import EXTRACTORS, extract
+from kvbench.tasks.fields import LETTERS, TRANSFORMS, resolve_field, spec_transform_names
 from kvbench.tasks.score import SCORERS
-from kvbench.tasks.transforms import GOLD_TRANSFORMS
 
 CONFIG_DIR_ENV = "KVBENCH_DATASETS_CFG"
 DATA_DIR_ENV = "KVBENCH_DATA_DIR"
-_REQUIRED = ("name", "version", "source", "fields", "prompt", "extractors", "scorer")
+_REQUIRED = ("name", "version", "prompt", "extractors", "scorer")
 
 
 @dataclass(frozen=True)
 class Example:
     id: str
-    fields: dict  # what the prompt template may use
+    fields: dict  # what the prompt template may use (choices: a list of option texts)
     gold: str
+
+
+@dataclass(frozen=True)
+class Scored:
+    extracted: str | None
+    correct: bool
+    metrics: dict
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
     version: int
-    source: dict
-    fields: dict
     prompt: str
     extractors: tuple[str, ...]
     scorer: str
+    hub: dict | None = None
+    local: dict | None = None
+    builtin: dict | None = None
     system: str | None = None
-    gold_transform: str = "identity"
-    id_field: str | None = None
     generation: dict = field(default_factory=dict)
     answer_type: str = "number"
     description: str = ""
 
-    @property
-    def split(self) -> str:
-        return str(self.source.get("split", "test"))
+    def split(self, data_dir_override: str | None = None) -> str:
+        """The split that ``load_examples`` reads with this data directory (local files, the hub, or built-in)."""
+        if self.builtin:
+            return "generated"
+        if data_dir(data_dir_override) is not None and self.local:
+            return "+".join(self.local.get("splits", ["test"]))
+        return str((self.hub or {}).get("split", "test"))
 
     @property
     def prompt_hash(self) -> str:
-        text = json.dumps([self.system, self.prompt, list(self.extractors), self.scorer], sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        """Hash of what shapes the model's input (not of scoring, which `kvbench score` can redo)."""
+        return hashlib.sha256(json.dumps([self.system, self.prompt]).encode()).hexdigest()[:12]
 
     def messages(self, example: Example) -> list[dict]:
+        values = dict(example.fields)
+        if isinstance(values.get("choices"), list):
+            options = values["choices"]
+            values["choices"] = "\n".join(f"{LETTERS[i]}. {text}" for i, text in enumerate(options))
+            values["labels"] = ", ".join(LETTERS[: len(options)])
         try:
-            content = self.prompt.format(**example.fields)
+            content = self.prompt.format(**values)
         except KeyError as err:
-            raise ConfigError(f"dataset {self.name}: prompt uses field {err} that the mapping lacks") from None
+            raise ConfigError(f"dataset {self.name}: the prompt uses field {err}, which the mapping lacks") from None
         system = [{"role": "system", "content": self.system}] if self.system else []
         return [*system, {"role": "user", "content": content}]
 
-    def extract(self, response: str) -> str | None:
-        return extract(response, list(self.extractors))
-
-    def score(self, extracted: str | None, gold: str) -> bool:
-        return extracted is not None and SCORERS[self.scorer](extracted, gold)
+    def score(self, response: str | None, gold: str) -> Scored:
+        extracted = extract(response or "", list(self.extractors))
+        if extracted is None:
+            return Scored(None, False, {})
+        correct, metrics = SCORERS[self.scorer](extracted, gold)
+        return Scored(extracted, bool(correct), metrics)
 
 
 def config_dir() -> Path:
@@ -98,14 +114,18 @@ def load_task(name: str) -> Task:
     missing = [k for k in _REQUIRED if k not in raw]
     if missing:
         raise ConfigError(f"{path}: missing keys {', '.join(missing)}")
-    unknown = [n for n in raw["extractors"] if n not in EXTRACTORS]
-    if unknown or raw["scorer"] not in SCORERS or raw.get("gold_transform", "identity") not in GOLD_TRANSFORMS:
-        raise ConfigError(f"{path}: unknown extractor/scorer/transform name(s) in {raw['extractors']}, "
-                          f"{raw['scorer']!r}, {raw.get('gold_transform')!r}")
-    known = set(Task.__dataclass_fields__)
-    extra = set(raw) - known
+    extra = set(raw) - set(Task.__dataclass_fields__)
     if extra:
         raise ConfigError(f"{path}: unknown keys {', '.join(sorted(extra))}")
+    if not (raw.get("hub") or raw.get("local") or raw.get("builtin")):
+        raise ConfigError(f"{path}: needs a hub, local or builtin source")
+    names = [("extractor", n, EXTRACTORS) for n in raw["extractors"]] + [("scorer", raw["scorer"], SCORERS)]
+    for layout in ("hub", "local", "builtin"):
+        for spec in (raw.get(layout) or {}).get("fields", {}).values():
+            names += [("transform", n, TRANSFORMS) for n in spec_transform_names(spec)]
+    for kind, name_, registry in names:
+        if name_ not in registry:
+            raise ConfigError(f"{path}: unknown {kind} {name_!r} (known: {', '.join(registry)})")
     raw["extractors"] = tuple(raw["extractors"])
     return Task(**raw)
 
@@ -118,32 +138,41 @@ def data_dir(override: str | None = None) -> Path | None:
 def load_examples(task: Task, num_samples: int | None = None, data_dir_override: str | None = None,
                   subset_seed: int = 0) -> list[Example]:
     """The task's examples; ``num_samples`` takes a fixed seeded subset, the same for every press and budget."""
-    source = task.source
-    if "builtin" in source:
-        if num_samples is None:
-            num_samples = int(source.get("size", 100))
-        records = GENERATORS[source["builtin"]](num_samples, int(source.get("seed", 0)))
-        return [_normalise(task, r, i) for i, r in enumerate(records)]
-    records = _load_records(task, data_dir(data_dir_override))
-    expected = source.get("size")
+    if task.builtin:
+        count = num_samples if num_samples is not None else int(task.builtin.get("size", 100))
+        records = GENERATORS[task.builtin["generator"]](count, int(task.builtin.get("seed", 0)))
+        return [_normalise(task, task.builtin, r, i) for i, r in enumerate(records)]
+    directory = data_dir(data_dir_override)
+    if directory is not None:
+        if not task.local:
+            raise DataError(f"dataset {task.name} has no local layout; unset {DATA_DIR_ENV} to use the hub")
+        layout, records = task.local, _read_local(task, directory)
+    else:
+        if not task.hub:
+            raise DataError(f"dataset {task.name} has no Hugging Face source; set {DATA_DIR_ENV}")
+        layout, records = task.hub, _read_hub(task)
+    expected = layout.get("size")
     if expected is not None and len(records) != int(expected):
         raise DataError(f"dataset {task.name}: {len(records)} examples, expected {expected} "
-                        "(wrong split or a truncated file?)")
-    examples = [_normalise(task, r, i) for i, r in enumerate(records)]
+                        "(wrong split, another version, or a truncated file?)")
+    examples = [_normalise(task, layout, r, i) for i, r in enumerate(records)]
     if num_samples is not None and num_samples < len(examples):
         picked = sorted(random.Random(subset_seed).sample(range(len(examples)), num_samples))
         examples = [examples[i] for i in picked]
     return examples
 
 
-def _load_records(task: Task, directory: Path | None) -> list[dict]:
-    if directory is not None:
-        local = task.source.get("local", {})
-        path = directory / local.get("dir", task.name) / f"{local.get('split', task.split)}.jsonl"
+def local_files(task: Task, directory: Path) -> list[Path]:
+    local = task.local or {}
+    return [directory / local.get("dir", task.name) / f"{s}.jsonl" for s in local.get("splits", ["test"])]
+
+
+def _read_local(task: Task, directory: Path) -> list[dict]:
+    records = []
+    for path in local_files(task, directory):
         if not path.is_file():
             raise DataError(f"dataset {task.name}: {path} not found (set {DATA_DIR_ENV} or --data-dir to a "
                             f"directory laid out <dir>/<name>/<split>.jsonl, or unset it to use the hub)")
-        records = []
         with path.open(encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
@@ -151,27 +180,35 @@ def _load_records(task: Task, directory: Path | None) -> list[dict]:
                         records.append(json.loads(line))
                     except json.JSONDecodeError as err:
                         raise DataError(f"{path}:{n}: malformed JSON ({err.msg})") from None
-        return records
-    hub = task.source.get("hf")
-    if not hub:
-        raise DataError(f"dataset {task.name}: no Hugging Face source and no {DATA_DIR_ENV} set")
+    return records
+
+
+def _read_hub(task: Task) -> list[dict]:
+    hub = task.hub
     try:
         import datasets
 
-        ds = datasets.load_dataset(hub["path"], hub.get("name"), split=hub.get("split", task.split),
+        ds = datasets.load_dataset(hub["path"], hub.get("name"), split=hub.get("split", "test"),
                                    revision=hub.get("revision"))
     except Exception as err:  # noqa: BLE001 - any hub failure becomes one line naming the fix
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"dataset {task.name}: cannot load {hub['path']} from the Hugging Face hub ({first}); "
-                        f"for local files set {DATA_DIR_ENV}=<dir> with <dir>/{task.name}/{task.split}.jsonl") from None
+        text = str(err).strip()
+        first = text.splitlines()[0] if text else type(err).__name__
+        fix = f"set {DATA_DIR_ENV}=<dir> with local files"
+        if hub.get("gated") or "gated" in text.lower() or "401" in text:
+            fix = ("the dataset is gated: accept its terms on the Hugging Face hub and log in "
+                   f"(`hf auth login` or HF_TOKEN), or {fix}")
+        raise DataError(f"dataset {task.name}: cannot load {hub['path']} from the hub ({first}); {fix}") from None
     return [dict(r) for r in ds]
 
 
-def _normalise(task: Task, record: dict, index: int) -> Example:
+def _normalise(task: Task, layout: dict, record: dict, index: int) -> Example:
+    specs = dict(layout.get("fields", {}))
     try:
-        fields = {key: record[src] for key, src in task.fields.items() if key != "gold"}
-        gold = GOLD_TRANSFORMS[task.gold_transform](record[task.fields.get("gold", "answer")])
+        values = {key: resolve_field(record, spec) for key, spec in specs.items()}
     except KeyError as err:
         raise DataError(f"dataset {task.name}: example {index} has no field {err}") from None
-    example_id = str(record[task.id_field]) if task.id_field else f"{task.name}-{index}"
-    return Example(id=example_id, fields=fields, gold=gold)
+    gold = values.pop("gold", None)
+    if gold is None:
+        raise DataError(f"dataset {task.name}: the field mapping has no gold")
+    example_id = str(values.pop("id", f"{task.name}-{index}"))
+    return Example(id=example_id, fields=values, gold=str(gold))

@@ -1,10 +1,14 @@
-"""Scorers: pure functions (extracted, gold) -> correct, in a registry used by name from YAML."""
+"""Scorers: (extracted, gold) -> (correct, extra metrics), in a registry used by name from YAML."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from fractions import Fraction
+
+from kvbench.tasks.drop import drop_metrics
+from kvbench.tasks.mathverify import math_equal, strict_string
 
 
 def to_number(text: str | None) -> Fraction | None:
@@ -20,10 +24,28 @@ def to_number(text: str | None) -> Fraction | None:
         return None
 
 
-def numeric(extracted: str | None, gold: str) -> bool:
-    """Exact rational equality (``18.00`` equals ``18``; ``1,000`` equals ``1000``)."""
+def numeric(extracted: str, gold: str) -> tuple[bool, dict]:
+    """Exact rational equality (``18.00`` equals ``18``; ``1,000`` equals ``1000``; ``025`` equals ``25``)."""
     value = to_number(extracted)
-    return value is not None and value == to_number(gold)
+    return value is not None and value == to_number(gold), {}
 
 
-SCORERS: dict[str, Callable[[str | None, str], bool]] = {"numeric": numeric}
+def exact_label(extracted: str, gold: str) -> tuple[bool, dict]:
+    """Labels already normalised by the extractor (a letter, yes/no, True/False/Uncertain)."""
+    return extracted.strip().lower() == gold.strip().lower(), {}
+
+
+def math(extracted: str, gold: str) -> tuple[bool, dict]:
+    """math-verify equivalence (primary), and a strict normalised-string match recorded beside it."""
+    return math_equal(gold, extracted), {"strict_match": strict_string(extracted) == strict_string(gold)}
+
+
+def drop(extracted: str, gold: str) -> tuple[bool, dict]:
+    """DROP: correct = exact match (official EM); the official F1 is recorded beside it."""
+    em, f1 = drop_metrics(extracted, json.loads(gold))
+    return em == 1.0, {"f1": f1}
+
+
+SCORERS: dict[str, Callable[[str, str], tuple[bool, dict]]] = {
+    "numeric": numeric, "exact_label": exact_label, "math": math, "drop": drop,
+}

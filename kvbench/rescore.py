@@ -1,0 +1,59 @@
+"""``kvbench score``'s core: re-extract and re-score stored responses without generating."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvbench.errors import KvbenchError
+from kvbench.store import ResultStore
+from kvbench.tasks import Task, load_task
+
+_SCORED = ("extracted", "correct", "metrics")
+
+
+@dataclass
+class RescoreSummary:
+    rows: int = 0
+    changed: int = 0
+    parts_rewritten: int = 0
+    newly_correct: int = 0
+    newly_wrong: int = 0
+
+
+def rescore(store_path: str, dataset: str | None = None, dry_run: bool = False,
+            on_part: Callable[[], None] | None = None) -> RescoreSummary:
+    """Re-apply each row's dataset config (current extractors and scorer) to its stored response.
+
+    Parts whose rows change are rewritten atomically, one at a time; ``dry_run`` only counts.
+    """
+    store = ResultStore(store_path)
+    parts = store.parts()
+    if not parts:
+        raise KvbenchError(f"no result parts in {store_path}")
+    tasks: dict[str, Task] = {}
+    summary = RescoreSummary()
+    for part in parts:
+        rows = store.read_part(part).to_pylist()
+        touched = False
+        for row in rows:
+            if dataset and row["dataset"] != dataset:
+                continue
+            task = tasks.get(row["dataset"]) or tasks.setdefault(row["dataset"], load_task(row["dataset"]))
+            scored = task.score(row["response"], row["gold"])
+            new = {"extracted": scored.extracted, "correct": scored.correct,
+                   "metrics": json.dumps(scored.metrics, sort_keys=True)}
+            summary.rows += 1
+            if any(row[k] != new[k] for k in _SCORED):
+                summary.changed += 1
+                summary.newly_correct += int(new["correct"] and not row["correct"])
+                summary.newly_wrong += int(row["correct"] and not new["correct"])
+                row.update(new)
+                touched = True
+        if touched and not dry_run:
+            store.replace_part(part, rows)
+            summary.parts_rewritten += 1
+        if on_part:
+            on_part()
+    return summary

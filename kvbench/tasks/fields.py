@@ -1,0 +1,103 @@
+"""Field mapping: dotted paths into a raw record, plus value transforms by registry name (no code in YAML).
+
+A field spec in a dataset config is either a path (``question.stem``) or a mapping
+``{from: path | [paths], transform: name}``; a list of paths passes the list of values to the transform.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+LETTERS = "ABCDEFGHIJ"
+
+
+def get_path(record: dict, path: str):
+    value = record
+    for part in path.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            raise KeyError(path)
+    return value
+
+
+def label_text_choices(value: list[dict]) -> list[str]:
+    """``[{label, text}, ...]`` (the original CSQA/OBQA layout) in label order -> texts."""
+    return [c["text"] for c in sorted(value, key=lambda c: c["label"])]
+
+
+def columns_choices(value: dict) -> list[str]:
+    """``{label: [...], text: [...]}`` (the hub's flattened layout) in label order -> texts."""
+    return [t for _, t in sorted(zip(value["label"], value["text"]))]
+
+
+def index_to_letter(value) -> str:
+    return LETTERS[int(value)]
+
+
+def upper_letter(value: str) -> str:
+    return str(value).strip().upper()
+
+
+def bool_yes_no(value) -> str:
+    if isinstance(value, str):
+        value = value.strip().lower() in {"true", "yes", "1"}
+    return "yes" if value else "no"
+
+
+def after_hashes(value: str) -> str:
+    """GSM8K: the final answer follows ``####`` at the end of the rationale."""
+    return value.rsplit("####", 1)[-1].strip().replace(",", "")
+
+
+def join_lines(value) -> str:
+    return "\n".join(value) if isinstance(value, list) else str(value)
+
+
+def integer_string(value) -> str:
+    return str(int(str(value).strip()))
+
+
+def drop_pipe_alternatives(value: str) -> str:
+    """simple-evals DROP: alternatives joined by ``|``, each a single span -> JSON [[span], ...]."""
+    return json.dumps([[alt.strip()] for alt in value.split("|")])
+
+
+def drop_spans(value: dict) -> str:
+    """Hub DROP ``answers_spans``: the spans of one multi-span answer -> JSON [[span, ...]]."""
+    return json.dumps([list(value["spans"])])
+
+
+def drop_passage(value: str) -> str:
+    """simple-evals DROP ``context`` = ``Passage: ...\\nQuestion: ...\\nAnswer:`` -> the passage."""
+    return value.split("\nQuestion:", 1)[0].removeprefix("Passage:").strip()
+
+
+def drop_question(value: str) -> str:
+    return value.split("\nQuestion:", 1)[-1].rsplit("\nAnswer:", 1)[0].strip()
+
+
+def identity(value):
+    return value if isinstance(value, list) else str(value).strip()
+
+
+TRANSFORMS: dict[str, Callable] = {f.__name__: f for f in (
+    label_text_choices, columns_choices, index_to_letter, upper_letter, bool_yes_no, after_hashes, join_lines,
+    integer_string, drop_pipe_alternatives, drop_spans, drop_passage, drop_question, identity,
+)}
+
+
+def resolve_field(record: dict, spec) -> object:
+    """Apply one field spec to a raw record (KeyError names the missing path)."""
+    if isinstance(spec, str):
+        return identity(get_path(record, spec))
+    source = spec["from"]
+    value = [get_path(record, p) for p in source] if isinstance(source, list) else get_path(record, source)
+    return TRANSFORMS[spec.get("transform", "identity")](value)
+
+
+def spec_transform_names(spec) -> list[str]:
+    return [] if isinstance(spec, str) else [spec.get("transform", "identity")]

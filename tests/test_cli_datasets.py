@@ -1,0 +1,72 @@
+"""`kvbench score` and `kvbench datasets` end to end."""
+
+import json
+
+import pyarrow.parquet as pq
+
+from kvbench.store import ResultStore
+from tests.test_cli import kvbench
+from tests.test_tasks import SHARED_DATA
+
+
+def test_score_rescores_stored_rows_and_counts_changes(tmp_path):
+    store = tmp_path / "store"
+    result = kvbench("run", "--model", "tiny-llama", "-p", "full", "-n", "3", "--max-new-tokens", "6",
+                     "--store", str(store))
+    assert result.returncode == 0, result.stderr
+    # Simulate rows scored by an older, broken scorer: every row claims a wrong extraction.
+    parts = sorted(store.glob("part-*.parquet"))
+    for part in parts:
+        rows = pq.read_table(part).to_pylist()
+        for row in rows:
+            row.update(extracted="999999", correct=True, metrics="{}")
+        ResultStore(store).replace_part(part, rows)
+    before = ResultStore(store).read().to_pylist()
+
+    dry = kvbench("score", str(store), "--dry-run")
+    assert dry.returncode == 0 and "3 would change" in dry.stdout and "0 parts rewritten" in dry.stdout
+    assert ResultStore(store).read().to_pylist() == before
+
+    done = kvbench("score", str(store))
+    assert done.returncode == 0 and "re-scored 3 rows: 3 changed" in done.stdout, done.stdout
+    after = ResultStore(store).read().to_pylist()
+    assert all(r["extracted"] != "999999" for r in after)
+    assert [r["response"] for r in after] == [r["response"] for r in before]  # nothing regenerated
+    again = kvbench("score", str(store))
+    assert "0 changed" in again.stdout
+
+
+def test_score_on_an_empty_store_fails_clearly(tmp_path):
+    result = kvbench("score", str(tmp_path))
+    assert result.returncode == 2 and "no result parts" in result.stderr
+
+
+def test_datasets_list_show_validate():
+    listing = kvbench("datasets", "list")
+    assert listing.returncode == 0
+    for name in ("gsm8k", "math500", "drop", "folio", "strategyqa", "arith"):
+        assert name in listing.stdout
+    env = {"KVBENCH_DATA_DIR": str(SHARED_DATA)}
+    shown = kvbench("datasets", "show", "openbookqa", env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert "loaded 500 examples" in shown.stdout and "A. " in shown.stdout and "The answer is X" in shown.stdout
+    if (SHARED_DATA / "drop" / "dev.jsonl").is_file():
+        valid = kvbench("datasets", "validate", env=env)
+        assert valid.returncode == 0, valid.stdout
+        assert valid.stdout.count(" ok ") == 12
+
+
+def test_datasets_validate_fails_on_missing_data(tmp_path):
+    result = kvbench("datasets", "validate", "--data-dir", str(tmp_path))
+    assert result.returncode == 1 and "failed" in result.stdout and "arith" in result.stdout
+
+
+def test_run_on_a_real_dataset_stores_metrics(tmp_path):
+    if not (SHARED_DATA / "drop" / "dev.jsonl").is_file():
+        return
+    result = kvbench("run", "--model", "tiny-qwen2", "-d", "drop", "-n", "2", "--max-new-tokens", "4",
+                     "-p", "snapkv-d", "-b", "16", "--store", str(tmp_path), env={"KVBENCH_DATA_DIR": str(SHARED_DATA)})
+    assert result.returncode == 0, result.stderr
+    rows = ResultStore(tmp_path).read().to_pylist()
+    assert len(rows) == 2 and all(r["dataset"] == "drop" and r["split"] == "dev" for r in rows)
+    assert all(json.loads(r["metrics"]) in ({}, {"f1": json.loads(r["metrics"]).get("f1")}) for r in rows)
