@@ -70,3 +70,19 @@ def test_run_on_a_real_dataset_stores_metrics(tmp_path):
     rows = ResultStore(tmp_path).read().to_pylist()
     assert len(rows) == 2 and all(r["dataset"] == "drop" and r["split"] == "dev" for r in rows)
     assert all(json.loads(r["metrics"]) in ({}, {"f1": json.loads(r["metrics"]).get("f1")}) for r in rows)
+
+
+def test_run_works_for_every_dataset(tmp_path, monkeypatch):
+    import pytest
+
+    from kvbench.run import RunConfig, execute
+    from kvbench.tasks import available
+
+    if not (SHARED_DATA / "drop" / "dev.jsonl").is_file():
+        pytest.skip("needs ../shared/data")
+    monkeypatch.setenv("KVBENCH_DATA_DIR", str(SHARED_DATA))
+    for name in available():
+        _, cells = execute(RunConfig(model="tiny-llama", presses=("h2o",), budgets=(32,), dataset=name,
+                                     num_samples=1, max_new_tokens=3, store=str(tmp_path / name)))
+        (row,) = cells[0].rows
+        assert row["dataset"] == name and 1 <= row["output_tokens"] <= 3 and row["prompt_tokens"] > 32, name
