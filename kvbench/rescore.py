@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvbench.errors import KvbenchError
 from kvbench.store import ResultStore
 from kvbench.tasks import Task, load_task
-
-_SCORED = ("extracted", "correct", "metrics")
 
 
 @dataclass
@@ -40,12 +37,11 @@ def rescore(store_path: str, dataset: str | None = None, dry_run: bool = False,
         for row in rows:
             if dataset and row["dataset"] != dataset:
                 continue
-            task = tasks.get(row["dataset"]) or tasks.setdefault(row["dataset"], load_task(row["dataset"]))
-            scored = task.score(row["response"], row["gold"])
-            new = {"extracted": scored.extracted, "correct": scored.correct,
-                   "metrics": json.dumps(scored.metrics, sort_keys=True)}
+            if row["dataset"] not in tasks:
+                tasks[row["dataset"]] = load_task(row["dataset"])
+            new = tasks[row["dataset"]].score(row["response"], row["gold"]).columns()
             summary.rows += 1
-            if any(row[k] != new[k] for k in _SCORED):
+            if any(row[k] != new[k] for k in new):
                 summary.changed += 1
                 summary.newly_correct += int(new["correct"] and not row["correct"])
                 summary.newly_wrong += int(row["correct"] and not new["correct"])

@@ -41,6 +41,11 @@ class Scored:
     correct: bool
     metrics: dict
 
+    def columns(self) -> dict:
+        """The result-store columns this score fills."""
+        return {"extracted": self.extracted, "correct": self.correct,
+                "metrics": json.dumps(self.metrics, sort_keys=True)}
+
 
 @dataclass(frozen=True)
 class Task:
