@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from kvbench import __version__
-from kvbench.errors import ConfigError
+from kvbench.errors import ConfigError, KvbenchError
 from kvbench.models import DEFAULT_MODEL, resolve
 from kvbench.presses import Press, make_press, parse_press_args
 from kvbench.store import ResultStore
@@ -39,6 +39,7 @@ class RunConfig:
     dtype: str = "auto"
     device: str = "auto"
     data_dir: str | None = None
+    batch_size: int = 1
 
 
 @dataclass
@@ -65,10 +66,19 @@ def parse_budget(text: str) -> int | None:
 
 def plan(config: RunConfig) -> tuple[Task, list[Example], list[Cell]]:
     """Validate everything and list the cells, without loading the model."""
+    cells = build_cells(config)
+    task = load_task(config.dataset)
+    return task, load_examples(task, config.num_samples, config.data_dir), cells
+
+
+def build_cells(config: RunConfig) -> list[Cell]:
+    """Validate the options and build one cell per (press, budget); touches neither model nor data."""
     if config.num_samples is not None and config.num_samples < 1:
         raise ConfigError(f"--num-samples must be >= 1, got {config.num_samples}")
     if config.max_new_tokens is not None and config.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {config.max_new_tokens}")
+    if config.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {config.batch_size}")
     if not 0.0 < config.top_p <= 1.0 or config.temperature < 0:
         raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
     for b in config.budgets:
@@ -87,9 +97,7 @@ def plan(config: RunConfig) -> tuple[Task, list[Example], list[Cell]]:
         if not budgets:
             raise ConfigError(f"press {name!r} evicts: give at least one --budget")
         cells.extend(Cell(press=press, budget=b) for b in dict.fromkeys(budgets))
-    task = load_task(config.dataset)
-    examples = load_examples(task, config.num_samples, config.data_dir)
-    return task, examples, cells
+    return cells
 
 
 def max_new_tokens(config: RunConfig, task: Task) -> int:
@@ -116,81 +124,140 @@ def data_source(config: RunConfig, task: Task) -> str:
     return f"{kind}:{task.split(config.data_dir)}"
 
 
-def execute(
-    config: RunConfig,
-    on_start: Callable[[int], None] | None = None,
-    on_example: Callable[[Cell, Example], None] | None = None,
-) -> tuple[Task, list[Cell]]:
-    """Run every cell on every example not already stored; return cells with all their rows (stored ones too)."""
+@dataclass
+class Session:
+    """A loaded model with what every cell run on it needs (loaded once per model, not per cell)."""
+
+    loaded: object
+    revision: str | None
+    eos: tuple[int, ...]
+    provenance: dict
+
+
+def load_session(config: RunConfig) -> Session:
     import torch
     import transformers
 
     from kvbench import models
-    from kvbench.engine.generate import GenerationSettings, generate
 
-    task, examples, cells = plan(config)
-    store = ResultStore(config.store)
     loaded = models.load(config.model, dtype=config.dtype, device=config.device, seed=config.seed)
-    tokenizer = loaded.tokenizer
-    revision = loaded.spec.revision or getattr(loaded.model.config, "_commit_hash", None)
-    for cell in cells:
-        cell.run_key = run_key(config, task, cell, revision)
-    todo = {}
-    for cell in cells:
-        done = store.done(cell.run_key)
-        todo[cell.run_key] = [e for e in examples if (e.id, 0) not in done]
-    if on_start:
-        on_start(sum(len(v) for v in todo.values()))
-
-    eos = _eos_ids(loaded.model, tokenizer)
-    settings = GenerationSettings(
-        max_new_tokens=max_new_tokens(config, task), temperature=config.temperature, top_p=config.top_p,
-        seed=config.seed, eos_token_ids=eos, stop_strings=tuple(task.generation.get("stop", ())),
-    )
     provenance = {
         "kvbench_version": __version__, "git_commit": _git_commit(), "torch_version": torch.__version__,
         "transformers_version": transformers.__version__, "device": _device_name(loaded.device),
         "dtype": str(loaded.dtype).removeprefix("torch."),
     }
+    revision = loaded.spec.revision or getattr(loaded.model.config, "_commit_hash", None)
+    return Session(loaded=loaded, revision=revision, eos=_eos_ids(loaded.model, loaded.tokenizer),
+                   provenance=provenance)
 
+
+def pending(store: ResultStore, cell: Cell, examples: list[Example], retry_failed: bool = False) -> list[Example]:
+    """Examples of ``cell`` not yet stored (nor recorded as failed, unless retrying failures)."""
+    skip = store.done(cell.run_key)
+    if not retry_failed:
+        skip |= {(f["example_id"], f["sample"]) for f in store.failures(cell.run_key)}
+    return [e for e in examples if (e.id, 0) not in skip]
+
+
+def run_cell(
+    session: Session, config: RunConfig, task: Task, examples: list[Example], cell: Cell,
+    retry_failed: bool = False, on_example: Callable[[Cell, Example], None] | None = None,
+) -> int:
+    """Generate, score and store every pending example of one cell; return how many rows were written.
+
+    The cell's lock makes this process its only writer, so concurrent sweeps never duplicate a row; a
+    failing batch (e.g. out of memory) is recorded as a failure and the cell goes on.
+    """
+    from kvbench.engine.generate import GenerationSettings, generate
+
+    store = ResultStore(config.store)
+    tokenizer = session.loaded.tokenizer
+    settings = GenerationSettings(
+        max_new_tokens=max_new_tokens(config, task), temperature=config.temperature, top_p=config.top_p,
+        seed=config.seed, eos_token_ids=session.eos, stop_strings=tuple(task.generation.get("stop", ())),
+    )
     split = task.split(config.data_dir)
 
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True)
 
-    for cell in cells:
-        for example in todo[cell.run_key]:
-            prompt_text = tokenizer.apply_chat_template(task.messages(example), tokenize=False,
-                                                        add_generation_prompt=True)
-            prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-            out = generate(loaded.model, [prompt_ids], cell.press, cell.budget, settings, decode=decode,
-                           pad_token_id=tokenizer.pad_token_id)[0]
-            scored = task.score(out.text, example.gold)
-            row = {
-                "run_key": cell.run_key, "created_at": datetime.now(timezone.utc),
-                "model": config.model, "model_source": loaded.spec.source, "model_revision": revision,
-                "press": cell.press.name, "press_args": json.dumps(cell.press.params(), sort_keys=True),
-                "budget": cell.budget, "buffer": cell.press.buffer,
-                "dataset": task.name, "dataset_version": task.version, "split": split,
-                "prompt_hash": task.prompt_hash, "example_id": example.id, "sample": 0, "seed": config.seed,
-                "max_new_tokens": settings.max_new_tokens, "temperature": config.temperature,
-                "top_p": config.top_p, "prompt": prompt_text, "response": out.text, "gold": example.gold,
-                **scored.columns(),
-                "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
-                "output_tokens": out.output_tokens, "prefill_s": out.prefill_s, "decode_s": out.decode_s,
-                "tokens_per_s": out.tokens_per_s, "peak_kv_bytes": out.peak_kv_bytes,
-                "evicted_tokens": out.evicted_tokens, "mean_cache_len": out.mean_cache_len, **provenance,
-            }
-            store.append([row])  # one atomic part per example: a kill loses at most this one
-            if on_example:
-                on_example(cell, example)
+    written = 0
+    with store.lock(cell.run_key):
+        todo = pending(store, cell, examples, retry_failed)  # re-read under the lock
+        for start in range(0, len(todo), config.batch_size):
+            batch = todo[start:start + config.batch_size]
+            prompts = [tokenizer.apply_chat_template(task.messages(e), tokenize=False, add_generation_prompt=True)
+                       for e in batch]
+            try:
+                ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+                outputs = generate(session.loaded.model, ids, cell.press, cell.budget, settings, decode=decode,
+                                   pad_token_id=tokenizer.pad_token_id)
+            except (KeyboardInterrupt, KvbenchError):
+                raise
+            except Exception as err:  # noqa: BLE001 - out of memory or any per-batch failure: record, go on
+                _release_memory()
+                message = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+                for example in batch:
+                    store.record_failure(cell.run_key, example.id, 0, message,
+                                         {"press": cell.press.name, "budget": cell.budget, "dataset": task.name,
+                                          "model": config.model})
+                    if on_example:
+                        on_example(cell, example)
+                continue
+            for example, prompt, out in zip(batch, prompts, outputs):
+                row = {
+                    "run_key": cell.run_key, "created_at": datetime.now(timezone.utc),
+                    "model": config.model, "model_source": session.loaded.spec.source,
+                    "model_revision": session.revision,
+                    "press": cell.press.name, "press_args": json.dumps(cell.press.params(), sort_keys=True),
+                    "budget": cell.budget, "buffer": cell.press.buffer,
+                    "dataset": task.name, "dataset_version": task.version, "split": split,
+                    "prompt_hash": task.prompt_hash, "example_id": example.id, "sample": 0, "seed": config.seed,
+                    "max_new_tokens": settings.max_new_tokens, "temperature": config.temperature,
+                    "top_p": config.top_p, "prompt": prompt, "response": out.text, "gold": example.gold,
+                    **task.score(out.text, example.gold).columns(),
+                    "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
+                    "output_tokens": out.output_tokens, "prefill_s": out.prefill_s, "decode_s": out.decode_s,
+                    "tokens_per_s": out.tokens_per_s, "peak_kv_bytes": out.peak_kv_bytes,
+                    "evicted_tokens": out.evicted_tokens, "mean_cache_len": out.mean_cache_len,
+                    **session.provenance,
+                }
+                store.append([row])  # one atomic part per example: a kill loses at most the batch in flight
+                store.clear_failure(cell.run_key, example.id, 0)
+                written += 1
+                if on_example:
+                    on_example(cell, example)
+    return written
 
-    wanted = {(c.run_key, e.id) for c in cells for e in examples}
-    stored = store.read().to_pylist()
+
+def collect_rows(store: ResultStore, cells: list[Cell], examples: list[Example]) -> None:
+    """Attach every stored row of ``cells`` (for ``examples``) to its cell."""
+    wanted = {e.id for e in examples}
     by_key = {c.run_key: c for c in cells}
-    for row in stored:
-        if (row["run_key"], row["example_id"]) in wanted and row["sample"] == 0:
+    for cell in cells:
+        cell.rows = []
+    for row in store.read().to_pylist():
+        if row["run_key"] in by_key and row["example_id"] in wanted and row["sample"] == 0:
             by_key[row["run_key"]].rows.append(row)
+
+
+def execute(
+    config: RunConfig,
+    on_start: Callable[[int], None] | None = None,
+    on_example: Callable[[Cell, Example], None] | None = None,
+    retry_failed: bool = False,
+) -> tuple[Task, list[Cell]]:
+    """Run every cell on every example not already stored; return cells with all their rows (stored ones too)."""
+    task, examples, cells = plan(config)
+    store = ResultStore(config.store)
+    session = load_session(config)
+    for cell in cells:
+        cell.run_key = run_key(config, task, cell, session.revision)
+    if on_start:
+        on_start(sum(len(pending(store, c, examples, retry_failed)) for c in cells))
+    for cell in cells:
+        run_cell(session, config, task, examples, cell, retry_failed, on_example)
+    collect_rows(store, cells, examples)
     return task, cells
 
 
@@ -227,6 +294,13 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _release_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _device_name(device) -> str:

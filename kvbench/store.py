@@ -6,6 +6,8 @@ run loses at most the rows in flight and never leaves a half-written part. Re-ru
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import uuid
 from pathlib import Path
@@ -101,6 +103,37 @@ class ResultStore:
             os.replace(tmp, part)
         except OSError as err:
             raise StoreError(f"cannot rewrite {part}: {err.strerror or err}") from None
+
+    # --- failures: kept beside the results, so a retried success never duplicates a row --------------------
+    def _failure_path(self, run_key: str, example_id: str, sample: int) -> Path:
+        digest = hashlib.sha256(f"{run_key}/{example_id}/{sample}".encode()).hexdigest()[:16]
+        return self.path / "failures" / f"{run_key}-{digest}.json"
+
+    def record_failure(self, run_key: str, example_id: str, sample: int, error: str, context: dict) -> None:
+        path = self._failure_path(run_key, example_id, sample)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        payload = {"run_key": run_key, "example_id": example_id, "sample": sample, "error": error, **context}
+        tmp.write_text(json.dumps(payload, default=str))
+        os.replace(tmp, path)
+
+    def clear_failure(self, run_key: str, example_id: str, sample: int) -> None:
+        self._failure_path(run_key, example_id, sample).unlink(missing_ok=True)
+
+    def failures(self, run_key: str | None = None) -> list[dict]:
+        folder = self.path / "failures"
+        if not folder.is_dir():
+            return []
+        pattern = f"{run_key}-*.json" if run_key else "*.json"
+        return [json.loads(p.read_text()) for p in sorted(folder.glob(pattern))]
+
+    def lock(self, run_key: str):
+        """An inter-process lock for one run: whoever holds it is the only writer of that run's rows."""
+        from filelock import FileLock
+
+        folder = self.path / "locks"
+        folder.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(folder / f"{run_key}.lock"))
 
     def done(self, run_key: str) -> set[tuple[str, int]]:
         """(example_id, sample) pairs already stored for ``run_key``."""

@@ -8,8 +8,10 @@ import typer
 
 from kvbench.cli import datasets as datasets_cmd
 from kvbench.cli import presses as presses_cmd
+from kvbench.cli import report as report_cmd
 from kvbench.cli import run as run_cmd
 from kvbench.cli import score as score_cmd
+from kvbench.cli import sweep as sweep_cmd
 
 app = typer.Typer(
     help="Benchmark KV-cache eviction during decoding on reasoning tasks.",
@@ -17,7 +19,9 @@ app = typer.Typer(
 )
 app.command("run")(run_cmd.run)
 app.command("presses")(presses_cmd.presses)
+app.command("sweep")(sweep_cmd.sweep)
 app.command("score")(score_cmd.score)
+app.command("report")(report_cmd.report)
 app.add_typer(datasets_cmd.app, name="datasets")
 
 

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def report(
+    store: Path = typer.Argument(Path("results"), help="Result store to report on."),
+    format: str = typer.Option("terminal", "--format", "-f", help="terminal, markdown, latex or csv."),
+    metric: str = typer.Option("accuracy", "--metric", "-m", help="accuracy, output_tokens, tokens_per_s, "
+                               "peak_kv_mib, truncated or invalid."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write to this file instead of stdout."),
+    plots: Path | None = typer.Option(None, "--plots", help="Also write PNG plots (accuracy and output length "
+                                      "vs budget, per model and dataset) to this directory."),
+    reference: str | None = typer.Option(None, "--reference", help="Show published figures beside ours: hott "
+                                         "(the paper's accuracies)."),
+) -> None:
+    """Tables in the paper's layout (press x dataset x budget, Avg., Δ vs full), and plots."""
+    from kvbench.report import plot, render
+
+    text = render(store, metric=metric, fmt=format, reference=reference)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        typer.echo(f"wrote {out}")
+    else:
+        typer.echo(text, nl=False)
+    if plots:
+        for path in plot(store, plots):
+            typer.echo(f"wrote {path}")

@@ -1,0 +1,307 @@
+"""Reports over a result store: the paper's table layout in four formats, plots, and published references.
+
+Layout: one block per model; rows = press (full first); columns = dataset x budget, then Avg. and Δ vs
+full per budget. Each cell is the mean over examples with its standard error; ``n`` is reported. Rows
+whose dataset version, prompt or data source differ are never pooled: they become separate columns.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+
+from kvbench.errors import KvbenchError
+from kvbench.store import ResultStore
+
+#: metric -> (per-row value, higher is better, unit label, format)
+METRICS = {
+    "accuracy": (lambda d: d["correct"].astype(float) * 100, True, "accuracy %", "{:.1f}"),
+    "output_tokens": (lambda d: d["output_tokens"].astype(float), False, "output tokens", "{:.0f}"),
+    "tokens_per_s": (lambda d: d["tokens_per_s"].astype(float), True, "tokens/s", "{:.1f}"),
+    "peak_kv_mib": (lambda d: d["peak_kv_bytes"].astype(float) / 2**20, False, "peak KV MiB", "{:.2f}"),
+    "truncated": (lambda d: (d["finish_reason"] == "length").astype(float) * 100, False, "truncated %", "{:.1f}"),
+    "invalid": (lambda d: d["extracted"].isna().astype(float) * 100, False, "invalid %", "{:.1f}"),
+}
+FULL = "full"
+AVG, DELTA = "Avg.", "Δ vs full"
+
+
+def load(store: str | Path) -> pd.DataFrame:
+    table = ResultStore(store).read()
+    if table.num_rows == 0:
+        raise KvbenchError(f"no results in {store}")
+    df = table.to_pandas()
+    df = df[df["sample"] == 0].copy()
+    df["press_label"] = [_press_label(p, a) for p, a in zip(df["press"], df["press_args"])]
+    df["dataset_label"] = _dataset_labels(df)
+    return df
+
+
+def _press_label(press: str, args_json: str) -> str:
+    """The press name, plus the parameters that differ from its defaults (so variants never pool)."""
+    from kvbench.presses import PRESSES, make_press
+
+    if press not in PRESSES:
+        return press
+    defaults = make_press(press).params()
+    changed = {k: v for k, v in json.loads(args_json or "{}").items() if defaults.get(k) != v}
+    return press if not changed else f"{press}({', '.join(f'{k}={v}' for k, v in sorted(changed.items()))})"
+
+
+def _dataset_labels(df: pd.DataFrame) -> list[str]:
+    identity = df["dataset_version"].astype(str) + "/" + df["prompt_hash"].astype(str) + "/" + df["split"].astype(str)
+    variants = identity.groupby(df["dataset"]).nunique()
+    return [d if variants[d] == 1 else f"{d}[v{v} {s}]"
+            for d, v, s in zip(df["dataset"], df["dataset_version"], identity.str.split("/", n=1).str[1])]
+
+
+@dataclass
+class Cell:
+    mean: float
+    se: float
+    n: int
+
+
+def aggregate(df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Long table: model, press_label, dataset_label, budget (None = full), mean, se, n."""
+    if metric not in METRICS:
+        raise KvbenchError(f"unknown --metric {metric!r} (known: {', '.join(METRICS)})")
+    values = METRICS[metric][0](df)
+    frame = df.assign(value=values, budget=df["budget"].astype("Int64"))
+    keys = ["model", "press_label", "dataset_label", "budget"]
+    grouped = frame.groupby(keys, dropna=False)["value"]
+    out = grouped.agg(mean="mean", n="count", sd="std").reset_index()
+    out["se"] = (out["sd"] / out["n"].pow(0.5)).fillna(0.0)
+    out["budget"] = out["budget"].astype("Int64")  # <NA> = the full cache
+    return out.drop(columns="sd")
+
+
+def model_table(long: pd.DataFrame, model: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Wide tables (means, standard errors) for one model: index press, columns (dataset, budget)."""
+    part = long[long["model"] == model]
+    budgets = sorted({int(b) for b in part["budget"].dropna()})
+    datasets = sorted(set(part["dataset_label"]))
+    presses = sorted(set(part["press_label"]), key=lambda p: (p != FULL, p))
+    columns = pd.MultiIndex.from_tuples(
+        [(d, b) for d in datasets for b in budgets] + [(AVG, b) for b in budgets] + [(DELTA, b) for b in budgets],
+        names=["dataset", "budget"],
+    )
+    means = pd.DataFrame(index=pd.Index(presses, name="press"), columns=columns, dtype=float)
+    errors = means.copy()
+    counts = {}
+    for row in part.itertuples():
+        targets = budgets if pd.isna(row.budget) else [int(row.budget)]  # full: one value per dataset
+        for b in targets:
+            means.loc[row.press_label, (row.dataset_label, b)] = row.mean
+            errors.loc[row.press_label, (row.dataset_label, b)] = row.se
+            counts[(row.press_label, row.dataset_label, b)] = row.n
+    for b in budgets:
+        data_cols = [(d, b) for d in datasets]
+        complete = means[data_cols].notna().all(axis=1)
+        means.loc[complete, (AVG, b)] = means.loc[complete, data_cols].mean(axis=1)
+        # standard error of a mean of independent cells
+        errors.loc[complete, (AVG, b)] = (errors.loc[complete, data_cols] ** 2).sum(axis=1) ** 0.5 / len(datasets)
+        if FULL in means.index and not pd.isna(means.loc[FULL, (AVG, b)]):
+            means[(DELTA, b)] = means[(AVG, b)] - means.loc[FULL, (AVG, b)]
+    means.attrs["counts"] = counts
+    return means, errors
+
+
+def best_mask(means: pd.DataFrame, higher_is_better: bool) -> pd.DataFrame:
+    """True where a press is the best evicting press of its (dataset, budget) column (full excluded)."""
+    mask = pd.DataFrame(False, index=means.index, columns=means.columns)
+    candidates = means.drop(index=[FULL], errors="ignore")
+    for column in means.columns:
+        if column[0] == DELTA:
+            continue
+        values = candidates[column].dropna()
+        if len(values) < 2:
+            continue
+        best = values.max() if higher_is_better else values.min()
+        mask.loc[values[values == best].index, column] = True
+    return mask
+
+
+def _cell_text(mean: float, se: float, fmt: str) -> str:
+    if pd.isna(mean):
+        return "–"
+    return fmt.format(mean) if not se else f"{fmt.format(mean)} ± {fmt.format(se)}"
+
+
+def _counts_note(means: pd.DataFrame) -> str:
+    counts = set(means.attrs.get("counts", {}).values())
+    return f"n = {counts.pop()} per cell" if len(counts) == 1 else f"n per cell from {min(counts)} to {max(counts)}"
+
+
+def _header(column: tuple) -> str:
+    return f"{column[0]} @{column[1]}"
+
+
+def render(store: str | Path, metric: str = "accuracy", fmt: str = "markdown", reference: str | None = None) -> str:
+    df = load(store)
+    long = aggregate(df, metric)
+    _, higher, unit, number = METRICS[metric]
+    ref = load_reference(reference) if reference else None
+    if fmt == "csv":
+        if ref is not None:
+            long = long.merge(ref.rename(columns={"accuracy": "reference"}), how="left",
+                              left_on=["model", "press_label", "dataset_label", "budget"],
+                              right_on=["model", "press", "dataset", "budget"]).drop(columns=["press", "dataset"])
+        return long.assign(metric=metric).to_csv(index=False)
+    blocks = []
+    for model in sorted(set(long["model"])):
+        means, errors = model_table(long, model)
+        mask = best_mask(means, higher)
+        if ref is not None:
+            means, errors, mask = _with_reference(means, errors, mask, ref, model)
+        title = f"{model}: {unit} (mean ± standard error; {_counts_note(means)}; best evicting press in bold)"
+        if fmt == "markdown":
+            blocks.append(_markdown(title, means, errors, mask, number))
+        elif fmt == "latex":
+            blocks.append(_latex(title, means, errors, mask, number))
+        elif fmt == "terminal":
+            blocks.append(_terminal(title, means, errors, mask, number))
+        else:
+            raise KvbenchError(f"unknown --format {fmt!r} (terminal, markdown, latex, csv)")
+    return "\n\n".join(blocks) + "\n"
+
+
+def _markdown(title, means, errors, mask, number) -> str:
+    header = "| press | " + " | ".join(_header(c) for c in means.columns) + " |"
+    lines = [f"**{title}**", "", header, "|---" * (len(means.columns) + 1) + "|"]
+    for press in means.index:
+        cells = []
+        for column in means.columns:
+            text = _cell_text(means.loc[press, column], errors.loc[press, column] if column[0] != DELTA else 0, number)
+            if column[0] == DELTA and not pd.isna(means.loc[press, column]):
+                text = f"{means.loc[press, column]:+.1f}"
+            cells.append(f"**{text}**" if mask.loc[press, column] else text)
+        lines.append(f"| {press} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _latex(title, means, errors, mask, number) -> str:
+    text = pd.DataFrame(index=means.index, columns=means.columns, dtype=object)
+    for press in means.index:
+        for column in means.columns:
+            value = means.loc[press, column]
+            if column[0] == DELTA:
+                text.loc[press, column] = "–" if pd.isna(value) else f"{value:+.1f}"
+            else:
+                text.loc[press, column] = _cell_text(value, errors.loc[press, column], number).replace("±", "$\\pm$")
+    styler = text.style.apply(lambda col: ["font-weight: bold" if b else "" for b in mask[col.name]], axis=0)
+    body = styler.to_latex(hrules=True, convert_css=True, multicol_align="c",
+                           column_format="l" + "r" * len(text.columns))
+    return f"% {title}\n{body.replace('Δ', '$\\Delta$')}"
+
+
+def _terminal(title, means, errors, mask, number) -> str:
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("press")
+    for column in means.columns:
+        table.add_column(_header(column), justify="right")
+    for press in means.index:
+        cells = []
+        for column in means.columns:
+            value = means.loc[press, column]
+            text = (("–" if pd.isna(value) else f"{value:+.1f}") if column[0] == DELTA
+                    else _cell_text(value, errors.loc[press, column], number))
+            cells.append(f"[bold]{text}[/]" if mask.loc[press, column] else text)
+        table.add_row(press, *cells)
+    buffer = StringIO()
+    Console(file=buffer, width=max(120, 14 * (len(means.columns) + 1)), force_terminal=False).print(table)
+    return buffer.getvalue().rstrip()
+
+
+# --- published references -------------------------------------------------------------------------------------
+
+REFERENCES = {"hott": "hott_poster_accuracy.csv"}
+
+
+def load_reference(name: str) -> pd.DataFrame:
+    """Published accuracies (%): model, dataset, press, budget (None for one-value presses), accuracy."""
+    if name not in REFERENCES:
+        raise KvbenchError(f"unknown --reference {name!r} (known: {', '.join(REFERENCES)})")
+    with resources.files("kvbench.data").joinpath(REFERENCES[name]).open() as f:
+        ref = pd.read_csv(f)
+    ref = ref[ref["accuracy"].notna()].copy()
+    ref["accuracy"] = ref["accuracy"].astype(float) * 100
+    ref["budget"] = ref["budget"].astype("Int64")
+    return ref[["model", "dataset", "press", "budget", "accuracy"]]
+
+
+def _with_reference(means, errors, mask, ref, model):
+    """Interleave a "press (paper)" row under each of our presses that the reference has for ``model``."""
+    rows = ref[ref["model"] == model]
+    if rows.empty:
+        return means, errors, mask
+    out_means, out_errors, out_mask = [], [], []
+    for press in means.index:
+        out_means.append(means.loc[[press]])
+        out_errors.append(errors.loc[[press]])
+        out_mask.append(mask.loc[[press]])
+        published = rows[rows["press"] == press]
+        if published.empty:
+            continue
+        line = pd.DataFrame(index=[f"{press} (paper)"], columns=means.columns, dtype=float)
+        for r in published.itertuples():
+            for column in means.columns:
+                if column[0] == r.dataset and (pd.isna(r.budget) or column[1] == r.budget):
+                    line.loc[line.index[0], column] = r.accuracy
+        out_means.append(line)
+        out_errors.append(pd.DataFrame(0.0, index=line.index, columns=means.columns))
+        out_mask.append(pd.DataFrame(False, index=line.index, columns=means.columns))
+    result = pd.concat(out_means)
+    result.attrs = means.attrs
+    return result, pd.concat(out_errors), pd.concat(out_mask)
+
+
+# --- plots -----------------------------------------------------------------------------------------------------
+
+def plot(store: str | Path, directory: str | Path) -> list[Path]:
+    """Per model and dataset, one PNG: accuracy vs budget and output length vs budget, one line per press."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = load(store)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    acc, tokens = aggregate(df, "accuracy"), aggregate(df, "output_tokens")
+    for (model, dataset), _ in df.groupby(["model", "dataset_label"]):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, long, label in ((axes[0], acc, "accuracy %"), (axes[1], tokens, "mean output tokens")):
+            part = long[(long["model"] == model) & (long["dataset_label"] == dataset)]
+            for press, rows in part.groupby("press_label"):
+                if rows["budget"].isna().all():
+                    ax.axhline(rows["mean"].iloc[0], color="black", linestyle="--", label=press)
+                    continue
+                rows = rows.sort_values("budget")
+                ax.errorbar(rows["budget"].astype(int), rows["mean"], yerr=rows["se"], marker="o", capsize=3,
+                            label=press)
+            ax.set_xlabel("budget (KV entries per layer per head)")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"{model} on {dataset}")
+        fig.tight_layout()
+        path = directory / f"{_slug(model)}__{_slug(dataset)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)
