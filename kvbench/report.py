@@ -196,7 +196,8 @@ def _latex(title, means, errors, mask, number) -> str:
     styler = text.style.apply(lambda col: ["font-weight: bold" if b else "" for b in mask[col.name]], axis=0)
     body = styler.to_latex(hrules=True, convert_css=True, multicol_align="c",
                            column_format="l" + "r" * len(text.columns))
-    return f"% {title}\n{body.replace('Δ', '$\\Delta$')}"
+    body = body.replace("Δ", "$\\Delta$")
+    return f"% {title}\n{body}"
 
 
 def _terminal(title, means, errors, mask, number) -> str:

@@ -65,7 +65,8 @@ def read_grid(path: str | Path, store: str = "results") -> list[PlannedRun]:
             if not any(row.values()):
                 continue
             runs.extend(_expand(path, line, row, store))
-    unique = list(dict.fromkeys(runs))
+    seen: set[RunConfig] = set()
+    unique = [r for r in runs if not (r.config in seen or seen.add(r.config))]  # first occurrence wins
     for run in unique:
         _validate(path, run)
     return unique
@@ -97,31 +98,38 @@ def _expand(path: Path, line: int, row: dict[str, str], store: str) -> list[Plan
 
 
 def _validate(path: Path, run: PlannedRun) -> None:
+    """Check one run step by step, so the error names the column at fault."""
+    from kvbench.models import resolve
+    from kvbench.presses import make_press, parse_press_args
+
     config = run.config
-    try:
-        if config.budgets == (None,) and _evicts(config.presses[0]):
-            raise ConfigError(f"press {config.presses[0]!r} evicts: give a budget")
-        _plan(config)
-    except KvbenchError as err:
-        column = _column_of(str(err))
-        where = f"line {run.line}" + (f", column {column!r}" if column else "")
-        raise ConfigError(f"{path} {where}: {err}") from None
+    press = config.presses[0]
+    steps = [
+        ("model", lambda: resolve(config.model)),
+        ("press", lambda: make_press(press)),
+        ("press_args", lambda: make_press(press, parse_press_args(list(config.press_args), [press])[press])),
+        ("budget", lambda: _require_budget(config)),
+        (None, lambda: build_cells(config)),  # numeric options: their flag names the column
+        ("dataset", lambda: _examples(config.dataset, config.num_samples, config.data_dir)),
+    ]
+    for column, check in steps:
+        try:
+            check()
+        except KvbenchError as err:
+            column = column or next((c for flag, c in _FLAGS.items() if flag in str(err)), None)
+            where = f"line {run.line}" + (f", column {column!r}" if column else "")
+            raise ConfigError(f"{path} {where}: {err}") from None
 
 
-def _column_of(message: str) -> str | None:
-    for needle, column in (("press-arg", "press_args"), ("parameter", "press_args"), ("press", "press"),
-                           ("budget", "budget"), ("dataset", "dataset"), ("model", "model"),
-                           ("num-samples", "num_samples"), ("max-new-tokens", "max_new_tokens"),
-                           ("batch-size", "batch_size")):
-        if needle in message:
-            return column
-    return None
+_FLAGS = {"--num-samples": "num_samples", "--max-new-tokens": "max_new_tokens", "--batch-size": "batch_size",
+          "--temperature": "temperature", "--top-p": "top_p"}
 
 
-def _evicts(press: str) -> bool:
+def _require_budget(config: RunConfig) -> None:
     from kvbench.presses import make_press
 
-    return make_press(press).evicts
+    if config.budgets == (None,) and make_press(config.presses[0]).evicts:
+        raise ConfigError(f"press {config.presses[0]!r} evicts: give a budget")
 
 
 @lru_cache(maxsize=256)
