@@ -103,3 +103,14 @@ def test_run_key_separates_data_sources(monkeypatch):
     local = run_key(RunConfig(dataset="folio", data_dir="/somewhere"), task, cell, None)
     assert hub != local
     assert hub == run_key(RunConfig(dataset="folio"), task, cell, None)
+
+
+def test_batched_run_stores_the_same_rows_as_batch_one(tmp_path):
+    def responses(batch_size):
+        config = RunConfig(model="tiny-llama", presses=("h2o", "snapkv-d"), budgets=(24,), num_samples=5,
+                           max_new_tokens=16, store=str(tmp_path / f"b{batch_size}"), batch_size=batch_size)
+        _, cells = execute(config)
+        return {(c.press.name, r["example_id"]): (r["response"], r["output_tokens"]) for c in cells for r in c.rows}
+
+    single, batched = responses(1), responses(3)
+    assert len(single) == 10 and batched == single

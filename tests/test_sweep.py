@@ -162,3 +162,18 @@ def test_ray_executor_on_a_local_cluster(tmp_path):
     keys = stored_keys(store)
     assert len(keys) == len(set(keys)) == 6
     assert set(keys) == planned_keys(read_grid(path, store=str(store)))
+
+
+def test_shipped_grids_validate(monkeypatch):
+    from pathlib import Path
+
+    from tests.test_tasks import SHARED_DATA
+
+    root = Path(__file__).resolve().parents[1]
+    assert len(read_grid(root / "grids" / "cpu-small.csv")) == 9
+    if not (SHARED_DATA / "drop" / "dev.jsonl").is_file():
+        pytest.skip("the paper grid's datasets need ../shared/data here (no hub access)")
+    monkeypatch.setenv("KVBENCH_DATA_DIR", str(SHARED_DATA))
+    runs = read_grid(root / "grids" / "paper.csv")
+    assert len(runs) == 4 * 8 * (1 + 5 * 4)
+    assert {r.config.max_new_tokens for r in runs} == {2048} and {r.config.num_samples for r in runs} == {100}

@@ -30,18 +30,13 @@ def run(
     device: str = typer.Option("auto", help="auto (cuda if present), cpu, cuda, cuda:N."),
     data_dir: Path | None = typer.Option(None, help="Local data <dir>/<name>/<split>.jsonl instead of the hub "
                                          "(default: $KVBENCH_DATA_DIR)."),
+    batch_size: int = typer.Option(1, help="Sequences decoded together (left-padded, evicted per sequence)."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Rerun examples recorded as failed."),
 ) -> None:
     """Generate, score and store one model on one dataset for each press x budget; print the comparison."""
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
 
+    from kvbench.cli.progress import progress_bar
     from kvbench.run import RunConfig, execute, parse_budget, plan
     from kvbench.tables import result_table
 
@@ -49,13 +44,10 @@ def run(
         model=model, presses=tuple(_split(press)), budgets=tuple(parse_budget(b) for b in _split(budget)),
         press_args=tuple(press_arg), dataset=dataset, num_samples=num_samples, max_new_tokens=max_new_tokens,
         seed=seed, temperature=temperature, top_p=top_p, store=str(store), dtype=dtype, device=device,
-        data_dir=str(data_dir) if data_dir else None,
+        data_dir=str(data_dir) if data_dir else None, batch_size=batch_size,
     )
     plan(config)  # fail on bad input before any model loads
-    console = Console(stderr=True)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("eta"), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
+    with progress_bar() as progress:
         bar = progress.add_task(f"loading {model}", total=None)
 
         def on_start(total: int) -> None:
@@ -65,5 +57,5 @@ def run(
             label = cell.press.name if cell.budget is None else f"{cell.press.name}@{cell.budget}"
             progress.update(bar, advance=1, description=f"generating {label}")
 
-        task, cells = execute(config, on_start=on_start, on_example=on_example)
+        task, cells = execute(config, on_start=on_start, on_example=on_example, retry_failed=retry_failed)
     Console(width=max(Console().width, 120)).print(result_table(task, cells, config))

@@ -17,16 +17,9 @@ def sweep(
 ) -> None:
     """Run a grid of runs (model x press x budget x dataset x ...), resumable and shardable."""
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
     from rich.table import Table
 
+    from kvbench.cli.progress import progress_bar
     from kvbench.errors import ConfigError
     from kvbench.sweep import execute_local, execute_ray, parse_shard, read_grid, shard, status
 
@@ -37,7 +30,6 @@ def sweep(
         runs = shard(runs, *parse_shard(shard_spec))
     states = status(runs, retry_failed)
     total = sum(s.pending for s in states)
-    console = Console(stderr=True)
     if dry_run:
         table = Table(title=f"plan: {len(runs)} runs from {grid}" + (f", shard {shard_spec}" if shard_spec else ""))
         for column in ("line", "model", "press", "budget", "dataset", "examples", "stored", "failed", "to run"):
@@ -50,9 +42,7 @@ def sweep(
         typer.echo(f"{sum(s.stored for s in states)} rows stored, {sum(s.failed for s in states)} failed, "
                    f"{total} to run")
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("eta"), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
+    with progress_bar() as progress:
         overall = progress.add_task(f"sweep ({len(runs)} runs)", total=total)
         if executor == "ray":
             written = execute_ray(runs, retry_failed, ray_address,
