@@ -103,6 +103,18 @@ def _hf_cached(repo_id: str) -> bool:
     return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
+def cached_revision(spec: ModelSpec) -> str | None:
+    """The commit of a hub model as cached locally (what loading it resolves to), without loading anything."""
+    if spec.revision or spec.source != "hf":
+        return spec.revision
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    path = try_to_load_from_cache(spec.path, "config.json")
+    return Path(path).parent.name if isinstance(path, str) else None
+
+
 def resolve_device(device: str = "auto"):
     import torch
 

@@ -146,7 +146,7 @@ def load_session(config: RunConfig) -> Session:
         "transformers_version": transformers.__version__, "device": _device_name(loaded.device),
         "dtype": str(loaded.dtype).removeprefix("torch."),
     }
-    revision = loaded.spec.revision or getattr(loaded.model.config, "_commit_hash", None)
+    revision = models.cached_revision(loaded.spec) or getattr(loaded.model.config, "_commit_hash", None)
     return Session(loaded=loaded, revision=revision, eos=_eos_ids(loaded.model, loaded.tokenizer),
                    provenance=provenance)
 

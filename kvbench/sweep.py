@@ -171,11 +171,13 @@ class RunStatus:
 
 
 def status(runs: list[PlannedRun], retry_failed: bool = False) -> list[RunStatus]:
-    """What each run has stored, failed and still to do (model revisions are not resolved: no loading)."""
+    """What each run has stored, failed and still to do (the model revision comes from the local cache)."""
+    from kvbench.models import cached_revision, resolve
+
     out = []
     for run in runs:
         task, examples, cell = _plan(run.config)
-        cell.run_key = run_key(run.config, task, cell, None)
+        cell.run_key = run_key(run.config, task, cell, cached_revision(resolve(run.config.model)))
         store = ResultStore(run.config.store)
         ids = {e.id for e in examples}
         stored = sum(1 for e, s in store.done(cell.run_key) if e in ids and s == 0)

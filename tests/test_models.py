@@ -29,3 +29,19 @@ def test_default_model_resolves_to_the_bundled_gguf_when_not_cached():
     assert spec.source in {"gguf", "hf"}
     if spec.source == "gguf":
         assert spec.gguf_file.endswith(".gguf")
+
+
+def test_cached_revision_is_the_snapshot_commit(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from kvbench.models import ModelSpec, cached_revision
+
+    snapshot = tmp_path / "models--org--m" / "snapshots" / "0123abcd" / "config.json"
+    snapshot.parent.mkdir(parents=True)
+    snapshot.write_text("{}")
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
+                        lambda repo, name: str(snapshot) if repo == "org/m" else None)
+    assert cached_revision(ModelSpec(name="org/m", source="hf", path="org/m")) == "0123abcd"
+    assert cached_revision(ModelSpec(name="org/x", source="hf", path="org/x")) is None
+    assert cached_revision(ModelSpec(name="tiny-llama", source="alias", path="tiny-llama")) is None
+    assert cached_revision(ModelSpec(name="org/m", source="hf", path="org/m", revision="pinned")) == "pinned"
