@@ -25,7 +25,41 @@ METRICS = {
     "peak_kv_mib": (lambda d: d["peak_kv_bytes"].astype(float) / 2**20, False, "peak KV MiB", "{:.2f}"),
     "truncated": (lambda d: (d["finish_reason"] == "length").astype(float) * 100, False, "truncated %", "{:.1f}"),
     "invalid": (lambda d: d["extracted"].isna().astype(float) * 100, False, "invalid %", "{:.1f}"),
+    # rows stored before loops were measured have no value (NaN), not "did not loop"
+    "looping": (lambda d: d["looped"].map({True: 100.0, False: 0.0}).astype(float), False, "looping %", "{:.1f}"),
+    "length_ratio": (lambda d: _length_ratio(d), False, "output length / full cache's (same examples)", "{:.2f}"),
+    "kv_footprint": (lambda d: d["kv_byte_steps"].astype(float) / 2**30, False, "KV footprint GiB x steps",
+                     "{:.3f}"),
 }
+#: metric -> (value of a whole cell, higher is better, unit, format): ratios of sums, without standard errors
+CELL_METRICS = {
+    "median_output_tokens": (lambda g: g["output_tokens"].median(), False, "median output tokens", "{:.0f}"),
+    "tokens_per_correct": (lambda g: _per_correct(g, g["output_tokens"]), False, "output tokens per correct answer",
+                           "{:.0f}"),
+    "seconds_per_correct": (lambda g: _per_correct(g, g["prefill_s"] + g["decode_s"]), False,
+                            "seconds per correct answer", "{:.1f}"),
+}
+
+
+def _length_ratio(df: pd.DataFrame) -> pd.Series:
+    """Each row's output length over the full cache's on the same example (NaN where full is missing)."""
+    keys = ["model", "dataset_label", "example_id"]
+    full = df[df["press"] == FULL].groupby(keys)["output_tokens"].mean()
+    reference = full.reindex(pd.MultiIndex.from_frame(df[keys])).to_numpy()
+    return pd.Series(df["output_tokens"].to_numpy(dtype=float) / reference, index=df.index)
+
+
+def _per_correct(group: pd.DataFrame, cost: pd.Series) -> float:
+    correct = group["correct"].sum()
+    return float(cost.sum() / correct) if correct else float("nan")
+
+
+def _metric(name: str) -> tuple:
+    if name in METRICS:
+        return METRICS[name]
+    if name in CELL_METRICS:
+        return CELL_METRICS[name]
+    raise KvbenchError(f"unknown --metric {name!r} (known: {', '.join([*METRICS, *CELL_METRICS])})")
 FULL = "full"
 AVG, DELTA = "Avg.", "Δ vs full"
 
@@ -68,13 +102,16 @@ class Cell:
 
 def aggregate(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Long table: model, press_label, dataset_label, budget (None = full), mean, se, n."""
-    if metric not in METRICS:
-        raise KvbenchError(f"unknown --metric {metric!r} (known: {', '.join(METRICS)})")
-    values = METRICS[metric][0](df)
-    frame = df.assign(value=values, budget=df["budget"].astype("Int64"))
+    function = _metric(metric)[0]
     keys = ["model", "press_label", "dataset_label", "budget"]
-    grouped = frame.groupby(keys, dropna=False)["value"]
-    out = grouped.agg(mean="mean", n="count", sd="std").reset_index()
+    frame = df.assign(budget=df["budget"].astype("Int64"))
+    if metric in CELL_METRICS:
+        records = [dict(zip(keys, key), mean=function(group), n=len(group), sd=float("nan"))
+                   for key, group in frame.groupby(keys, dropna=False)]
+        out = pd.DataFrame.from_records(records, columns=[*keys, "mean", "n", "sd"])
+    else:
+        grouped = frame.assign(value=function(df))[[*keys, "value"]].groupby(keys, dropna=False)["value"]
+        out = grouped.agg(mean="mean", n="count", sd="std").reset_index()
     out["se"] = (out["sd"] / out["n"].pow(0.5)).fillna(0.0)
     out["budget"] = out["budget"].astype("Int64")  # <NA> = the full cache
     return out.drop(columns="sd")
@@ -144,7 +181,7 @@ def _header(column: tuple) -> str:
 def render(store: str | Path, metric: str = "accuracy", fmt: str = "markdown", reference: str | None = None) -> str:
     df = load(store)
     long = aggregate(df, metric)
-    _, higher, unit, number = METRICS[metric]
+    _, higher, unit, number = _metric(metric)
     ref = load_reference(reference) if reference else None
     if fmt == "csv":
         if ref is not None:
@@ -158,7 +195,8 @@ def render(store: str | Path, metric: str = "accuracy", fmt: str = "markdown", r
         mask = best_mask(means, higher)
         if ref is not None:
             means, errors, mask = _with_reference(means, errors, mask, ref, model)
-        title = f"{model}: {unit} (mean ± standard error; {_counts_note(means)}; best evicting press in bold)"
+        spread = "one value per cell" if metric in CELL_METRICS else "mean ± standard error"
+        title = f"{model}: {unit} ({spread}; {_counts_note(means)}; best evicting press in bold)"
         if fmt == "markdown":
             blocks.append(_markdown(title, means, errors, mask, number))
         elif fmt == "latex":

@@ -40,6 +40,8 @@ class RunConfig:
     device: str = "auto"
     data_dir: str | None = None
     batch_size: int = 1
+    #: End a generation that loops (finish_reason "loop"); loops are measured either way.
+    stop_on_loop: bool = False
 
 
 @dataclass
@@ -113,6 +115,8 @@ def run_key(config: RunConfig, task: Task, cell: Cell, model_revision: str | Non
         "max_new_tokens": max_new_tokens(config, task), "temperature": config.temperature,
         "top_p": config.top_p if config.temperature > 0 else 1.0, "seed": config.seed, "dtype": config.dtype,
     }
+    if config.stop_on_loop:  # only when set, so keys of runs made before the option existed stay valid
+        payload["stop_on_loop"] = True
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -175,6 +179,7 @@ def run_cell(
     settings = GenerationSettings(
         max_new_tokens=max_new_tokens(config, task), temperature=config.temperature, top_p=config.top_p,
         seed=config.seed, eos_token_ids=session.eos, stop_strings=tuple(task.generation.get("stop", ())),
+        stop_on_loop=config.stop_on_loop,
     )
     split = task.split(config.data_dir)
 
@@ -220,6 +225,7 @@ def run_cell(
                     "output_tokens": out.output_tokens, "prefill_s": out.prefill_s, "decode_s": out.decode_s,
                     "tokens_per_s": out.tokens_per_s, "peak_kv_bytes": out.peak_kv_bytes,
                     "evicted_tokens": out.evicted_tokens, "mean_cache_len": out.mean_cache_len,
+                    "looped": out.looped, "loop_start": out.loop_start, "kv_byte_steps": out.kv_byte_steps,
                     **session.provenance,
                 }
                 store.append([row])  # one atomic part per example: a kill loses at most the batch in flight

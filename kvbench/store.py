@@ -55,6 +55,9 @@ SCHEMA = pa.schema([
     ("peak_kv_bytes", pa.int64()),
     ("evicted_tokens", pa.float64()),
     ("mean_cache_len", pa.float64()),
+    ("looped", pa.bool_()),  # degenerate repetition detected (always measured)
+    ("loop_start", pa.int64()),  # output token at which it was detected
+    ("kv_byte_steps", pa.float64()),  # KV bytes held, summed over decoding steps (footprint over time)
     # provenance
     ("kvbench_version", pa.string()),
     ("git_commit", pa.string()),

@@ -15,6 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from kvbench.errors import ConfigError, KvbenchError
+from kvbench.presses import parse_bool
 from kvbench.run import Cell, RunConfig, build_cells, parse_budget, pending, run_cell, run_key
 from kvbench.store import ResultStore
 from kvbench.tasks import Example, Task, load_examples, load_task
@@ -23,7 +24,7 @@ from kvbench.tasks import Example, Task, load_examples, load_task
 COLUMNS: dict[str, Callable[[str], object]] = {
     "model": str, "press": str, "budget": parse_budget, "dataset": str, "num_samples": int,
     "max_new_tokens": int, "seed": int, "batch_size": int, "press_args": str, "temperature": float,
-    "top_p": float, "dtype": str, "device": str, "data_dir": str,
+    "top_p": float, "dtype": str, "device": str, "data_dir": str, "stop_on_loop": parse_bool,
 }
 
 

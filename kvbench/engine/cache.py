@@ -304,6 +304,11 @@ class BudgetCache(DynamicCache):
         """Mean over layers of the valid entries per KV head held for sequence ``row``."""
         return sum(layer.counts[row] for layer in self.layers) / len(self.layers)
 
+    def bytes_per_entry(self) -> int:
+        """Bytes of one token's keys and values across all layers and KV heads."""
+        return sum(layer.keys.shape[1] * (layer.keys.shape[-1] + layer.values.shape[-1]) * layer.keys.element_size()
+                   for layer in self.layers if layer.is_initialized)
+
     def peak_bytes(self, row: int) -> int:
         total = 0
         for layer in self.layers:

@@ -14,6 +14,7 @@ import torch
 
 from kvbench.engine.attention import use_kvbench_attention
 from kvbench.engine.cache import BudgetCache
+from kvbench.engine.loops import LoopDetector
 from kvbench.errors import KvbenchError
 from kvbench.presses.base import Press
 
@@ -27,6 +28,9 @@ class GenerationSettings:
     seed: int = 0
     eos_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
+    #: End a sequence with finish_reason "loop" once it repeats itself (see ``LoopDetector``).
+    stop_on_loop: bool = False
+    loop_detector: LoopDetector = LoopDetector()
 
 
 @dataclass
@@ -41,6 +45,11 @@ class SequenceOutput:
     peak_kv_bytes: int
     evicted_tokens: float
     mean_cache_len: float
+    #: Whether the output ever became degenerate repetition, and at which output token it was detected.
+    looped: bool = False
+    loop_start: int | None = None
+    #: KV footprint over time: bytes held by the cache, summed over this sequence's decoding steps.
+    kv_byte_steps: float = 0.0
     text: str | None = None
     #: Next-token logits of every step (only with ``record_logits=True``; for tests and analysis).
     logits: list[torch.Tensor] = field(default_factory=list, repr=False)
@@ -114,6 +123,7 @@ def generate(
     logits_log: list[list[torch.Tensor]] = [[] for _ in range(batch)]
     finish: list[str | None] = [None] * batch
     decode_end = [0.0] * batch
+    loop_start: list[int | None] = [None] * batch
     cache_len_sum = [0.0] * batch
     next_position = torch.tensor(lengths, device=device)
 
@@ -146,10 +156,14 @@ def generate(
                 tokens[row].append(token)
                 if record_logits:
                     logits_log[row].append(logits[row].float().cpu())
+                if loop_start[row] is None and settings.loop_detector.looped(tokens[row]):
+                    loop_start[row] = len(tokens[row])
                 if token in eos:
                     finish[row] = "eos"
                 elif settings.stop_strings and _hits_stop(tokens[row], decode, settings.stop_strings):
                     finish[row] = "stop"
+                elif settings.stop_on_loop and loop_start[row] is not None:
+                    finish[row] = "loop"
                 elif len(tokens[row]) >= settings.max_new_tokens:
                     finish[row] = "length"
                 if finish[row] is not None:
@@ -184,6 +198,9 @@ def generate(
             peak_kv_bytes=cache.peak_bytes(row),
             evicted_tokens=cache.evicted_tokens(row),
             mean_cache_len=cache_len_sum[row] / steps if n_out > 1 else cache.entries(row),
+            looped=loop_start[row] is not None,
+            loop_start=loop_start[row],
+            kv_byte_steps=cache_len_sum[row] * cache.bytes_per_entry(),
             text=decode(tokens[row]) if decode else None,
             logits=logits_log[row],
         ))

@@ -23,7 +23,7 @@ PRESSES: dict[str, type[Press]] = {
     )
 }
 
-__all__ = ["PRESSES", "Press", "PressError", "make_press", "parse_press_args", "press_parameters"]
+__all__ = ["PRESSES", "Press", "PressError", "make_press", "parse_bool", "parse_press_args", "press_parameters"]
 
 
 class PressError(KvbenchError, ValueError):
@@ -86,14 +86,17 @@ def _press_class(name: str) -> type[Press]:
         raise PressError(f"unknown press {name!r} (known: {', '.join(PRESSES)})") from None
 
 
+def parse_bool(text: str) -> bool:
+    """true/false, yes/no or 1/0 (any case); ValueError otherwise."""
+    lowered = text.strip().lower()
+    if lowered not in {"true", "false", "1", "0", "yes", "no"}:
+        raise ValueError(f"{text!r} is not a boolean")
+    return lowered in {"true", "1", "yes"}
+
+
 def _convert(press: str, key: str, raw: str, kind: type):
     try:
-        if kind is bool:
-            lowered = raw.lower()
-            if lowered not in {"true", "false", "1", "0", "yes", "no"}:
-                raise ValueError
-            return lowered in {"true", "1", "yes"}
-        return kind(raw)
+        return parse_bool(raw) if kind is bool else kind(raw)
     except ValueError:
         raise PressError(f"press {press!r}: {key}={raw!r} is not a valid {kind.__name__}") from None
 
