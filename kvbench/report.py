@@ -8,6 +8,7 @@ whose dataset version, prompt or data source differ are never pooled: they becom
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -30,6 +31,8 @@ METRICS = {
     "length_ratio": (lambda d: _length_ratio(d), False, "output length / full cache's (same examples)", "{:.2f}"),
     "kv_footprint": (lambda d: d["kv_byte_steps"].astype(float) / 2**30, False, "KV footprint GiB x steps",
                      "{:.3f}"),
+    "attention_loss": (lambda d: d["attention_loss_mean"].astype(float) * 100, False,
+                       "attention loss % (mass on evicted entries)", "{:.1f}"),
 }
 #: metric -> (value of a whole cell, higher is better, unit, format): ratios of sums, without standard errors
 CELL_METRICS = {
@@ -337,6 +340,39 @@ def plot(store: str | Path, directory: str | Path) -> list[Path]:
         fig.tight_layout()
         path = directory / f"{_slug(model)}__{_slug(dataset)}.png"
         fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written + plot_attention_loss(df, directory)
+
+
+def plot_attention_loss(df: pd.DataFrame, directory: Path) -> list[Path]:
+    """Per model, dataset and budget: attention-loss heatmaps (layer x decoding step), one panel per press."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    measured = df[df["attention_loss_profile"].notna() & df["budget"].notna()]
+    written = []
+    for (model, dataset, budget), part in measured.groupby(["model", "dataset_label", "budget"]):
+        presses = sorted(set(part["press_label"]))
+        fig, axes = plt.subplots(1, len(presses), figsize=(3.2 * len(presses) + 1, 3.6), squeeze=False)
+        for ax, press in zip(axes[0], presses):
+            profiles = [json.loads(p) for p in part[part["press_label"] == press]["attention_loss_profile"]]
+            grid = np.array([[np.nan if v is None else v for v in layer] for p in profiles for layer in p["heatmap"]],
+                            dtype=float).reshape(len(profiles), len(profiles[0]["heatmap"]), -1)
+            reached = ~np.isnan(grid).all(axis=(0, 1))
+            grid = grid[:, :, : int(reached.nonzero()[0].max()) + 1] if reached.any() else grid[:, :, :1]
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # bins some examples never reached
+                mean = np.nanmean(grid, axis=0) * 100
+            image = ax.imshow(mean, aspect="auto", origin="lower", vmin=0, vmax=100, cmap="magma",
+                              extent=(0, grid.shape[2] * profiles[0]["bin_steps"], 0, grid.shape[1]))
+            ax.set_title(press, fontsize=9)
+            ax.set_xlabel("decoding step")
+        axes[0][0].set_ylabel("layer")
+        fig.colorbar(image, ax=axes[0].tolist(), label="attention loss %")
+        fig.suptitle(f"{model} on {dataset}, budget {int(budget)}", fontsize=10)
+        path = directory / f"attention_loss__{_slug(model)}__{_slug(dataset)}__b{int(budget)}.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
     return written

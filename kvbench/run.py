@@ -20,6 +20,8 @@ from kvbench.presses import Press, make_press, parse_press_args
 from kvbench.store import ResultStore
 from kvbench.tasks import Example, Task, load_examples, load_task
 
+MEASUREMENTS = ("attention-loss",)
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -42,6 +44,8 @@ class RunConfig:
     batch_size: int = 1
     #: End a generation that loops (finish_reason "loop"); loops are measured either way.
     stop_on_loop: bool = False
+    #: Extra measurements: "attention-loss" (exact, against a shadow full cache; costs one q·K over all tokens).
+    measure: tuple[str, ...] = ()
 
 
 @dataclass
@@ -79,6 +83,9 @@ def build_cells(config: RunConfig) -> list[Cell]:
         raise ConfigError(f"--num-samples must be >= 1, got {config.num_samples}")
     if config.max_new_tokens is not None and config.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {config.max_new_tokens}")
+    unknown = set(config.measure) - set(MEASUREMENTS)
+    if unknown:
+        raise ConfigError(f"--measure {sorted(unknown)[0]!r} is unknown (known: {', '.join(MEASUREMENTS)})")
     if config.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {config.batch_size}")
     if not 0.0 < config.top_p <= 1.0 or config.temperature < 0:
@@ -115,8 +122,11 @@ def run_key(config: RunConfig, task: Task, cell: Cell, model_revision: str | Non
         "max_new_tokens": max_new_tokens(config, task), "temperature": config.temperature,
         "top_p": config.top_p if config.temperature > 0 else 1.0, "seed": config.seed, "dtype": config.dtype,
     }
-    if config.stop_on_loop:  # only when set, so keys of runs made before the option existed stay valid
+    # only when set, so the keys of runs made before these options existed stay valid
+    if config.stop_on_loop:
         payload["stop_on_loop"] = True
+    if config.measure:
+        payload["measure"] = sorted(config.measure)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -196,7 +206,8 @@ def run_cell(
             try:
                 ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
                 outputs = generate(session.loaded.model, ids, cell.press, cell.budget, settings, decode=decode,
-                                   pad_token_id=tokenizer.pad_token_id)
+                                   pad_token_id=tokenizer.pad_token_id,
+                                   measure_attention_loss="attention-loss" in config.measure)
             except (KeyboardInterrupt, KvbenchError):
                 raise
             except Exception as err:  # noqa: BLE001 - out of memory or any per-batch failure: record, go on
@@ -226,6 +237,7 @@ def run_cell(
                     "tokens_per_s": out.tokens_per_s, "peak_kv_bytes": out.peak_kv_bytes,
                     "evicted_tokens": out.evicted_tokens, "mean_cache_len": out.mean_cache_len,
                     "looped": out.looped, "loop_start": out.loop_start, "kv_byte_steps": out.kv_byte_steps,
+                    **attention_loss_columns(out.attention_loss, settings.max_new_tokens),
                     **session.provenance,
                 }
                 store.append([row])  # one atomic part per example: a kill loses at most the batch in flight
@@ -234,6 +246,24 @@ def run_cell(
                 if on_example:
                     on_example(cell, example)
     return written
+
+
+HEATMAP_BINS = 32
+
+
+def attention_loss_columns(loss, max_new_tokens: int) -> dict:
+    """Mean, max and a compact profile of a [layers, steps, heads] attention-loss log (None: not measured)."""
+    if loss is None:
+        return {}
+    if loss.shape[1] == 0:
+        return {"attention_loss_mean": 0.0, "attention_loss_max": 0.0}
+    per_step = loss.mean(dim=-1)  # [layers, steps], heads averaged
+    width = -(-max_new_tokens // HEATMAP_BINS)  # steps per bin: the same grid for every row of a run
+    bins = [[round(float(layer[i:i + width].mean()), 5) if i < layer.shape[0] else None
+             for i in range(0, HEATMAP_BINS * width, width)] for layer in per_step]
+    profile = {"per_layer": [round(float(v), 5) for v in per_step.mean(dim=1)], "bin_steps": width, "heatmap": bins}
+    return {"attention_loss_mean": float(loss.mean()), "attention_loss_max": float(loss.max()),
+            "attention_loss_profile": json.dumps(profile)}
 
 
 def collect_rows(store: ResultStore, cells: list[Cell], examples: list[Example]) -> None:

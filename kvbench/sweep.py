@@ -24,7 +24,7 @@ from kvbench.tasks import Example, Task, load_examples, load_task
 COLUMNS: dict[str, Callable[[str], object]] = {
     "model": str, "press": str, "budget": parse_budget, "dataset": str, "num_samples": int,
     "max_new_tokens": int, "seed": int, "batch_size": int, "press_args": str, "temperature": float,
-    "top_p": float, "dtype": str, "device": str, "data_dir": str, "stop_on_loop": parse_bool,
+    "top_p": float, "dtype": str, "device": str, "data_dir": str, "stop_on_loop": parse_bool, "measure": str,
 }
 
 
@@ -90,9 +90,10 @@ def _expand(path: Path, line: int, row: dict[str, str], store: str) -> list[Plan
     for combo in itertools.product(*options.values()):
         values = dict(zip(options, combo))
         press_args = tuple(a for a in values.pop("press_args", "").replace(";", " ").split() if a)
+        measure = tuple(m for m in values.pop("measure", "").replace(";", " ").split() if m)
         config = RunConfig(
             presses=(values.pop("press"),), budgets=(values.pop("budget", None),), press_args=press_args,
-            store=store, **values,
+            measure=measure, store=store, **values,
         )
         runs.append(PlannedRun(line=line, config=config))
     return runs
@@ -122,8 +123,8 @@ def _validate(path: Path, run: PlannedRun) -> None:
             raise ConfigError(f"{path} {where}: {err}") from None
 
 
-_FLAGS = {"--num-samples": "num_samples", "--max-new-tokens": "max_new_tokens", "--batch-size": "batch_size",
-          "--temperature": "temperature", "--top-p": "top_p"}
+_FLAGS = {"--measure": "measure", "--num-samples": "num_samples", "--max-new-tokens": "max_new_tokens",
+          "--batch-size": "batch_size", "--temperature": "temperature", "--top-p": "top_p"}
 
 
 def _require_budget(config: RunConfig) -> None:

@@ -8,6 +8,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 MASKS: dict[int, torch.Tensor] = {}  # layer -> [H_kv, L, L] bool, True = may attend
+#: layer -> [H_kv, L]: full causal attention mass each query puts on the positions its mask hides
+MISSED: dict[int, torch.Tensor] = {}
 
 
 def _masked_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -18,6 +20,11 @@ def _masked_attention(module, query, key, value, attention_mask, scaling=None, *
     logits = query.float() @ k.transpose(-1, -2) * scaling
     logits = logits.masked_fill(~mask.repeat_interleave(group, dim=0)[None], float("-inf"))
     out = torch.softmax(logits, dim=-1) @ v
+    length = query.shape[2]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    full = torch.softmax((query.float() @ k.transpose(-1, -2) * scaling).masked_fill(~causal, float("-inf")), -1)
+    hidden = causal & ~mask.repeat_interleave(group, dim=0)[None]
+    MISSED[module.layer_idx] = (full * hidden).sum(-1)[0].view(key.shape[1], group, length).mean(1)
     return out.transpose(1, 2).contiguous().to(query.dtype), None
 
 
@@ -29,6 +36,7 @@ def masked_logits(model, tokens: list[int], masks: dict[int, torch.Tensor]) -> t
     """Logits [L, V] of a forward over ``tokens`` with per-layer, per-KV-head masks."""
     MASKS.clear()
     MASKS.update(masks)
+    MISSED.clear()
     previous = model.config._attn_implementation
     model.config._attn_implementation = "oracle_masked"
     try:

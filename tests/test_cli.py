@@ -114,3 +114,34 @@ def test_batched_run_stores_the_same_rows_as_batch_one(tmp_path):
 
     single, batched = responses(1), responses(3)
     assert len(single) == 10 and batched == single
+
+
+def test_run_measures_attention_loss_into_the_store_and_report(tmp_path):
+    import json
+
+    from kvbench.report import plot, render
+
+    config = RunConfig(model="tiny-llama", presses=("full", "h2o"), budgets=(16,), num_samples=2,
+                       max_new_tokens=20, store=str(tmp_path / "s"), measure=("attention-loss",))
+    _, cells = execute(config)
+    full, h2o = cells
+    assert all(r["attention_loss_mean"] == 0.0 == r["attention_loss_max"] for r in full.rows)
+    for r in h2o.rows:
+        assert 0.0 < r["attention_loss_mean"] <= r["attention_loss_max"] <= 1.0
+        profile = json.loads(r["attention_loss_profile"])
+        assert len(profile["per_layer"]) == 3 and len(profile["heatmap"]) == 3 and profile["bin_steps"] == 1
+    text = render(tmp_path / "s", metric="attention_loss", fmt="markdown")
+    assert "| full | 0.0 |" in text
+    paths = plot(tmp_path / "s", tmp_path / "plots")
+    assert (tmp_path / "plots" / "attention_loss__tiny-llama__arith__b16.png") in paths
+    # without --measure the columns stay empty and the run key is unchanged from before the option existed
+    plain = RunConfig(model="tiny-llama", presses=("h2o",), budgets=(16,), num_samples=2, max_new_tokens=20,
+                      store=str(tmp_path / "p"))
+    _, (cell,) = execute(plain)
+    assert all(r["attention_loss_mean"] is None for r in cell.rows) and cell.run_key != h2o.run_key
+
+
+def test_unknown_measurement_is_refused(tmp_path):
+    result = kvbench("run", "--model", "tiny-llama", "-p", "h2o", "-b", "8", "--measure", "vibes",
+                     "--store", str(tmp_path))
+    assert result.returncode == 2 and "--measure 'vibes' is unknown" in result.stderr

@@ -59,3 +59,34 @@ def test_oracle_detects_a_wrong_mask(tiny_llama):
     masks = masks_from_kept(tampered, len(prompt), len(tokens), cfg.num_hidden_layers, cfg.num_key_value_heads)
     expected = masked_logits(model, tokens, masks)[len(prompt) - 1:]
     assert not torch.allclose(torch.stack(out.logits), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("press_name", "args"), [("h2o", {}), ("snapkv-d", {}), ("streaming_llm", {}),
+                                                   ("knorm", {}), ("tova", {}), ("rkv", {"buffer": "4"})])
+def test_attention_loss_matches_an_independent_masked_forward(tiny, press_name, args):
+    """Engine's attention loss = full causal attention mass outside the kept set, from the oracle forward."""
+    from tests.oracle import MISSED
+
+    model, tokenizer = tiny
+    prompt = prompt_ids(tokenizer)[:30]
+    kept = []
+    out = generate(model, [prompt], make_press(press_name, args), 12, GenerationSettings(max_new_tokens=24),
+                   on_step=lambda cache, t: kept.append(cache.kept_positions(0)), measure_attention_loss=True)[0]
+    tokens = prompt + out.tokens[:-1]
+    cfg = model.config
+    masked_logits(model, tokens, masks_from_kept(kept, len(prompt), len(tokens), cfg.num_hidden_layers,
+                                                 cfg.num_key_value_heads))
+    for layer in range(cfg.num_hidden_layers):
+        expected = MISSED[layer][:, len(prompt):].T  # decode queries: [steps, H_kv]
+        torch.testing.assert_close(out.attention_loss[layer], expected, atol=1e-5, rtol=1e-4)
+    assert out.attention_loss.max() > 0.05  # the case does evict attended entries
+
+
+@pytest.mark.parametrize("press_name", ["full", "h2o", "snapkv-d", "rkv"])
+def test_attention_loss_is_zero_without_eviction(tiny_llama, press_name):
+    model, tokenizer = tiny_llama
+    prompt = prompt_ids(tokenizer)[:30]
+    budget = None if press_name == "full" else 200
+    out = generate(model, [prompt], make_press(press_name), budget, GenerationSettings(max_new_tokens=20),
+                   measure_attention_loss=True)[0]
+    assert out.attention_loss.shape == (3, 19, 2) and float(out.attention_loss.abs().max()) == 0.0

@@ -32,6 +32,8 @@ def run(
                                          "(default: $KVBENCH_DATA_DIR)."),
     batch_size: int = typer.Option(1, help="Sequences decoded together (left-padded, evicted per sequence)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Rerun examples recorded as failed."),
+    measure: list[str] = typer.Option([], "--measure", help="Extra measurement, repeatable: attention-loss "
+                                      "(attention mass on evicted entries, exact against a shadow full cache)."),
     stop_on_loop: bool = typer.Option(False, "--stop-on-loop", help="End a generation that falls into repetition "
                                       "(finish reason 'loop'); loops are measured either way."),
 ) -> None:
@@ -47,7 +49,7 @@ def run(
         press_args=tuple(press_arg), dataset=dataset, num_samples=num_samples, max_new_tokens=max_new_tokens,
         seed=seed, temperature=temperature, top_p=top_p, store=str(store), dtype=dtype, device=device,
         data_dir=str(data_dir) if data_dir else None, batch_size=batch_size,
-        stop_on_loop=stop_on_loop,
+        stop_on_loop=stop_on_loop, measure=tuple(_split(measure)),
     )
     plan(config)  # fail on bad input before any model loads
     with progress_bar() as progress:

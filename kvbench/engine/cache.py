@@ -83,6 +83,10 @@ class BudgetLayer(DynamicLayer):
             torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + self.layer_idx)
             for seed in self.cache.seeds
         ]
+        if self.cache.loss_log is not None:
+            # Shadow of every key at its original position (one spare slot absorbs padding writes).
+            self.shadow_keys = key_states.new_zeros(b, h, self.cache.max_length + 1, d)
+            self.shadow_written = torch.zeros(b, self.cache.max_length + 1, dtype=torch.bool, device=self.device)
         window = self.press.query_window
         if window:
             self.query_buffer: torch.Tensor | None = None  # allocated on first queries (needs H_q)
@@ -98,6 +102,8 @@ class BudgetLayer(DynamicLayer):
         step = self.cache.step
         b, h, n_new, _ = key_states.shape
         capacity = self.cache.capacity
+        if self.cache.loss_log is not None:
+            self._write_shadow(key_states, step)
         fits = max(self.counts) + n_new <= capacity
         if n_new == 1 and fits:
             # A free slot per (sequence, head): the first invalid one. Any will do; attention is order-free.
@@ -139,6 +145,34 @@ class BudgetLayer(DynamicLayer):
         for s in self.state.values():
             s.scatter_(2, slot, 0.0)
 
+    def _write_shadow(self, key_states: torch.Tensor, step: StepInputs) -> None:
+        spare = self.cache.max_length
+        index = torch.where(step.valid, step.positions, spare)  # [B, L]; padding goes to the spare slot
+        b, h, n_new, d = key_states.shape
+        self.shadow_keys.scatter_(2, index[:, None, :, None].expand(b, h, n_new, d), key_states)
+        self.shadow_written.scatter_(1, index, True)
+        self.shadow_written[:, spare] = False
+
+    def _record_attention_loss(self, query: torch.Tensor, scaling: float) -> None:
+        """The mass the current query puts on evicted entries, under full attention over every key seen.
+
+        Runs before this step's eviction: it is what attention actually missed. Exact, from the shadow keys.
+        """
+        b, hq, _, d = query.shape
+        h = self.keys.shape[1]
+        seen = self.cache.tokens_seen  # > every position so far
+        keys = self.shadow_keys[:, :, :seen].float()
+        logits = torch.matmul(query.float().view(b, h, hq // h, d), keys.transpose(-1, -2)) * scaling
+        q_pos = self.cache.query_position
+        visible = self.shadow_written[:, :seen] & (torch.arange(seen, device=self.device)[None, :] <= q_pos[:, None])
+        probs = torch.softmax(logits.masked_fill(~visible[:, None, None, :], -torch.inf), dim=-1)
+        held = torch.zeros(b, h, seen + 1, dtype=torch.bool, device=self.device)
+        held.scatter_(2, torch.where(self.valid, self.positions, seen).clamp(max=seen), True)
+        missed = (probs * ~held[:, :, None, :seen]).sum(dim=-1).mean(dim=-1)  # [B, H], GQA group averaged
+        if self.cache.loss_log.shape[-1] != h:
+            self.cache.loss_log = self.cache.loss_log.new_zeros(*self.cache.loss_log.shape[:3], h)
+        self.cache.loss_log[:, self.layer_idx, self.cache.decode_step - 1] = missed
+
     def _add_counts(self, step: StepInputs) -> None:
         for i, n in enumerate(step.valid_counts):
             self.counts[i] += n
@@ -165,6 +199,8 @@ class BudgetLayer(DynamicLayer):
     def after_attention(self, query: torch.Tensor, scaling: float) -> None:
         self.scaling = scaling
         press = self.press
+        if self.cache.loss_log is not None and self.cache.decode_step > 0:
+            self._record_attention_loss(query, scaling)
         if press.query_window:
             self._push_queries(query)
         view = None
@@ -280,7 +316,8 @@ class BudgetCache(DynamicCache):
     ``get_seq_length()`` is the logical length (tokens seen); attention sees the physical slots.
     """
 
-    def __init__(self, press: Press, budget: int | None, num_layers: int, max_length: int, seeds: list[int]):
+    def __init__(self, press: Press, budget: int | None, num_layers: int, max_length: int, seeds: list[int],
+                 measure_attention_loss: bool = False, max_new_tokens: int = 0):
         if budget is not None and budget < 1:
             raise ValueError(f"budget must be >= 1, got {budget}")
         self.press = press
@@ -289,13 +326,22 @@ class BudgetCache(DynamicCache):
         # Never allocate more than a sequence can hold: a budget beyond the length costs no memory.
         self.capacity = max_length if self.trigger is None else min(self.trigger, max_length)
         self.seeds = list(seeds)
+        self.max_length = max_length
+        #: [B, layers, decode steps, KV heads] attention loss, allocated by ``begin_step`` when measuring.
+        self.loss_log: torch.Tensor | None = None
+        self._loss_shape = (len(seeds), num_layers, max_new_tokens) if measure_attention_loss else None
+        self.decode_step = 0  # 0 = prefill, t = the t-th decoding forward
         self.step: StepInputs | None = None
         self.query_position: torch.Tensor | None = None
         self.tokens_seen = 0
         Cache.__init__(self, layers=[BudgetLayer(self, i) for i in range(num_layers)])
 
-    def begin_step(self, positions: torch.Tensor, valid: torch.Tensor, valid_counts: list[int]) -> None:
+    def begin_step(self, positions: torch.Tensor, valid: torch.Tensor, valid_counts: list[int],
+                   decode_step: int = 0) -> None:
         self.step = StepInputs(positions=positions, valid=valid, valid_counts=valid_counts)
+        self.decode_step = decode_step
+        if self._loss_shape is not None and self.loss_log is None:
+            self.loss_log = torch.zeros(*self._loss_shape, 1, device=positions.device)  # heads: at first write
         self.query_position = positions[:, -1]
         self.tokens_seen += positions.shape[1]
 

@@ -50,6 +50,8 @@ class SequenceOutput:
     loop_start: int | None = None
     #: KV footprint over time: bytes held by the cache, summed over this sequence's decoding steps.
     kv_byte_steps: float = 0.0
+    #: [layers, decoding steps, KV heads] attention mass the query put on evicted entries (when measured).
+    attention_loss: torch.Tensor | None = field(default=None, repr=False)
     text: str | None = None
     #: Next-token logits of every step (only with ``record_logits=True``; for tests and analysis).
     logits: list[torch.Tensor] = field(default_factory=list, repr=False)
@@ -85,6 +87,7 @@ def generate(
     seeds: Sequence[int] | None = None,
     record_logits: bool = False,
     on_step: Callable[[BudgetCache, int], None] | None = None,
+    measure_attention_loss: bool = False,
 ) -> list[SequenceOutput]:
     """Generate for a batch of tokenised prompts under ``press`` at ``budget`` (None = no eviction).
 
@@ -115,7 +118,8 @@ def generate(
     if layer_types != {"full_attention"}:
         raise KvbenchError(f"{config.model_type}: layers of type {sorted(layer_types - {'full_attention'})} are not "
                            "supported (kvbench evicts from full-attention caches only)")
-    cache = BudgetCache(press, budget, config.num_hidden_layers, width + settings.max_new_tokens, seeds)
+    cache = BudgetCache(press, budget, config.num_hidden_layers, width + settings.max_new_tokens, seeds,
+                        measure_attention_loss=measure_attention_loss, max_new_tokens=settings.max_new_tokens)
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     eos = set(settings.eos_token_ids)
 
@@ -127,8 +131,8 @@ def generate(
     cache_len_sum = [0.0] * batch
     next_position = torch.tensor(lengths, device=device)
 
-    def forward(input_ids, pos, ok, counts):
-        cache.begin_step(pos, ok, counts)
+    def forward(input_ids, pos, ok, counts, decode_step=0):
+        cache.begin_step(pos, ok, counts, decode_step)
         out = model(
             input_ids=input_ids, position_ids=pos, past_key_values=cache, use_cache=True,
             kvbench_cache=cache, logits_to_keep=1,
@@ -173,7 +177,7 @@ def generate(
             active = [f is None for f in finish]
             active_mask = torch.tensor(active, device=device)
             step_ids = torch.where(active_mask, chosen, pad_token_id)[:, None]
-            logits = forward(step_ids, next_position[:, None], active_mask[:, None], [int(a) for a in active])
+            logits = forward(step_ids, next_position[:, None], active_mask[:, None], [int(a) for a in active], step)
             next_position = next_position + active_mask.long()  # not in place: the cache keeps the old tensor
             for row in range(batch):
                 if active[row]:
@@ -201,6 +205,7 @@ def generate(
             looped=loop_start[row] is not None,
             loop_start=loop_start[row],
             kv_byte_steps=cache_len_sum[row] * cache.bytes_per_entry(),
+            attention_loss=None if cache.loss_log is None else cache.loss_log[row, :, : max(n_out - 1, 0)].cpu(),
             text=decode(tokens[row]) if decode else None,
             logits=logits_log[row],
         ))
