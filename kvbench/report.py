@@ -33,7 +33,14 @@ METRICS = {
                      "{:.3f}"),
     "attention_loss": (lambda d: d["attention_loss_mean"].astype(float) * 100, False,
                        "attention loss % (mass on evicted entries)", "{:.1f}"),
+    # teacher-forced fidelity rows (kvbench fidelity)
+    "kl": (lambda d: d["fidelity_kl_mean"].astype(float), False, "KL(full || press) per token", "{:.3f}"),
+    "top1_agreement": (lambda d: d["fidelity_top1"].astype(float) * 100, True, "top-1 agreement with full %",
+                       "{:.1f}"),
+    "token_rank": (lambda d: d["fidelity_rank_mean"].astype(float), False, "rank of the full cache's token",
+                   "{:.2f}"),
 }
+FIDELITY_METRICS = ("kl", "top1_agreement", "token_rank")
 #: metric -> (value of a whole cell, higher is better, unit, format): ratios of sums, without standard errors
 CELL_METRICS = {
     "median_output_tokens": (lambda g: g["output_tokens"].median(), False, "median output tokens", "{:.0f}"),
@@ -73,6 +80,7 @@ def load(store: str | Path) -> pd.DataFrame:
         raise KvbenchError(f"no results in {store}")
     df = table.to_pandas()
     df = df[df["sample"] == 0].copy()
+    df["kind"] = df["kind"].fillna("generate")
     df["press_label"] = [_press_label(p, a) for p, a in zip(df["press"], df["press_args"])]
     df["dataset_label"] = _dataset_labels(df)
     return df
@@ -107,6 +115,11 @@ def aggregate(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Long table: model, press_label, dataset_label, budget (None = full), mean, se, n."""
     function = _metric(metric)[0]
     keys = ["model", "press_label", "dataset_label", "budget"]
+    # fidelity metrics come from teacher-forced replays, every other metric from free generation
+    df = df[(df["kind"] == "fidelity") == (metric in FIDELITY_METRICS)]
+    if df.empty:
+        raise KvbenchError(f"no rows for --metric {metric} in this store"
+                           + (" (run `kvbench fidelity` first)" if metric in FIDELITY_METRICS else ""))
     frame = df.assign(budget=df["budget"].astype("Int64"))
     if metric in CELL_METRICS:
         records = [dict(zip(keys, key), mean=function(group), n=len(group), sd=float("nan"))
@@ -319,9 +332,12 @@ def plot(store: str | Path, directory: str | Path) -> list[Path]:
     df = load(store)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    written = []
-    acc, tokens = aggregate(df, "accuracy"), aggregate(df, "output_tokens")
-    for (model, dataset), _ in df.groupby(["model", "dataset_label"]):
+    written = plot_fidelity(df, directory)
+    generated = df[df["kind"] != "fidelity"]
+    if generated.empty:
+        return written
+    acc, tokens = aggregate(generated, "accuracy"), aggregate(generated, "output_tokens")
+    for (model, dataset), _ in generated.groupby(["model", "dataset_label"]):
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for ax, long, label in ((axes[0], acc, "accuracy %"), (axes[1], tokens, "mean output tokens")):
             part = long[(long["model"] == model) & (long["dataset_label"] == dataset)]
@@ -342,7 +358,38 @@ def plot(store: str | Path, directory: str | Path) -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
-    return written + plot_attention_loss(df, directory)
+    return written + plot_attention_loss(generated, directory)
+
+
+def plot_fidelity(df: pd.DataFrame, directory: Path) -> list[Path]:
+    """Per model and dataset: KL(full || press) and top-1 agreement vs budget, one line per press."""
+    import matplotlib.pyplot as plt
+
+    replays = df[df["kind"] == "fidelity"]
+    if replays.empty:
+        return []
+    kl, top1 = aggregate(replays, "kl"), aggregate(replays, "top1_agreement")
+    written = []
+    for (model, dataset), _ in replays.groupby(["model", "dataset_label"]):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, long, label in ((axes[0], kl, "KL(full || press) per token"), (axes[1], top1, "top-1 agreement %")):
+            part = long[(long["model"] == model) & (long["dataset_label"] == dataset) & long["budget"].notna()]
+            for press, rows in part.groupby("press_label"):
+                rows = rows.sort_values("budget")
+                ax.errorbar(rows["budget"].astype(int), rows["mean"], yerr=rows["se"], marker="o", capsize=3,
+                            label=press)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("budget (KV entries per layer per head)")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"{model} on {dataset}: teacher-forced fidelity against the full cache")
+        fig.tight_layout()
+        path = directory / f"fidelity__{_slug(model)}__{_slug(dataset)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
 
 
 def plot_attention_loss(df: pd.DataFrame, directory: Path) -> list[Path]:

@@ -21,6 +21,7 @@ from kvbench.store import ResultStore
 from kvbench.tasks import Example, Task, load_examples, load_task
 
 MEASUREMENTS = ("attention-loss",)
+KINDS = ("generate", "fidelity")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class RunConfig:
     stop_on_loop: bool = False
     #: Extra measurements: "attention-loss" (exact, against a shadow full cache; costs one q·K over all tokens).
     measure: tuple[str, ...] = ()
+    #: "generate" (free generation, scored) or "fidelity" (replay the full cache's response under the press).
+    kind: str = "generate"
 
 
 @dataclass
@@ -86,6 +89,8 @@ def build_cells(config: RunConfig) -> list[Cell]:
     unknown = set(config.measure) - set(MEASUREMENTS)
     if unknown:
         raise ConfigError(f"--measure {sorted(unknown)[0]!r} is unknown (known: {', '.join(MEASUREMENTS)})")
+    if config.kind not in KINDS:
+        raise ConfigError(f"kind {config.kind!r} is unknown (known: {', '.join(KINDS)})")
     if config.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {config.batch_size}")
     if not 0.0 < config.top_p <= 1.0 or config.temperature < 0:
@@ -127,6 +132,8 @@ def run_key(config: RunConfig, task: Task, cell: Cell, model_revision: str | Non
         payload["stop_on_loop"] = True
     if config.measure:
         payload["measure"] = sorted(config.measure)
+    if config.kind != "generate":
+        payload["kind"] = config.kind
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -146,6 +153,8 @@ class Session:
     revision: str | None
     eos: tuple[int, ...]
     provenance: dict
+    #: Full-cache references for teacher-forced fidelity, shared by every press and budget of a session.
+    references: dict = field(default_factory=dict)
 
 
 def load_session(config: RunConfig) -> Session:
@@ -182,16 +191,11 @@ def run_cell(
     The cell's lock makes this process its only writer, so concurrent sweeps never duplicate a row; a
     failing batch (e.g. out of memory) is recorded as a failure and the cell goes on.
     """
-    from kvbench.engine.generate import GenerationSettings, generate
+    from kvbench.engine.generate import generate
 
     store = ResultStore(config.store)
     tokenizer = session.loaded.tokenizer
-    settings = GenerationSettings(
-        max_new_tokens=max_new_tokens(config, task), temperature=config.temperature, top_p=config.top_p,
-        seed=config.seed, eos_token_ids=session.eos, stop_strings=tuple(task.generation.get("stop", ())),
-        stop_on_loop=config.stop_on_loop,
-    )
-    split = task.split(config.data_dir)
+    settings = generation_settings(session, config, task)
 
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True)
@@ -222,23 +226,9 @@ def run_cell(
                 continue
             for example, prompt, out in zip(batch, prompts, outputs):
                 row = {
-                    "run_key": cell.run_key, "created_at": datetime.now(timezone.utc),
-                    "model": config.model, "model_source": session.loaded.spec.source,
-                    "model_revision": session.revision,
-                    "press": cell.press.name, "press_args": json.dumps(cell.press.params(), sort_keys=True),
-                    "budget": cell.budget, "buffer": cell.press.buffer,
-                    "dataset": task.name, "dataset_version": task.version, "split": split,
-                    "prompt_hash": task.prompt_hash, "example_id": example.id, "sample": 0, "seed": config.seed,
-                    "max_new_tokens": settings.max_new_tokens, "temperature": config.temperature,
-                    "top_p": config.top_p, "prompt": prompt, "response": out.text, "gold": example.gold,
+                    **base_row(session, config, task, cell, example, prompt, out, settings),
                     **task.score(out.text, example.gold).columns(),
-                    "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
-                    "output_tokens": out.output_tokens, "prefill_s": out.prefill_s, "decode_s": out.decode_s,
-                    "tokens_per_s": out.tokens_per_s, "peak_kv_bytes": out.peak_kv_bytes,
-                    "evicted_tokens": out.evicted_tokens, "mean_cache_len": out.mean_cache_len,
-                    "looped": out.looped, "loop_start": out.loop_start, "kv_byte_steps": out.kv_byte_steps,
                     **attention_loss_columns(out.attention_loss, settings.max_new_tokens),
-                    **session.provenance,
                 }
                 store.append([row])  # one atomic part per example: a kill loses at most the batch in flight
                 store.clear_failure(cell.run_key, example.id, 0)
@@ -246,6 +236,36 @@ def run_cell(
                 if on_example:
                     on_example(cell, example)
     return written
+
+
+def generation_settings(session: Session, config: RunConfig, task: Task):
+    from kvbench.engine.generate import GenerationSettings
+
+    return GenerationSettings(
+        max_new_tokens=max_new_tokens(config, task), temperature=config.temperature, top_p=config.top_p,
+        seed=config.seed, eos_token_ids=session.eos, stop_strings=tuple(task.generation.get("stop", ())),
+        stop_on_loop=config.stop_on_loop,
+    )
+
+
+def base_row(session: Session, config: RunConfig, task: Task, cell: Cell, example: Example, prompt: str, out,
+             settings) -> dict:
+    """The columns every stored row has: what was run, the output's telemetry, and provenance."""
+    return {
+        "run_key": cell.run_key, "kind": config.kind, "created_at": datetime.now(timezone.utc),
+        "model": config.model, "model_source": session.loaded.spec.source, "model_revision": session.revision,
+        "press": cell.press.name, "press_args": json.dumps(cell.press.params(), sort_keys=True),
+        "budget": cell.budget, "buffer": cell.press.buffer,
+        "dataset": task.name, "dataset_version": task.version, "split": task.split(config.data_dir),
+        "prompt_hash": task.prompt_hash, "example_id": example.id, "sample": 0, "seed": config.seed,
+        "max_new_tokens": settings.max_new_tokens, "temperature": config.temperature, "top_p": config.top_p,
+        "prompt": prompt, "response": out.text, "gold": example.gold,
+        "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens, "output_tokens": out.output_tokens,
+        "prefill_s": out.prefill_s, "decode_s": out.decode_s, "tokens_per_s": out.tokens_per_s,
+        "peak_kv_bytes": out.peak_kv_bytes, "evicted_tokens": out.evicted_tokens,
+        "mean_cache_len": out.mean_cache_len, "looped": out.looped, "loop_start": out.loop_start,
+        "kv_byte_steps": out.kv_byte_steps, **session.provenance,
+    }
 
 
 HEATMAP_BINS = 32
@@ -266,6 +286,15 @@ def attention_loss_columns(loss, max_new_tokens: int) -> dict:
             "attention_loss_profile": json.dumps(profile)}
 
 
+def run_any_cell(session, config, task, examples, cell, retry_failed=False, on_example=None) -> int:
+    """``run_cell`` or, for ``kind="fidelity"``, its teacher-forced counterpart."""
+    if config.kind == "fidelity":
+        from kvbench.fidelity import run_fidelity_cell
+
+        return run_fidelity_cell(session, config, task, examples, cell, retry_failed, on_example)
+    return run_cell(session, config, task, examples, cell, retry_failed, on_example)
+
+
 def collect_rows(store: ResultStore, cells: list[Cell], examples: list[Example]) -> None:
     """Attach every stored row of ``cells`` (for ``examples``) to its cell."""
     wanted = {e.id for e in examples}
@@ -275,6 +304,9 @@ def collect_rows(store: ResultStore, cells: list[Cell], examples: list[Example])
     for row in store.read().to_pylist():
         if row["run_key"] in by_key and row["example_id"] in wanted and row["sample"] == 0:
             by_key[row["run_key"]].rows.append(row)
+    order = {e.id: i for i, e in enumerate(examples)}
+    for cell in cells:  # in example order, whatever order the parts were written in
+        cell.rows.sort(key=lambda r: order[r["example_id"]])
 
 
 def execute(
@@ -292,7 +324,7 @@ def execute(
     if on_start:
         on_start(sum(len(pending(store, c, examples, retry_failed)) for c in cells))
     for cell in cells:
-        run_cell(session, config, task, examples, cell, retry_failed, on_example)
+        run_any_cell(session, config, task, examples, cell, retry_failed, on_example)
     collect_rows(store, cells, examples)
     return task, cells
 

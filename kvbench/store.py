@@ -19,6 +19,7 @@ from kvbench.errors import KvbenchError
 
 SCHEMA = pa.schema([
     ("run_key", pa.string()),
+    ("kind", pa.string()),  # "generate" (null in older parts) or "fidelity" (teacher-forced replay)
     ("created_at", pa.timestamp("ms", tz="UTC")),
     # what was run
     ("model", pa.string()),
@@ -61,6 +62,10 @@ SCHEMA = pa.schema([
     ("attention_loss_mean", pa.float64()),  # with --measure attention-loss: mass on evicted entries
     ("attention_loss_max", pa.float64()),
     ("attention_loss_profile", pa.string()),  # JSON: per-layer means and a layer x step-bin heatmap
+    ("fidelity_kl_mean", pa.float64()),  # kind=fidelity: KL(full || compressed) of next-token distributions
+    ("fidelity_kl_max", pa.float64()),
+    ("fidelity_top1", pa.float64()),  # share of steps whose top-1 token equals the full cache's
+    ("fidelity_rank_mean", pa.float64()),  # mean rank of the full cache's token under the press (0 = top)
     # provenance
     ("kvbench_version", pa.string()),
     ("git_commit", pa.string()),

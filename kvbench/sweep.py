@@ -16,7 +16,7 @@ from pathlib import Path
 
 from kvbench.errors import ConfigError, KvbenchError
 from kvbench.presses import parse_bool
-from kvbench.run import Cell, RunConfig, build_cells, parse_budget, pending, run_cell, run_key
+from kvbench.run import Cell, RunConfig, build_cells, parse_budget, pending, run_any_cell, run_key
 from kvbench.store import ResultStore
 from kvbench.tasks import Example, Task, load_examples, load_task
 
@@ -25,6 +25,7 @@ COLUMNS: dict[str, Callable[[str], object]] = {
     "model": str, "press": str, "budget": parse_budget, "dataset": str, "num_samples": int,
     "max_new_tokens": int, "seed": int, "batch_size": int, "press_args": str, "temperature": float,
     "top_p": float, "dtype": str, "device": str, "data_dir": str, "stop_on_loop": parse_bool, "measure": str,
+    "kind": str,
 }
 
 
@@ -123,7 +124,7 @@ def _validate(path: Path, run: PlannedRun) -> None:
             raise ConfigError(f"{path} {where}: {err}") from None
 
 
-_FLAGS = {"--measure": "measure", "--num-samples": "num_samples", "--max-new-tokens": "max_new_tokens",
+_FLAGS = {"kind ": "kind", "--measure": "measure", "--num-samples": "num_samples", "--max-new-tokens": "max_new_tokens",
           "--batch-size": "batch_size", "--temperature": "temperature", "--top-p": "top_p"}
 
 
@@ -213,7 +214,7 @@ def execute_local(
             if on_run_start:
                 store = ResultStore(run.config.store)
                 on_run_start(run, len(pending(store, cell, examples, retry_failed)))
-            written += run_cell(session, run.config, task, examples, cell, retry_failed, on_example)
+            written += run_any_cell(session, run.config, task, examples, cell, retry_failed, on_example)
     return written
 
 

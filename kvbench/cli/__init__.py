@@ -18,6 +18,7 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 app.command("run")(run_cmd.run)
+app.command("fidelity")(run_cmd.fidelity)
 app.command("presses")(presses_cmd.presses)
 app.command("sweep")(sweep_cmd.sweep)
 app.command("score")(score_cmd.score)

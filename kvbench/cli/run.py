@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import typer
@@ -38,6 +39,11 @@ def run(
                                       "(finish reason 'loop'); loops are measured either way."),
 ) -> None:
     """Generate, score and store one model on one dataset for each press x budget; print the comparison."""
+    _execute(locals(), kind="generate")
+
+
+def _execute(o: dict, kind: str) -> None:
+    """Shared by ``run`` and ``fidelity``: build the frozen config from the options, execute, print the table."""
     from rich.console import Console
 
     from kvbench.cli.progress import progress_bar
@@ -45,22 +51,38 @@ def run(
     from kvbench.tables import result_table
 
     config = RunConfig(
-        model=model, presses=tuple(_split(press)), budgets=tuple(parse_budget(b) for b in _split(budget)),
-        press_args=tuple(press_arg), dataset=dataset, num_samples=num_samples, max_new_tokens=max_new_tokens,
-        seed=seed, temperature=temperature, top_p=top_p, store=str(store), dtype=dtype, device=device,
-        data_dir=str(data_dir) if data_dir else None, batch_size=batch_size,
-        stop_on_loop=stop_on_loop, measure=tuple(_split(measure)),
+        model=o["model"], presses=tuple(_split(o["press"])),
+        budgets=tuple(parse_budget(b) for b in _split(o["budget"])),
+        press_args=tuple(o["press_arg"]), dataset=o["dataset"], num_samples=o["num_samples"],
+        max_new_tokens=o["max_new_tokens"], seed=o["seed"], temperature=o["temperature"], top_p=o["top_p"],
+        store=str(o["store"]), dtype=o["dtype"], device=o["device"],
+        data_dir=str(o["data_dir"]) if o["data_dir"] else None, batch_size=o["batch_size"],
+        stop_on_loop=o["stop_on_loop"], measure=tuple(_split(o["measure"])), kind=kind,
     )
     plan(config)  # fail on bad input before any model loads
+    verb = "replaying" if kind == "fidelity" else "generating"
     with progress_bar() as progress:
-        bar = progress.add_task(f"loading {model}", total=None)
+        bar = progress.add_task(f"loading {config.model}", total=None)
 
         def on_start(total: int) -> None:
-            progress.update(bar, total=total, description="generating")
+            progress.update(bar, total=total, description=verb)
 
         def on_example(cell, example) -> None:
             label = cell.press.name if cell.budget is None else f"{cell.press.name}@{cell.budget}"
-            progress.update(bar, advance=1, description=f"generating {label}")
+            progress.update(bar, advance=1, description=f"{verb} {label}")
 
-        task, cells = execute(config, on_start=on_start, on_example=on_example, retry_failed=retry_failed)
+        task, cells = execute(config, on_start=on_start, on_example=on_example, retry_failed=o["retry_failed"])
     Console(width=max(Console().width, 120)).print(result_table(task, cells, config))
+
+
+def fidelity(**options) -> None:
+    """Teacher-forced fidelity: replay the full cache's response under each press x budget.
+
+    Per step: KL(full || compressed) of the next-token distributions, top-1 agreement, and the rank of the full
+    cache's token; one forward per token, no sampling. Same options as `run`.
+    """
+    _execute(options, kind="fidelity")
+
+
+fidelity.__signature__ = inspect.signature(run)  # typer reads run's options for fidelity too
+fidelity.__annotations__ = run.__annotations__

@@ -88,12 +88,16 @@ def generate(
     record_logits: bool = False,
     on_step: Callable[[BudgetCache, int], None] | None = None,
     measure_attention_loss: bool = False,
+    forced_tokens: Sequence[Sequence[int]] | None = None,
+    on_logits: Callable[[int, torch.Tensor], None] | None = None,
 ) -> list[SequenceOutput]:
     """Generate for a batch of tokenised prompts under ``press`` at ``budget`` (None = no eviction).
 
     ``decode`` turns tokens into text (needed for stop strings and ``SequenceOutput.text``); ``seeds`` gives
     each sequence its own sampling and press seed (default: ``settings.seed`` for all); ``on_step(cache, t)``
-    is called after every forward (t = 0 for the prefill).
+    is called after every forward (t = 0 for the prefill). ``forced_tokens`` replays given outputs instead of
+    choosing (teacher forcing: finish reason "forced" when a sequence's tokens run out); ``on_logits(t, logits)``
+    receives the [B, V] next-token logits that choose output token t (0-based) before it is chosen.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -150,7 +154,13 @@ def generate(
         prefill_s = decode_start - start
 
         for step in range(1, settings.max_new_tokens + 1):
-            chosen = _next_tokens(logits, settings, generators)
+            if on_logits:
+                on_logits(step - 1, logits)
+            if forced_tokens is not None:
+                chosen = torch.tensor([f[step - 1] if step <= len(f) else pad_token_id for f in forced_tokens],
+                                      device=device)
+            else:
+                chosen = _next_tokens(logits, settings, generators)
             chosen_list = chosen.tolist()  # the stopping check: the one synchronisation per step
             now = time.perf_counter()
             for row in range(batch):
@@ -162,7 +172,10 @@ def generate(
                     logits_log[row].append(logits[row].float().cpu())
                 if loop_start[row] is None and settings.loop_detector.looped(tokens[row]):
                     loop_start[row] = len(tokens[row])
-                if token in eos:
+                if forced_tokens is not None:
+                    if len(tokens[row]) >= len(forced_tokens[row]):
+                        finish[row] = "forced"
+                elif token in eos:
                     finish[row] = "eos"
                 elif settings.stop_strings and _hits_stop(tokens[row], decode, settings.stop_strings):
                     finish[row] = "stop"

@@ -1,0 +1,91 @@
+"""Teacher-forced fidelity: replay the full cache's response token by token under a press.
+
+Per step: KL(full || compressed) of the next-token distributions, whether the top-1 token agrees, and the
+rank of the full cache's token under the press. One forward per token and no sampling: it isolates the error
+that compression adds from the model's own reasoning errors, so it ranks presses even on a small model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from kvbench.presses import make_press
+from kvbench.run import Cell, RunConfig, Session, base_row, generation_settings, pending
+from kvbench.store import ResultStore
+from kvbench.tasks import Example, Task
+
+
+@dataclass
+class Reference:
+    prompt: str
+    prompt_ids: list[int]
+    output: object  # the full cache's SequenceOutput
+    log_probs: list[torch.Tensor]  # per step, [V] float32 on the CPU
+
+
+def reference(session: Session, config: RunConfig, task: Task, example: Example) -> Reference:
+    """The full cache's greedy response and its next-token log-probabilities (cached per session)."""
+    from kvbench.engine.generate import generate
+
+    settings = generation_settings(session, config, task)
+    key = (task.name, task.prompt_hash, example.id, settings.max_new_tokens)
+    if key not in session.references:
+        tokenizer = session.loaded.tokenizer
+        prompt = tokenizer.apply_chat_template(task.messages(example), tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        log_probs: list[torch.Tensor] = []
+        (out,) = generate(session.loaded.model, [ids], make_press("full"), None, settings,
+                          decode=lambda t: tokenizer.decode(t, skip_special_tokens=True),
+                          pad_token_id=tokenizer.pad_token_id,
+                          on_logits=lambda t, logits: log_probs.append(torch.log_softmax(logits[0].float(), -1).cpu()))
+        if len(session.references) >= 64:  # bound memory: drop the oldest reference
+            session.references.pop(next(iter(session.references)))
+        session.references[key] = Reference(prompt, ids, out, log_probs[: out.output_tokens])
+    return session.references[key]
+
+
+def replay(session: Session, config: RunConfig, task: Task, ref: Reference, press, budget) -> tuple[object, dict]:
+    """Teacher-force ``ref``'s tokens under ``press`` at ``budget``; return the output and the fidelity columns."""
+    from kvbench.engine.generate import generate
+
+    tokens = ref.output.tokens
+    kl, agree, rank = [], [], []
+
+    def compare(t: int, logits: torch.Tensor) -> None:
+        if t >= len(tokens):
+            return
+        log_probs = torch.log_softmax(logits[0].float(), -1).cpu()
+        full = ref.log_probs[t]
+        kl.append(float((full.exp() * (full - log_probs)).nan_to_num(0.0).sum()))
+        agree.append(float(int(log_probs.argmax()) == int(full.argmax())))
+        rank.append(float((log_probs > log_probs[tokens[t]]).sum()))
+
+    tokenizer = session.loaded.tokenizer
+    (out,) = generate(session.loaded.model, [ref.prompt_ids], press, budget, generation_settings(session, config, task),
+                      decode=lambda t: tokenizer.decode(t, skip_special_tokens=True),
+                      pad_token_id=tokenizer.pad_token_id, forced_tokens=[tokens], on_logits=compare)
+    steps = max(len(kl), 1)
+    return out, {"fidelity_kl_mean": sum(kl) / steps, "fidelity_kl_max": max(kl, default=0.0),
+                 "fidelity_top1": sum(agree) / steps, "fidelity_rank_mean": sum(rank) / steps}
+
+
+def run_fidelity_cell(
+    session: Session, config: RunConfig, task: Task, examples: list[Example], cell: Cell,
+    retry_failed: bool = False, on_example: Callable[[Cell, Example], None] | None = None,
+) -> int:
+    """Replay every pending example of one cell; store one row each (kind "fidelity"); return rows written."""
+    store = ResultStore(config.store)
+    settings = generation_settings(session, config, task)
+    written = 0
+    with store.lock(cell.run_key):
+        for example in pending(store, cell, examples, retry_failed):
+            ref = reference(session, config, task, example)
+            out, columns = replay(session, config, task, ref, cell.press, cell.budget)
+            store.append([{**base_row(session, config, task, cell, example, ref.prompt, out, settings), **columns}])
+            written += 1
+            if on_example:
+                on_example(cell, example)
+    return written

@@ -1,0 +1,59 @@
+"""Teacher-forced fidelity: exact at budgets beyond the length, positive KL when evicting, deterministic."""
+
+import pytest
+
+from kvbench.presses import PRESSES
+from kvbench.run import RunConfig, execute
+
+EVICTING = [p for p in PRESSES if p != "full"]
+COLUMNS = ("fidelity_kl_mean", "fidelity_kl_max", "fidelity_top1", "fidelity_rank_mean", "output_tokens")
+
+
+def replay(tmp_path, budgets, name="s"):
+    config = RunConfig(model="tiny-llama", presses=tuple(PRESSES), budgets=budgets, press_args=("rkv.buffer=4",),
+                       num_samples=2, max_new_tokens=16, store=str(tmp_path / name), kind="fidelity")
+    _, cells = execute(config)
+    return {(c.press.name, c.budget): c.rows for c in cells}
+
+
+@pytest.fixture(scope="module")
+def cells(tmp_path_factory):
+    return replay(tmp_path_factory.mktemp("fidelity"), (8, 5000))
+
+
+def test_budget_beyond_the_length_is_exact(cells):
+    for press in PRESSES:
+        for row in cells[(press, None if press == "full" else 5000)]:
+            assert row["fidelity_kl_mean"] == pytest.approx(0.0, abs=1e-6), press
+            assert row["fidelity_top1"] == 1.0 and row["fidelity_rank_mean"] == 0.0, press
+            assert row["finish_reason"] == "forced" and row["kind"] == "fidelity"
+
+
+@pytest.mark.parametrize("press", EVICTING)
+def test_small_budget_has_positive_kl(cells, press):
+    rows = cells[(press, 8)]
+    assert len(rows) == 2 and all(r["fidelity_kl_mean"] > 0.01 for r in rows)
+    assert all(r["evicted_tokens"] > 0 for r in rows)
+    # the replay follows the full cache's tokens, whatever the press would have chosen
+    full = {r["example_id"]: r["response"] for r in cells[("full", None)]}
+    assert all(r["response"] == full[r["example_id"]] for r in rows)
+
+
+def test_fidelity_is_deterministic(cells, tmp_path):
+    again = replay(tmp_path, (8, 5000), name="again")
+    for key, rows in cells.items():
+        assert [tuple(r[c] for c in COLUMNS) for r in rows] == [tuple(r[c] for c in COLUMNS) for r in again[key]]
+
+
+def test_fidelity_as_a_sweep_kind(tmp_path):
+    from kvbench.store import ResultStore
+    from kvbench.sweep import execute_local, read_grid
+
+    grid = tmp_path / "g.csv"
+    grid.write_text("model,press,budget,dataset,num_samples,max_new_tokens,kind\n"
+                    "tiny-qwen2,h2o|tova,8,arith,2,8,fidelity\ntiny-qwen2,h2o,8,arith,2,8,generate\n")
+    runs = read_grid(grid, store=str(tmp_path / "s"))
+    assert execute_local(runs) == 6
+    rows = ResultStore(tmp_path / "s").read().to_pylist()
+    assert sorted(r["kind"] for r in rows) == ["fidelity"] * 4 + ["generate"] * 2
+    assert len({r["run_key"] for r in rows}) == 3
