@@ -33,6 +33,10 @@ METRICS = {
                      "{:.3f}"),
     "attention_loss": (lambda d: d["attention_loss_mean"].astype(float) * 100, False,
                        "attention loss % (mass on evicted entries)", "{:.1f}"),
+    "retention": (lambda d: d["retention_mean"].astype(float) * 100, True,
+                  "critical prompt tokens held % (mean over steps)", "{:.1f}"),
+    "retention_end": (lambda d: d["retention_end"].astype(float) * 100, True,
+                      "critical prompt tokens held % (at the end)", "{:.1f}"),
     # teacher-forced fidelity rows (kvbench fidelity)
     "kl": (lambda d: d["fidelity_kl_mean"].astype(float), False, "KL(full || press) per token", "{:.3f}"),
     "top1_agreement": (lambda d: d["fidelity_top1"].astype(float) * 100, True, "top-1 agreement with full %",

@@ -20,7 +20,7 @@ from kvbench.presses import Press, make_press, parse_press_args
 from kvbench.store import ResultStore
 from kvbench.tasks import Example, Task, load_examples, load_task
 
-MEASUREMENTS = ("attention-loss",)
+MEASUREMENTS = ("attention-loss", "retention")
 KINDS = ("generate", "fidelity")
 
 
@@ -209,9 +209,12 @@ def run_cell(
                        for e in batch]
             try:
                 ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+                critical = ([critical_token_positions(tokenizer, task, e, p) for e, p in zip(batch, prompts)]
+                            if "retention" in config.measure else None)
                 outputs = generate(session.loaded.model, ids, cell.press, cell.budget, settings, decode=decode,
                                    pad_token_id=tokenizer.pad_token_id,
-                                   measure_attention_loss="attention-loss" in config.measure)
+                                   measure_attention_loss="attention-loss" in config.measure,
+                                   critical_positions=critical)
             except (KeyboardInterrupt, KvbenchError):
                 raise
             except Exception as err:  # noqa: BLE001 - out of memory or any per-batch failure: record, go on
@@ -229,6 +232,7 @@ def run_cell(
                     **base_row(session, config, task, cell, example, prompt, out, settings),
                     **task.score(out.text, example.gold).columns(),
                     **attention_loss_columns(out.attention_loss, settings.max_new_tokens),
+                    **retention_columns(out.retention),
                 }
                 store.append([row])  # one atomic part per example: a kill loses at most the batch in flight
                 store.clear_failure(cell.run_key, example.id, 0)
@@ -266,6 +270,25 @@ def base_row(session: Session, config: RunConfig, task: Task, cell: Cell, exampl
         "mean_cache_len": out.mean_cache_len, "looped": out.looped, "loop_start": out.loop_start,
         "kv_byte_steps": out.kv_byte_steps, **session.provenance,
     }
+
+
+def critical_token_positions(tokenizer, task: Task, example: Example, prompt: str) -> list[int]:
+    """Token positions of the example's quantities, names and option labels in the templated prompt."""
+    content, _ = task.user_content(example)
+    start = prompt.find(content)
+    if start < 0:  # a chat template that rewrites the message: no reliable mapping
+        return []
+    spans = [(start + a, start + b) for a, b in task.critical_spans(example)]
+    offsets = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return [i for i, (a, b) in enumerate(offsets) if b > a and any(a < y and x < b for x, y in spans)]
+
+
+def retention_columns(retention) -> dict:
+    """Mean over forwards and layers, value after the last forward, per-layer means (None: not measured)."""
+    if retention is None or retention.numel() == 0 or retention.isnan().all():
+        return {}
+    return {"retention_mean": float(retention.nanmean()), "retention_end": float(retention[:, -1].nanmean()),
+            "retention_profile": json.dumps({"per_layer": [round(float(v), 5) for v in retention.nanmean(dim=1)]})}
 
 
 HEATMAP_BINS = 32

@@ -62,6 +62,9 @@ SCHEMA = pa.schema([
     ("attention_loss_mean", pa.float64()),  # with --measure attention-loss: mass on evicted entries
     ("attention_loss_max", pa.float64()),
     ("attention_loss_profile", pa.string()),  # JSON: per-layer means and a layer x step-bin heatmap
+    ("retention_mean", pa.float64()),  # with --measure retention: share of critical prompt tokens held
+    ("retention_end", pa.float64()),  # ... after the last step
+    ("retention_profile", pa.string()),  # JSON: per-layer means
     ("fidelity_kl_mean", pa.float64()),  # kind=fidelity: KL(full || compressed) of next-token distributions
     ("fidelity_kl_max", pa.float64()),
     ("fidelity_top1", pa.float64()),  # share of steps whose top-1 token equals the full cache's

@@ -34,7 +34,8 @@ def run(
     batch_size: int = typer.Option(1, help="Sequences decoded together (left-padded, evicted per sequence)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Rerun examples recorded as failed."),
     measure: list[str] = typer.Option([], "--measure", help="Extra measurement, repeatable: attention-loss "
-                                      "(attention mass on evicted entries, exact against a shadow full cache)."),
+                                      "(attention mass on evicted entries, exact against a shadow full cache); "
+                                      "retention (share of the question's numbers, names and option labels held)."),
     stop_on_loop: bool = typer.Option(False, "--stop-on-loop", help="End a generation that falls into repetition "
                                       "(finish reason 'loop'); loops are measured either way."),
 ) -> None:

@@ -215,6 +215,20 @@ class BudgetLayer(DynamicLayer):
             self._compress_overflow(view or self._view())
         elif self.cache.trigger is not None and max(self.counts) >= self.cache.trigger:
             self._evict_in_place(view or self._view())
+        if self.cache.retention_log is not None:
+            self._record_retention()
+
+    def _record_retention(self) -> None:
+        """Fraction of the critical prompt positions held, per KV head, after this step's eviction."""
+        critical = self.cache.critical  # [B, max_length] bool
+        length = critical.shape[1]
+        held = torch.zeros(*self.valid.shape[:2], length + 1, dtype=torch.bool, device=self.device)
+        held.scatter_(2, torch.where(self.valid, self.positions, length).clamp(min=0, max=length), True)
+        kept = (held[:, :, :length] & critical[:, None, :]).sum(dim=-1).float()
+        total = critical.sum(dim=-1, keepdim=True).float()
+        fraction = (kept / total).mean(dim=-1)  # [B]; NaN for a prompt without critical tokens
+        if self.cache.decode_step < self.cache.retention_log.shape[2]:
+            self.cache.retention_log[:, self.layer_idx, self.cache.decode_step] = fraction
 
     def _push_queries(self, query: torch.Tensor) -> None:
         step = self.cache.step
@@ -331,6 +345,9 @@ class BudgetCache(DynamicCache):
         self.loss_log: torch.Tensor | None = None
         self._loss_shape = (len(seeds), num_layers, max_new_tokens) if measure_attention_loss else None
         self.decode_step = 0  # 0 = prefill, t = the t-th decoding forward
+        #: With critical prompt positions: [B, layers, steps] share of them held after each forward.
+        self.critical: torch.Tensor | None = None
+        self.retention_log: torch.Tensor | None = None
         self.step: StepInputs | None = None
         self.query_position: torch.Tensor | None = None
         self.tokens_seen = 0
@@ -344,6 +361,14 @@ class BudgetCache(DynamicCache):
             self.loss_log = torch.zeros(*self._loss_shape, 1, device=positions.device)  # heads: at first write
         self.query_position = positions[:, -1]
         self.tokens_seen += positions.shape[1]
+
+    def track_critical(self, positions: list[list[int]], max_new_tokens: int, device) -> None:
+        """Measure retention of these prompt positions (per sequence) after every forward."""
+        self.critical = torch.zeros(len(positions), self.max_length, dtype=torch.bool, device=device)
+        for row, row_positions in enumerate(positions):
+            self.critical[row, list(row_positions)] = True
+        self.retention_log = torch.full((len(positions), len(self.layers), max_new_tokens), float("nan"),
+                                        device=device)
 
     # --- telemetry (host side, no synchronisation) ------------------------------------------------------------
     def entries(self, row: int) -> float:

@@ -52,6 +52,8 @@ class SequenceOutput:
     kv_byte_steps: float = 0.0
     #: [layers, decoding steps, KV heads] attention mass the query put on evicted entries (when measured).
     attention_loss: torch.Tensor | None = field(default=None, repr=False)
+    #: [layers, forwards] share of the critical prompt tokens held after each forward (0 = after prefill).
+    retention: torch.Tensor | None = field(default=None, repr=False)
     text: str | None = None
     #: Next-token logits of every step (only with ``record_logits=True``; for tests and analysis).
     logits: list[torch.Tensor] = field(default_factory=list, repr=False)
@@ -90,6 +92,7 @@ def generate(
     measure_attention_loss: bool = False,
     forced_tokens: Sequence[Sequence[int]] | None = None,
     on_logits: Callable[[int, torch.Tensor], None] | None = None,
+    critical_positions: Sequence[Sequence[int]] | None = None,
 ) -> list[SequenceOutput]:
     """Generate for a batch of tokenised prompts under ``press`` at ``budget`` (None = no eviction).
 
@@ -124,6 +127,8 @@ def generate(
                            "supported (kvbench evicts from full-attention caches only)")
     cache = BudgetCache(press, budget, config.num_hidden_layers, width + settings.max_new_tokens, seeds,
                         measure_attention_loss=measure_attention_loss, max_new_tokens=settings.max_new_tokens)
+    if critical_positions is not None:  # prompt positions -> padded batch positions are the same (explicit)
+        cache.track_critical(critical_positions, settings.max_new_tokens, device)
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     eos = set(settings.eos_token_ids)
 
@@ -219,6 +224,7 @@ def generate(
             loop_start=loop_start[row],
             kv_byte_steps=cache_len_sum[row] * cache.bytes_per_entry(),
             attention_loss=None if cache.loss_log is None else cache.loss_log[row, :, : max(n_out - 1, 0)].cpu(),
+            retention=None if cache.retention_log is None else cache.retention_log[row, :, : max(n_out, 1)].cpu(),
             text=decode(tokens[row]) if decode else None,
             logits=logits_log[row],
         ))

@@ -19,6 +19,7 @@ import yaml
 
 from kvbench.errors import ConfigError, DataError
 from kvbench.tasks.arith import GENERATORS
+from kvbench.tasks.critical import critical_spans, render_with_ranges
 from kvbench.tasks.extract import EXTRACTORS, extract
 from kvbench.tasks.fields import LETTERS, TRANSFORMS, resolve_field, spec_transform_names
 from kvbench.tasks.score import SCORERS
@@ -76,17 +77,26 @@ class Task:
         return hashlib.sha256(json.dumps([self.system, self.prompt]).encode()).hexdigest()[:12]
 
     def messages(self, example: Example) -> list[dict]:
+        content, _ = self.user_content(example)
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return [*system, {"role": "user", "content": content}]
+
+    def user_content(self, example: Example) -> tuple[str, list[tuple[int, int]]]:
+        """The user message and the character ranges in it that came from the example (not the template)."""
         values = dict(example.fields)
         if isinstance(values.get("choices"), list):
             options = values["choices"]
             values["choices"] = "\n".join(f"{LETTERS[i]}. {text}" for i, text in enumerate(options))
             values["labels"] = ", ".join(LETTERS[: len(options)])
         try:
-            content = self.prompt.format(**values)
+            return render_with_ranges(self.prompt, values)
         except KeyError as err:
             raise ConfigError(f"dataset {self.name}: the prompt uses field {err}, which the mapping lacks") from None
-        system = [{"role": "system", "content": self.system}] if self.system else []
-        return [*system, {"role": "user", "content": content}]
+
+    def critical_spans(self, example: Example) -> list[tuple[int, int]]:
+        """Character spans, in the user message, of the example's quantities, names and option labels."""
+        content, ranges = self.user_content(example)
+        return [(start + a, start + b) for start, stop in ranges for a, b in critical_spans(content[start:stop])]
 
     def score(self, response: str | None, gold: str) -> Scored:
         extracted = extract(response or "", list(self.extractors))
