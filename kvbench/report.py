@@ -327,11 +327,10 @@ def _with_reference(means, errors, mask, ref, model):
 # --- plots -----------------------------------------------------------------------------------------------------
 
 def plot(store: str | Path, directory: str | Path) -> list[Path]:
-    """Per model and dataset, one PNG: accuracy vs budget and output length vs budget, one line per press."""
+    """PNGs per model and dataset: accuracy and output length vs budget, fidelity vs budget, attention-loss heatmaps."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     df = load(store)
     directory = Path(directory)
@@ -342,58 +341,48 @@ def plot(store: str | Path, directory: str | Path) -> list[Path]:
         return written
     acc, tokens = aggregate(generated, "accuracy"), aggregate(generated, "output_tokens")
     for (model, dataset), _ in generated.groupby(["model", "dataset_label"]):
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for ax, long, label in ((axes[0], acc, "accuracy %"), (axes[1], tokens, "mean output tokens")):
-            part = long[(long["model"] == model) & (long["dataset_label"] == dataset)]
-            for press, rows in part.groupby("press_label"):
-                if rows["budget"].isna().all():
-                    ax.axhline(rows["mean"].iloc[0], color="black", linestyle="--", label=press)
-                    continue
-                rows = rows.sort_values("budget")
-                ax.errorbar(rows["budget"].astype(int), rows["mean"], yerr=rows["se"], marker="o", capsize=3,
-                            label=press)
-            ax.set_xlabel("budget (KV entries per layer per head)")
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
-        fig.suptitle(f"{model} on {dataset}")
-        fig.tight_layout()
-        path = directory / f"{_slug(model)}__{_slug(dataset)}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_plot_vs_budget(directory / f"{_slug(model)}__{_slug(dataset)}.png", f"{model} on {dataset}",
+                                       [(acc, "accuracy %"), (tokens, "mean output tokens")], model, dataset))
     return written + plot_attention_loss(generated, directory)
 
 
 def plot_fidelity(df: pd.DataFrame, directory: Path) -> list[Path]:
     """Per model and dataset: KL(full || press) and top-1 agreement vs budget, one line per press."""
-    import matplotlib.pyplot as plt
-
     replays = df[df["kind"] == "fidelity"]
     if replays.empty:
         return []
-    kl, top1 = aggregate(replays, "kl"), aggregate(replays, "top1_agreement")
-    written = []
-    for (model, dataset), _ in replays.groupby(["model", "dataset_label"]):
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for ax, long, label in ((axes[0], kl, "KL(full || press) per token"), (axes[1], top1, "top-1 agreement %")):
-            part = long[(long["model"] == model) & (long["dataset_label"] == dataset) & long["budget"].notna()]
-            for press, rows in part.groupby("press_label"):
-                rows = rows.sort_values("budget")
-                ax.errorbar(rows["budget"].astype(int), rows["mean"], yerr=rows["se"], marker="o", capsize=3,
-                            label=press)
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("budget (KV entries per layer per head)")
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
-        fig.suptitle(f"{model} on {dataset}: teacher-forced fidelity against the full cache")
-        fig.tight_layout()
-        path = directory / f"fidelity__{_slug(model)}__{_slug(dataset)}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-    return written
+    panels = [(aggregate(replays, "kl"), "KL(full || press) per token"),
+              (aggregate(replays, "top1_agreement"), "top-1 agreement %")]
+    return [_plot_vs_budget(directory / f"fidelity__{_slug(model)}__{_slug(dataset)}.png",
+                            f"{model} on {dataset}: teacher-forced fidelity against the full cache", panels, model,
+                            dataset)
+            for (model, dataset), _ in replays.groupby(["model", "dataset_label"])]
+
+
+def _plot_vs_budget(path: Path, title: str, panels: list, model: str, dataset: str) -> Path:
+    """One panel per (long table, label): a line per press against budget; the full cache as a dashed line."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (long, label) in zip(axes[0], panels):
+        part = long[(long["model"] == model) & (long["dataset_label"] == dataset)]
+        for press, rows in part.groupby("press_label"):
+            if rows["budget"].isna().all():
+                ax.axhline(rows["mean"].iloc[0], color="black", linestyle="--", label=press)
+                continue
+            rows = rows[rows["budget"].notna()].sort_values("budget")
+            ax.errorbar(rows["budget"].astype(int), rows["mean"], yerr=rows["se"], marker="o", capsize=3,
+                        label=press)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("budget (KV entries per layer per head)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_attention_loss(df: pd.DataFrame, directory: Path) -> list[Path]:
