@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kvbench.errors import KvbenchError
 from kvbench.presses import make_press
-from kvbench.run import Cell, RunConfig, Session, base_row, generation_settings, pending
+from kvbench.run import Cell, RunConfig, Session, base_row, generation_settings, pending, record_failures
 from kvbench.store import ResultStore
 from kvbench.tasks import Example, Task
 
@@ -82,9 +83,16 @@ def run_fidelity_cell(
     written = 0
     with store.lock(cell.run_key):
         for example in pending(store, cell, examples, retry_failed):
-            ref = reference(session, config, task, example)
-            out, columns = replay(session, config, task, ref, cell.press, cell.budget)
+            try:
+                ref = reference(session, config, task, example)
+                out, columns = replay(session, config, task, ref, cell.press, cell.budget)
+            except (KeyboardInterrupt, KvbenchError):
+                raise
+            except Exception as err:  # noqa: BLE001 - out of memory on one example: record it, go on
+                record_failures(store, config, task, cell, [example], err, on_example)
+                continue
             store.append([{**base_row(session, config, task, cell, example, ref.prompt, out, settings), **columns}])
+            store.clear_failure(cell.run_key, example.id, 0)
             written += 1
             if on_example:
                 on_example(cell, example)

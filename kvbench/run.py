@@ -218,14 +218,7 @@ def run_cell(
             except (KeyboardInterrupt, KvbenchError):
                 raise
             except Exception as err:  # noqa: BLE001 - out of memory or any per-batch failure: record, go on
-                _release_memory()
-                message = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
-                for example in batch:
-                    store.record_failure(cell.run_key, example.id, 0, message,
-                                         {"press": cell.press.name, "budget": cell.budget, "dataset": task.name,
-                                          "model": config.model})
-                    if on_example:
-                        on_example(cell, example)
+                record_failures(store, config, task, cell, batch, err, on_example)
                 continue
             for example, prompt, out in zip(batch, prompts, outputs):
                 row = {
@@ -316,6 +309,18 @@ def run_any_cell(session, config, task, examples, cell, retry_failed=False, on_e
 
         return run_fidelity_cell(session, config, task, examples, cell, retry_failed, on_example)
     return run_cell(session, config, task, examples, cell, retry_failed, on_example)
+
+
+def record_failures(store: ResultStore, config: RunConfig, task: Task, cell: Cell, examples: list[Example],
+                    err: Exception, on_example: Callable[[Cell, Example], None] | None = None) -> None:
+    """Record that ``examples`` failed with ``err`` (e.g. out of memory), so the run can go on."""
+    _release_memory()
+    message = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+    for example in examples:
+        store.record_failure(cell.run_key, example.id, 0, message, {"press": cell.press.name, "budget": cell.budget,
+                                                                    "dataset": task.name, "model": config.model})
+        if on_example:
+            on_example(cell, example)
 
 
 def collect_rows(store: ResultStore, cells: list[Cell], examples: list[Example]) -> None:

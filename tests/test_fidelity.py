@@ -57,3 +57,27 @@ def test_fidelity_as_a_sweep_kind(tmp_path):
     rows = ResultStore(tmp_path / "s").read().to_pylist()
     assert sorted(r["kind"] for r in rows) == ["fidelity"] * 4 + ["generate"] * 2
     assert len({r["run_key"] for r in rows}) == 3
+
+
+def test_a_failing_replay_is_recorded_and_the_cell_goes_on(tmp_path, monkeypatch):
+    import kvbench.fidelity as fidelity
+    from kvbench.store import ResultStore
+
+    real = fidelity.replay
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("CUDA out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fidelity, "replay", flaky)
+    config = RunConfig(model="tiny-llama", presses=("h2o",), budgets=(8,), num_samples=3, max_new_tokens=6,
+                       store=str(tmp_path), kind="fidelity")
+    _, (cell,) = execute(config)
+    assert len(cell.rows) == 2
+    (failure,) = ResultStore(tmp_path).failures()
+    assert failure["error"] == "RuntimeError: CUDA out of memory"
+    _, (cell,) = execute(config, retry_failed=True)
+    assert len(cell.rows) == 3 and ResultStore(tmp_path).failures() == []
