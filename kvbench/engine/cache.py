@@ -83,10 +83,13 @@ class BudgetLayer(DynamicLayer):
             torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + self.layer_idx)
             for seed in self.cache.seeds
         ]
-        if self.cache.loss_log is not None:
+        if self.cache.measure_attention_loss:
             # Shadow of every key at its original position (one spare slot absorbs padding writes).
             self.shadow_keys = key_states.new_zeros(b, h, self.cache.max_length + 1, d)
             self.shadow_written = torch.zeros(b, self.cache.max_length + 1, dtype=torch.bool, device=self.device)
+            if self.cache.loss_log is None:
+                self.cache.loss_log = torch.zeros(b, len(self.cache.layers), self.cache.max_new_tokens, h,
+                                                  device=self.device)
         window = self.press.query_window
         if window:
             self.query_buffer: torch.Tensor | None = None  # allocated on first queries (needs H_q)
@@ -102,7 +105,7 @@ class BudgetLayer(DynamicLayer):
         step = self.cache.step
         b, h, n_new, _ = key_states.shape
         capacity = self.cache.capacity
-        if self.cache.loss_log is not None:
+        if self.cache.measure_attention_loss:
             self._write_shadow(key_states, step)
         fits = max(self.counts) + n_new <= capacity
         if n_new == 1 and fits:
@@ -169,8 +172,6 @@ class BudgetLayer(DynamicLayer):
         held = torch.zeros(b, h, seen + 1, dtype=torch.bool, device=self.device)
         held.scatter_(2, torch.where(self.valid, self.positions, seen).clamp(max=seen), True)
         missed = (probs * ~held[:, :, None, :seen]).sum(dim=-1).mean(dim=-1)  # [B, H], GQA group averaged
-        if self.cache.loss_log.shape[-1] != h:
-            self.cache.loss_log = self.cache.loss_log.new_zeros(*self.cache.loss_log.shape[:3], h)
         self.cache.loss_log[:, self.layer_idx, self.cache.decode_step - 1] = missed
 
     def _add_counts(self, step: StepInputs) -> None:
@@ -199,7 +200,7 @@ class BudgetLayer(DynamicLayer):
     def after_attention(self, query: torch.Tensor, scaling: float) -> None:
         self.scaling = scaling
         press = self.press
-        if self.cache.loss_log is not None and self.cache.decode_step > 0:
+        if self.cache.measure_attention_loss and self.cache.decode_step > 0:
             self._record_attention_loss(query, scaling)
         if press.query_window:
             self._push_queries(query)
@@ -341,9 +342,10 @@ class BudgetCache(DynamicCache):
         self.capacity = max_length if self.trigger is None else min(self.trigger, max_length)
         self.seeds = list(seeds)
         self.max_length = max_length
-        #: [B, layers, decode steps, KV heads] attention loss, allocated by ``begin_step`` when measuring.
+        self.max_new_tokens = max_new_tokens
+        self.measure_attention_loss = measure_attention_loss
+        #: [B, layers, decode steps, KV heads] attention loss, allocated with the first layer when measuring.
         self.loss_log: torch.Tensor | None = None
-        self._loss_shape = (len(seeds), num_layers, max_new_tokens) if measure_attention_loss else None
         self.decode_step = 0  # 0 = prefill, t = the t-th decoding forward
         #: With critical prompt positions: [B, layers, steps] share of them held after each forward.
         self.critical: torch.Tensor | None = None
@@ -357,8 +359,6 @@ class BudgetCache(DynamicCache):
                    decode_step: int = 0) -> None:
         self.step = StepInputs(positions=positions, valid=valid, valid_counts=valid_counts)
         self.decode_step = decode_step
-        if self._loss_shape is not None and self.loss_log is None:
-            self.loss_log = torch.zeros(*self._loss_shape, 1, device=positions.device)  # heads: at first write
         self.query_position = positions[:, -1]
         self.tokens_seen += positions.shape[1]
 
