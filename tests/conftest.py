@@ -28,3 +28,17 @@ def prompt_ids(tokenizer, text=PROMPT):
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+def fail_on_call(monkeypatch, module, name, call, message):
+    """Make ``module.name`` raise RuntimeError(message) on its ``call``-th call (1-based) and work otherwise."""
+    real = getattr(module, name)
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise RuntimeError(message)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, flaky)

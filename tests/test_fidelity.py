@@ -4,6 +4,7 @@ import pytest
 
 from kvbench.presses import PRESSES
 from kvbench.run import RunConfig, execute
+from tests.conftest import fail_on_call
 
 EVICTING = [p for p in PRESSES if p != "full"]
 COLUMNS = ("fidelity_kl_mean", "fidelity_kl_max", "fidelity_top1", "fidelity_rank_mean", "output_tokens")
@@ -63,16 +64,7 @@ def test_a_failing_replay_is_recorded_and_the_cell_goes_on(tmp_path, monkeypatch
     import kvbench.fidelity as fidelity
     from kvbench.store import ResultStore
 
-    real = fidelity.replay
-    calls = {"n": 0}
-
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("CUDA out of memory")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fidelity, "replay", flaky)
+    fail_on_call(monkeypatch, fidelity, "replay", 1, "CUDA out of memory")
     config = RunConfig(model="tiny-llama", presses=("h2o",), budgets=(8,), num_samples=3, max_new_tokens=6,
                        store=str(tmp_path), kind="fidelity")
     _, (cell,) = execute(config)

@@ -11,6 +11,7 @@ import pytest
 from kvbench.errors import ConfigError
 from kvbench.store import ResultStore
 from kvbench.sweep import execute_local, read_grid, shard, status
+from tests.conftest import fail_on_call
 
 HEADER = "model,press,budget,dataset,num_samples,max_new_tokens,seed,batch_size,press_args\n"
 
@@ -129,16 +130,7 @@ def test_failures_are_recorded_and_retried(tmp_path, monkeypatch):
     import kvbench.engine.generate as engine
 
     runs = read_grid(grid(tmp_path, "tiny-llama,h2o,16,arith,4,6,0,1,\n"), store=str(tmp_path / "s"))
-    real = engine.generate
-    calls = {"n": 0}
-
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "generate", flaky)
+    fail_on_call(monkeypatch, engine, "generate", 2, "CUDA out of memory. Tried to allocate 2.00 GiB")
     assert execute_local(runs) == 3  # the sweep went on past the failure
     (state,) = status(runs)
     assert (state.stored, state.failed, state.pending) == (3, 1, 0)
