@@ -79,6 +79,10 @@ SCHEMA = pa.schema([
 ])
 
 
+#: store directory -> (part names indexed, run_key -> {(example_id, sample)}), filled by ``ResultStore.done``
+_KEY_INDEX: dict[Path, tuple[set[str], dict[str, set[tuple[str, int]]]]] = {}
+
+
 class StoreError(KvbenchError):
     """The store cannot be read or written."""
 
@@ -150,10 +154,19 @@ class ResultStore:
         return FileLock(str(folder / f"{run_key}.lock"))
 
     def done(self, run_key: str) -> set[tuple[str, int]]:
-        """(example_id, sample) pairs already stored for ``run_key``."""
-        table = self.read(columns=["run_key", "example_id", "sample"])
-        return {(e, s) for k, e, s in zip(*(table[c].to_pylist() for c in ("run_key", "example_id", "sample")))
-                if k == run_key}
+        """(example_id, sample) pairs already stored for ``run_key``.
+
+        A part's keys never change once written (``kvbench score`` rewrites scores only), so each part is read
+        once per process: a sweep asking this for every run stays linear in the number of parts.
+        """
+        seen, by_key = _KEY_INDEX.setdefault(self.path.resolve(), (set(), {}))
+        for part in self.parts():
+            if part.name not in seen:
+                table = self.read_part(part, ["run_key", "example_id", "sample"])
+                for k, e, n in zip(*(table[c].to_pylist() for c in ("run_key", "example_id", "sample"))):
+                    by_key.setdefault(k, set()).add((e, n))
+                seen.add(part.name)
+        return set(by_key.get(run_key, ()))
 
     def append(self, rows: list[dict]) -> Path | None:
         if not rows:
