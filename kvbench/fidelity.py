@@ -34,13 +34,11 @@ def reference(session: Session, config: RunConfig, task: Task, example: Example)
     settings = generation_settings(session, config, task)
     key = (task.name, task.prompt_hash, example.id, settings.max_new_tokens)
     if key not in session.references:
-        tokenizer = session.loaded.tokenizer
-        prompt = tokenizer.apply_chat_template(task.messages(example), tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        prompt = session.prompt(task, example)
+        ids = session.encode(prompt)
         log_probs: list[torch.Tensor] = []
         (out,) = generate(session.loaded.model, [ids], make_press("full"), None, settings,
-                          decode=lambda t: tokenizer.decode(t, skip_special_tokens=True),
-                          pad_token_id=tokenizer.pad_token_id,
+                          decode=session.decode, pad_token_id=session.loaded.tokenizer.pad_token_id,
                           on_logits=lambda t, logits: log_probs.append(torch.log_softmax(logits[0].float(), -1).cpu()))
         if len(session.references) >= 64:  # bound memory: drop the oldest reference
             session.references.pop(next(iter(session.references)))
@@ -64,10 +62,9 @@ def replay(session: Session, config: RunConfig, task: Task, ref: Reference, pres
         agree.append(float(int(log_probs.argmax()) == int(full.argmax())))
         rank.append(float((log_probs > log_probs[tokens[t]]).sum()))
 
-    tokenizer = session.loaded.tokenizer
     (out,) = generate(session.loaded.model, [ref.prompt_ids], press, budget, generation_settings(session, config, task),
-                      decode=lambda t: tokenizer.decode(t, skip_special_tokens=True),
-                      pad_token_id=tokenizer.pad_token_id, forced_tokens=[tokens], on_logits=compare)
+                      decode=session.decode, pad_token_id=session.loaded.tokenizer.pad_token_id,
+                      forced_tokens=[tokens], on_logits=compare)
     steps = max(len(kl), 1)
     return out, {"fidelity_kl_mean": sum(kl) / steps, "fidelity_kl_max": max(kl, default=0.0),
                  "fidelity_top1": sum(agree) / steps, "fidelity_rank_mean": sum(rank) / steps}

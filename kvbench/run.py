@@ -156,6 +156,17 @@ class Session:
     #: Full-cache references for teacher-forced fidelity, shared by every press and budget of a session.
     references: dict = field(default_factory=dict)
 
+    def prompt(self, task: Task, example: Example) -> str:
+        """The example's messages with the model's chat template applied, ready for generation."""
+        return self.loaded.tokenizer.apply_chat_template(task.messages(example), tokenize=False,
+                                                         add_generation_prompt=True)
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.loaded.tokenizer.decode(ids, skip_special_tokens=True)
+
 
 def load_session(config: RunConfig) -> Session:
     import torch
@@ -197,21 +208,17 @@ def run_cell(
     tokenizer = session.loaded.tokenizer
     settings = generation_settings(session, config, task)
 
-    def decode(ids: list[int]) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=True)
-
     written = 0
     with store.lock(cell.run_key):
         todo = pending(store, cell, examples, retry_failed)  # re-read under the lock
         for start in range(0, len(todo), config.batch_size):
             batch = todo[start:start + config.batch_size]
-            prompts = [tokenizer.apply_chat_template(task.messages(e), tokenize=False, add_generation_prompt=True)
-                       for e in batch]
+            prompts = [session.prompt(task, e) for e in batch]
             try:
-                ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+                ids = [session.encode(p) for p in prompts]
                 critical = ([critical_token_positions(tokenizer, task, e, p) for e, p in zip(batch, prompts)]
                             if "retention" in config.measure else None)
-                outputs = generate(session.loaded.model, ids, cell.press, cell.budget, settings, decode=decode,
+                outputs = generate(session.loaded.model, ids, cell.press, cell.budget, settings, decode=session.decode,
                                    pad_token_id=tokenizer.pad_token_id,
                                    measure_attention_loss="attention-loss" in config.measure,
                                    critical_positions=critical)
