@@ -10,6 +10,11 @@ from transformers.masking_utils import AttentionMaskInterface
 MASKS: dict[int, torch.Tensor] = {}  # layer -> [H_kv, L, L] bool, True = may attend
 #: layer -> [H_kv, L]: full causal attention mass each query puts on the positions its mask hides
 MISSED: dict[int, torch.Tensor] = {}
+#: layer -> what the masked forward computed: post-RoPE queries [H_q, L, D], keys [H_kv, L, D], and the
+#: attention probabilities [H_q, L, L] (zero where masked)
+QUERIES: dict[int, torch.Tensor] = {}
+KEYS: dict[int, torch.Tensor] = {}
+PROBS: dict[int, torch.Tensor] = {}
 
 
 def _masked_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -19,7 +24,10 @@ def _masked_attention(module, query, key, value, attention_mask, scaling=None, *
     v = value.float().repeat_interleave(group, dim=1)
     logits = query.float() @ k.transpose(-1, -2) * scaling
     logits = logits.masked_fill(~mask.repeat_interleave(group, dim=0)[None], float("-inf"))
-    out = torch.softmax(logits, dim=-1) @ v
+    probs = torch.softmax(logits, dim=-1)
+    out = probs @ v
+    layer = module.layer_idx
+    QUERIES[layer], KEYS[layer], PROBS[layer] = query[0].float(), key[0].float(), probs[0]
     length = query.shape[2]
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     full = torch.softmax((query.float() @ k.transpose(-1, -2) * scaling).masked_fill(~causal, float("-inf")), -1)

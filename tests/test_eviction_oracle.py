@@ -1,5 +1,7 @@
 """Eviction equals masking: every step's logits equal a full forward with exactly the evicted entries masked."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -90,3 +92,88 @@ def test_attention_loss_is_zero_without_eviction(tiny_llama, press_name):
     out = generate(model, [prompt], make_press(press_name), budget, GenerationSettings(max_new_tokens=20),
                    measure_attention_loss=True)[0]
     assert out.attention_loss.shape == (3, 19, 2) and float(out.attention_loss.abs().max()) == 0.0
+
+
+def _oracle_forward(model, prompt, out, kept):
+    tokens = prompt + out.tokens[:-1]
+    cfg = model.config
+    masked_logits(model, tokens, masks_from_kept(kept, len(prompt), len(tokens), cfg.num_hidden_layers,
+                                                 cfg.num_key_value_heads))
+    return cfg.num_attention_heads // cfg.num_key_value_heads
+
+
+@pytest.mark.parametrize("budget", [12, 40])
+def test_h2o_accumulated_attention_matches_the_oracle(tiny, budget):
+    """Every held entry's accumulated attention = the sum of what each query put on it, in the oracle forward."""
+    from tests.oracle import PROBS
+
+    model, tokenizer = tiny
+    prompt = prompt_ids(tokenizer)[:30]
+    kept, caches = [], []
+
+    def on_step(cache, t):
+        kept.append(cache.kept_positions(0))
+        caches[:] = [cache]
+
+    settings = GenerationSettings(max_new_tokens=30)
+    out = generate(model, [prompt], make_press("h2o"), budget, settings, on_step=on_step)[0]
+    assert out.evicted_tokens > 0
+    group = _oracle_forward(model, prompt, out, kept)
+    cache = caches[0]
+    for layer in range(len(cache.layers)):
+        received = PROBS[layer].view(-1, group, *PROBS[layer].shape[1:]).mean(1).sum(1)  # [H_kv, L]: GQA mean
+        valid = cache.valid[layer, 0]
+        positions = cache.positions[layer, 0][valid].view(valid.shape[0], -1)
+        ours = cache.state["accumulated"][layer, 0][valid].view(valid.shape[0], -1)
+        torch.testing.assert_close(ours, received.gather(1, positions), atol=1e-5, rtol=1e-4)
+
+
+@dataclasses.dataclass
+class RecordingPress:
+    """Wraps a press and records, at every decoding eviction, the slots and the attention the press saw."""
+
+    inner: object
+    seen: list = dataclasses.field(default_factory=list)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def score(self, view):
+        if view.layer_idx is None:  # the decoding path: every layer at once
+            self.seen.append((view.positions.clone(), view.valid.clone(), view.attention(gqa="mean").clone()))
+        return self.inner.score(view)
+
+
+@pytest.mark.parametrize(("press_name", "args"), [("snapkv-d", {"window_size": "4"}), ("tova", {})])
+def test_window_attention_matches_the_oracle(tiny, press_name, args):
+    """During decoding (all layers scored at once), a press's window attention equals softmax(q.K) recomputed
+    from the oracle forward's queries and keys, over the entries held, for the last W queries."""
+    from tests.oracle import KEYS, QUERIES
+
+    model, tokenizer = tiny
+    prompt = prompt_ids(tokenizer)[:30]
+    press = RecordingPress(make_press(press_name, args))
+    kept, steps = [], []
+    out = generate(model, [prompt], press, 40, GenerationSettings(max_new_tokens=24),
+                   on_step=lambda c, t: (kept.append(c.kept_positions(0)), steps.append(len(press.seen))))[0]
+    assert len(press.seen) > 5
+    group = _oracle_forward(model, prompt, out, kept)
+    window = press.query_window
+    n_layers = len(KEYS)
+    scaling = model.config.head_dim**-0.5 if getattr(model.config, "head_dim", None) else \
+        (model.config.hidden_size // model.config.num_attention_heads) ** -0.5
+    for t, count in enumerate(steps):
+        if t == 0 or count == steps[t - 1]:
+            continue  # no decoding eviction at this forward
+        positions, valid, attention = press.seen[count - 1]
+        query = len(prompt) + t - 1
+        for layer in range(n_layers):
+            for head in range(positions.shape[1]):
+                pos = positions[layer, head][valid[layer, head]]
+                keys = KEYS[layer][head, pos]  # [S, D]
+                qs = QUERIES[layer][head * group:(head + 1) * group, query - window + 1: query + 1]  # [G, W, D]
+                window_pos = torch.arange(query - window + 1, query + 1)
+                logits = (qs @ keys.T * scaling).masked_fill(pos[None, None, :] > window_pos[None, :, None], -torch.inf)
+                expected = torch.softmax(logits, -1).mean(dim=(0, 1))
+                ours = attention[layer, head][valid[layer, head]]
+                torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)

@@ -10,24 +10,12 @@ from kvbench.presses import make_press
 POSITIONS = [5, 0, 7, 2, 1, 6, 3, 4]  # physical slot -> token position
 
 
-class StubLayer:
-    """Stands in for a BudgetLayer: returns a fixed attention over the slots."""
-
-    layer_idx = 0
-
-    def __init__(self, attention=None):
-        self.attention = attention
-
-    def window_attention(self, view, gqa):
-        return self.attention
-
-
 def view_of(keys=None, attention=None, state=None, budget=5, seed=0):
     s = len(POSITIONS)
     keys = torch.ones(1, 1, s, 2) if keys is None else torch.tensor(keys, dtype=torch.float32).view(1, 1, s, -1)
     attn = None if attention is None else torch.tensor(attention, dtype=torch.float32).view(1, 1, s)
     return SlotView(
-        layer=StubLayer(attn), keys=keys, values=torch.zeros_like(keys),
+        attention_override=lambda gqa: attn, keys=keys, values=torch.zeros_like(keys),
         positions=torch.tensor(POSITIONS).view(1, 1, s), valid=torch.ones(1, 1, s, dtype=torch.bool),
         state={k: torch.tensor(v, dtype=torch.float32).view(1, 1, s) for k, v in (state or {}).items()},
         query_position=torch.tensor([7]), budget=budget,

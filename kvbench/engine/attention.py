@@ -81,14 +81,14 @@ def kvbench_attention(
     b, hq, lq, d = query.shape
     h = key.shape[1]
     scaling = d**-0.5 if scaling is None else scaling
-    if lq == 1 and not layer.overflowing:
+    if lq == 1 and kvbench_cache.mode != "overflow":
         # One query per sequence: fold the GQA group into the query length, so keys are never expanded.
-        mask = layer.valid[:, :, None, :]
+        mask = layer.valid[:, :, None, : key.shape[2]]
         out = F.scaled_dot_product_attention(query.view(b, h, hq // h, d), key, value, attn_mask=mask, scale=scaling)
         out = out.view(b, hq, 1, -1)
     else:
         positions, valid = layer.visible_positions()
-        if layer.heads_uniform:
+        if kvbench_cache.heads_uniform:
             positions, valid = positions[:, :1], valid[:, :1]
         q_pos = kvbench_cache.step.positions
         mask = valid[:, :, None, :] & (positions[:, :, None, :] <= q_pos[:, None, :, None])

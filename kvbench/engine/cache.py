@@ -1,23 +1,28 @@
 """BudgetCache: a DynamicCache whose layers are fixed-capacity slot buffers with per-KV-head eviction.
 
-Each layer preallocates ``[batch, kv_heads, capacity, head_dim]`` keys and values, the original position
-of every slot and a valid-slot mask. Decoding writes the new token into a free slot in place; when a
-sequence's layer holds ``budget + buffer`` entries after a step's attention, the press scores the slots and
-the lowest ``buffer`` per KV head are freed. A step that does not fit (a prompt longer than the capacity)
-attends over the slots plus the new tokens, then keeps the press's best ``budget`` (prefill compression).
+The cache preallocates ``[layers, batch, kv_heads, capacity, head_dim]`` keys and values, the original
+position of every slot and a valid-slot mask; each ``BudgetLayer`` works on its own slice. Decoding writes
+the new token into a free slot in place. When a sequence holds ``budget + buffer`` entries after a step, the
+press scores the slots and the lowest ``buffer`` per KV head are freed: at the end of the step, for all
+layers at once (the layers are folded into the batch dimension), because a layer's cache is not read again
+before the next step and one call for all layers costs a thirtieth of the per-layer overhead. A step that
+does not fit (a prompt longer than the capacity) attends over the slots plus the new tokens, then keeps the
+press's best ``budget`` per layer (prefill compression).
 
-Bookkeeping that decides *when* to evict (entries per sequence) lives on the host, so deciding costs no
-device synchronisation.
+Bookkeeping that decides *when* to evict (entries per sequence, the same in every layer) lives on the host,
+so deciding costs no device synchronisation.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from kvbench.engine.attention import attention_probs
+from kvbench.errors import KvbenchError
 from kvbench.presses.base import Press
 
 
@@ -31,109 +36,113 @@ class StepInputs:
 
 
 @dataclass
+class QueryWindow:
+    """Recent queries (post-RoPE) of each row, with their positions: what ``SlotView.attention`` averages."""
+
+    queries: torch.Tensor  # [N, H_q, W, D]
+    positions: torch.Tensor  # [N, W]
+    valid: torch.Tensor  # [N, W]
+    scaling: float
+
+
+@dataclass
 class SlotView:
-    """What a press sees: the slots of one layer (physical order), and how to get attention over them."""
+    """What a press sees: slots in physical order, and how to get attention over them.
 
-    layer: BudgetLayer
-    keys: torch.Tensor  # [B, H, S, D]
+    Rows are sequences; when a view covers every layer (decoding), row ``l * batch + b`` is layer ``l`` of
+    sequence ``b`` and ``layer_idx`` is None.
+    """
+
+    keys: torch.Tensor  # [N, H, S, D]
     values: torch.Tensor
-    positions: torch.Tensor  # [B, H, S]
-    valid: torch.Tensor  # [B, H, S]
-    state: dict[str, torch.Tensor]  # per-slot press state, [B, H, S]
-    query_position: torch.Tensor  # [B] position of the newest token
+    positions: torch.Tensor  # [N, H, S]
+    valid: torch.Tensor  # [N, H, S]
+    state: dict[str, torch.Tensor]  # per-slot press state, [N, H, S]
+    query_position: torch.Tensor  # [N] position of the newest token
     budget: int | None
-    generators: list[torch.Generator] = field(default_factory=list)
-
-    @property
-    def layer_idx(self) -> int:
-        return self.layer.layer_idx
+    generators: list[torch.Generator] = field(default_factory=list)  # one per row
+    layer_idx: int | None = None
+    window: QueryWindow | None = None
+    #: Overrides ``attention`` (tests hand-make attention this way).
+    attention_override: Callable[[str], torch.Tensor] | None = None
 
     def attention(self, gqa: str = "mean") -> torch.Tensor:
-        """Mean attention [B, H, S] that the layer's recent queries (``press.query_window``) place on the slots."""
-        return self.layer.window_attention(self, gqa)
+        """Mean attention [N, H, S] that the recent queries (``press.query_window``) place on the slots."""
+        if self.attention_override is not None:
+            return self.attention_override(gqa)
+        if self.window is None:
+            raise RuntimeError("this press asked for attention without a query window")
+        w = self.window
+        return attention_probs(w.queries, w.positions, w.valid, self.keys, self.positions, self.valid, w.scaling,
+                               reduce="mean", gqa=gqa)
 
 
 class BudgetLayer(DynamicLayer):
-    """One layer's slots. ``keys``/``values`` are the physical buffers returned to attention."""
+    """One layer's slots: views into the cache's stacked buffers, returned to attention."""
 
     def __init__(self, cache: BudgetCache, layer_idx: int):
         super().__init__()
         self.cache = cache
         self.layer_idx = layer_idx
-        self.press: Press = cache.press
-        self.overflowing = False
-        self.heads_uniform = True  # all KV heads hold the same positions (true until a per-head eviction)
-        self._pending: dict | None = None
         self.scaling: float | None = None
 
-    # --- allocation -------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        b, h, _, d = key_states.shape
-        c = self.cache.capacity
+        cache, i = self.cache, self.layer_idx
+        if cache.keys is None:
+            cache.allocate(key_states, value_states)
+        if key_states.shape[1:2] + key_states.shape[3:] != cache.keys.shape[2:3] + cache.keys.shape[4:]:
+            raise KvbenchError(f"layer {i}: KV shape {tuple(key_states.shape)} differs from layer 0's; kvbench needs "
+                               "the same KV heads and head size in every layer")
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = key_states.new_zeros(b, h, c, d)
-        self.values = value_states.new_zeros(b, h, c, value_states.shape[-1])
-        self.positions = torch.full((b, h, c), -1, dtype=torch.long, device=self.device)
-        self.valid = torch.zeros(b, h, c, dtype=torch.bool, device=self.device)
-        self.state = {n: torch.zeros(b, h, c, dtype=torch.float32, device=self.device) for n in self.press.state_names}
-        self.counts = [0] * b  # valid entries per KV head, per sequence (host)
-        self.peak = [0] * b
-        self.evicted = [0] * b
-        self.generators = [
-            torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + self.layer_idx)
-            for seed in self.cache.seeds
-        ]
-        if self.cache.measure_attention_loss:
+        self.keys, self.values = cache.keys[i], cache.values[i]
+        self.positions, self.valid = cache.positions[i], cache.valid[i]
+        self.state = {name: s[i] for name, s in cache.state.items()}
+        if cache.measure_attention_loss:
+            b, h, _, d = key_states.shape
             # Shadow of every key at its original position (one spare slot absorbs padding writes).
-            self.shadow_keys = key_states.new_zeros(b, h, self.cache.max_length + 1, d)
-            self.shadow_written = torch.zeros(b, self.cache.max_length + 1, dtype=torch.bool, device=self.device)
-            if self.cache.loss_log is None:
-                self.cache.loss_log = torch.zeros(b, len(self.cache.layers), self.cache.max_new_tokens, h,
-                                                  device=self.device)
-        window = self.press.query_window
-        if window:
-            self.query_buffer: torch.Tensor | None = None  # allocated on first queries (needs H_q)
-            self.query_positions = torch.zeros(b, window, dtype=torch.long, device=self.device)
-            self.query_valid = torch.zeros(b, window, dtype=torch.bool, device=self.device)
-            self.query_pointer = 0
+            self.shadow_keys = key_states.new_zeros(b, h, cache.max_length + 1, d)
+            self.shadow_written = torch.zeros(b, cache.max_length + 1, dtype=torch.bool, device=self.device)
+            if cache.loss_log is None:
+                cache.loss_log = torch.zeros(b, len(cache.layers), cache.max_new_tokens, h, device=self.device)
         self.is_initialized = True
 
     # --- transformers' Cache interface --------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        step = self.cache.step
+        cache = self.cache
+        step = cache.step
         b, h, n_new, _ = key_states.shape
-        capacity = self.cache.capacity
-        if self.cache.measure_attention_loss:
+        used = cache.used
+        if cache.measure_attention_loss:
             self._write_shadow(key_states, step)
-        fits = max(self.counts) + n_new <= capacity
-        if n_new == 1 and fits:
-            # A free slot per (sequence, head): the first invalid one. Any will do; attention is order-free.
-            slot = (~self.valid).to(torch.uint8).argmax(dim=-1, keepdim=True)  # [B, H, 1]
-            self._write(slot, key_states, value_states, step)
-        elif fits and max(self.counts) == 0:
-            slot = torch.arange(n_new, device=self.device).expand(b, h, n_new)
-            self._write(slot, key_states, value_states, step)
-        else:
+        if cache.mode == "overflow":
             self._pending = {
-                "keys": torch.cat([self.keys, key_states], dim=2),
-                "values": torch.cat([self.values, value_states], dim=2),
-                "positions": torch.cat([self.positions, step.positions[:, None, :].expand(b, h, n_new)], dim=2),
-                "valid": torch.cat([self.valid, step.valid[:, None, :].expand(b, h, n_new)], dim=2),
-                "state": {n: torch.cat([s, s.new_zeros(b, h, n_new)], dim=2) for n, s in self.state.items()},
+                "keys": torch.cat([self.keys[:, :, :used], key_states], dim=2),
+                "values": torch.cat([self.values[:, :, :used], value_states], dim=2),
+                "positions": torch.cat([self.positions[:, :, :used], step.positions[:, None, :].expand(b, h, n_new)],
+                                       dim=2),
+                "valid": torch.cat([self.valid[:, :, :used], step.valid[:, None, :].expand(b, h, n_new)], dim=2),
+                "state": {n: torch.cat([s[:, :, :used], s.new_zeros(b, h, n_new)], dim=2)
+                          for n, s in self.state.items()},
             }
-            self.overflowing = True
-            self._add_counts(step)
             return self._pending["keys"], self._pending["values"]
-        self._add_counts(step)
-        return self.keys, self.values
+        if cache.mode == "slot":
+            # A free slot per (sequence, head): the first invalid one. Any will do; attention is order-free.
+            # Slot `used` is free if it exists; past the capacity every row has a free slot below it.
+            free = ~self.valid[:, :, : min(used + 1, cache.capacity)]
+            slot = free.to(torch.uint8).argmax(dim=-1, keepdim=True)  # [B, H, 1]
+        else:  # bulk: the first write of several tokens into an empty cache
+            slot = torch.arange(n_new, device=self.device).expand(b, h, n_new)
+        self._write(slot, key_states, value_states, step)
+        n = cache.used_after
+        return self.keys[:, :, :n], self.values[:, :, :n]
 
     def get_seq_length(self) -> int:
         return self.cache.tokens_seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.keys.shape[2] if self.is_initialized else query_length, 0
+        return self.cache.used_after if self.is_initialized else query_length, 0
 
     def get_max_length(self) -> int:
         return self.cache.capacity
@@ -174,165 +183,97 @@ class BudgetLayer(DynamicLayer):
         missed = (probs * ~held[:, :, None, :seen]).sum(dim=-1).mean(dim=-1)  # [B, H], GQA group averaged
         self.cache.loss_log[:, self.layer_idx, self.cache.decode_step - 1] = missed
 
-    def _add_counts(self, step: StepInputs) -> None:
-        for i, n in enumerate(step.valid_counts):
-            self.counts[i] += n
-            self.peak[i] = max(self.peak[i], min(self.counts[i], self.cache.capacity))
-
     def visible_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions and validity of the slots attention sees this step (including an overflow's new tokens)."""
-        if self._pending is not None:
+        if self.cache.mode == "overflow":
             return self._pending["positions"], self._pending["valid"]
-        return self.positions, self.valid
+        n = self.cache.used_after
+        return self.positions[:, :, :n], self.valid[:, :, :n]
 
     def _view(self) -> SlotView:
-        src = self._pending if self._pending is not None else {
-            "keys": self.keys, "values": self.values, "positions": self.positions,
-            "valid": self.valid, "state": self.state,
-        }
+        """This layer's slots (multi-token steps)."""
+        cache = self.cache
+        if cache.mode == "overflow":
+            src = self._pending
+        else:
+            n = cache.used_after
+            src = {"keys": self.keys[:, :, :n], "values": self.values[:, :, :n], "positions": self.positions[:, :, :n],
+                   "valid": self.valid[:, :, :n], "state": {k: s[:, :, :n] for k, s in self.state.items()}}
+        window = None
+        if cache.query_buffer is not None:
+            window = QueryWindow(cache.query_buffer[self.layer_idx], cache.query_positions, cache.query_valid,
+                                 self.scaling)
         return SlotView(
-            layer=self, keys=src["keys"], values=src["values"], positions=src["positions"], valid=src["valid"],
-            state=src["state"], query_position=self.cache.query_position, budget=self.cache.budget,
-            generators=self.generators,
+            keys=src["keys"], values=src["values"], positions=src["positions"], valid=src["valid"],
+            state=src["state"], query_position=cache.query_position, budget=cache.budget,
+            generators=cache.generators[self.layer_idx], layer_idx=self.layer_idx, window=window,
         )
 
-    # --- after attention: scores and eviction ---------------------------------------------------------------
+    # --- after attention -------------------------------------------------------------------------------------
     def after_attention(self, query: torch.Tensor, scaling: float) -> None:
+        cache, press = self.cache, self.cache.press
         self.scaling = scaling
-        press = self.press
-        if self.cache.measure_attention_loss and self.cache.decode_step > 0:
+        if cache.measure_attention_loss and cache.decode_step > 0:
             self._record_attention_loss(query, scaling)
         if press.query_window:
-            self._push_queries(query)
-        view = None
+            cache.push_queries(self.layer_idx, query)
+        if cache.mode == "slot":  # decoding: scoring and eviction happen in end_step, for all layers at once
+            if press.accumulates_attention:
+                cache.step_queries[self.layer_idx] = query
+            return
+        view = self._view()
         if press.accumulates_attention:
-            view = self._view()
-            step = self.cache.step
+            step = cache.step
             press.observe(view, attention_probs(
                 query, step.positions, step.valid, view.keys, view.positions, view.valid, scaling, reduce="sum",
                 gqa=getattr(press, "gqa", "mean"),
             ))
-        if self._pending is not None:
-            self._compress_overflow(view or self._view())
-        elif self.cache.trigger is not None and max(self.counts) >= self.cache.trigger:
-            self._evict_in_place(view or self._view())
-        if self.cache.retention_log is not None:
-            self._record_retention()
-
-    def _record_retention(self) -> None:
-        """Fraction of the critical prompt positions held, per KV head, after this step's eviction."""
-        critical = self.cache.critical  # [B, max_length] bool
-        length = critical.shape[1]
-        held = torch.zeros(*self.valid.shape[:2], length + 1, dtype=torch.bool, device=self.device)
-        held.scatter_(2, torch.where(self.valid, self.positions, length).clamp(min=0, max=length), True)
-        kept = (held[:, :, :length] & critical[:, None, :]).sum(dim=-1).float()
-        total = critical.sum(dim=-1, keepdim=True).float()
-        fraction = (kept / total).mean(dim=-1)  # [B]; NaN for a prompt without critical tokens
-        if self.cache.decode_step < self.cache.retention_log.shape[2]:
-            self.cache.retention_log[:, self.layer_idx, self.cache.decode_step] = fraction
-
-    def _push_queries(self, query: torch.Tensor) -> None:
-        step = self.cache.step
-        window = self.press.query_window
-        if self.query_buffer is None:
-            b, hq, _, d = query.shape
-            self.query_buffer = query.new_zeros(b, hq, window, d)
-        n_new = query.shape[2]
-        if n_new >= window:
-            self.query_buffer.copy_(query[:, :, -window:])
-            self.query_positions.copy_(step.positions[:, -window:])
-            self.query_valid.copy_(step.valid[:, -window:])
-            self.query_pointer = 0
-            return
-        for i in range(n_new):  # a ring buffer: order does not matter for a mean over queries
-            p = self.query_pointer
-            self.query_buffer[:, :, p] = query[:, :, i]
-            self.query_positions[:, p] = step.positions[:, i]
-            self.query_valid[:, p] = step.valid[:, i]
-            self.query_pointer = (p + 1) % window
-
-    def window_attention(self, view: SlotView, gqa: str) -> torch.Tensor:
-        if not self.press.query_window or self.query_buffer is None:
-            raise RuntimeError(f"press {self.press.name!r} asked for attention without a query window")
-        return attention_probs(
-            self.query_buffer, self.query_positions, self.query_valid,
-            view.keys, view.positions, view.valid, self.scaling, reduce="mean", gqa=gqa,
-        )
-
-    def _ranked(self, view: SlotView) -> torch.Tensor:
-        """Slot indices [B, H, S], best first: by press score, ties kept by recency, invalid slots last.
-
-        Ranking never depends on where a token sits physically, so batched and single runs evict alike.
-        """
-        scores = self.press.score(view).float().masked_fill(~view.valid, -torch.inf)
-        return rank_slots(scores, view.positions)
-
-    def _evict_in_place(self, view: SlotView) -> None:
-        """Free the ``count - budget`` lowest-scored slots of each full sequence, per KV head."""
-        budget, trigger = self.cache.budget, self.cache.trigger
-        full = [c >= trigger for c in self.counts]
-        n_evict = max(self.counts) - budget
-        lowest = self._ranked(view)[..., -n_evict:]  # [B, H, n]; full rows hold no invalid slot
-        if all(full):
-            self.valid.scatter_(2, lowest, False)
-        else:  # only sequences at the trigger evict; the others keep their slots
-            keep_rows = torch.tensor([not f for f in full], device=self.device)[:, None, None]
-            self.valid.scatter_(2, lowest, self.valid.gather(2, lowest) & keep_rows)
-        for i, is_full in enumerate(full):
-            if is_full:
-                self.evicted[i] += self.counts[i] - budget
-                self.counts[i] = budget
-        self.heads_uniform = False
+        if cache.mode == "overflow":
+            self._compress_overflow(view)
 
     def _compress_overflow(self, view: SlotView) -> None:
         """Keep the best ``budget`` of slots + new tokens per KV head (all of them if under the trigger)."""
-        budget, trigger, capacity = self.cache.budget, self.cache.trigger, self.cache.capacity
-        keep_n = [budget if trigger is not None and c >= trigger else c for c in self.counts]
-        if max(keep_n) > capacity:
-            raise RuntimeError(f"cache capacity {capacity} exceeded ({max(keep_n)} entries) without eviction")
-        evicting = keep_n != self.counts
-        if evicting:
-            ranked = self._ranked(view)
+        cache = self.cache
+        keep_n = cache.keep_n
+        if cache.overflow_evicts:
+            ranked = rank_slots(cache.press.score(view).float().masked_fill(~view.valid, -torch.inf), view.positions)
         else:  # nothing to drop: keep every valid slot, newest first
             ranked = rank_slots(view.valid.float().masked_fill(~view.valid, -torch.inf), view.positions)
-        k = min(capacity, ranked.shape[-1])
+        k = cache.used_after
         order = ranked[..., :k]  # [B, H, k], best first
         rank_ok = torch.arange(k, device=self.device)[None, :] < torch.tensor(keep_n, device=self.device)[:, None]
-        kept_valid = view.valid.gather(2, order) & rank_ok[:, None, :]
         pending = self._pending
+        self.valid[:, :, :k] = view.valid.gather(2, order) & rank_ok[:, None, :]
+        self.valid[:, :, k:] = False
         for name in ("keys", "values"):
             src = pending[name]
             getattr(self, name)[:, :, :k] = src.gather(2, order[..., None].expand(-1, -1, -1, src.shape[-1]))
         self.positions[:, :, :k] = pending["positions"].gather(2, order)
-        self.valid[:, :, :k] = kept_valid
-        self.valid[:, :, k:] = False
         for n, s in self.state.items():
             s[:, :, :k] = pending["state"][n].gather(2, order)
-        for i in range(len(self.counts)):
-            self.evicted[i] += self.counts[i] - keep_n[i]
-            self.counts[i] = keep_n[i]
         self._pending = None
-        self.overflowing = False
-        if evicting:
-            self.heads_uniform = False
 
 
 def rank_slots(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Indices that sort slots by descending score, equal scores by descending position (newest first)."""
+    """Indices that sort slots by descending score, equal scores by descending position (newest first).
+
+    Ranking never depends on where a token sits physically, so batched and single runs evict alike.
+    """
     newest_first = positions.argsort(dim=-1, descending=True, stable=True)
     by_score = scores.gather(-1, newest_first).argsort(dim=-1, descending=True, stable=True)
     return newest_first.gather(-1, by_score)
 
 
 class BudgetCache(DynamicCache):
-    """A cache with one ``BudgetLayer`` per model layer.
+    """A cache with one ``BudgetLayer`` per model layer over stacked slot buffers.
 
     ``budget=None`` (or a press that does not evict) is the full cache, preallocated for ``max_length``.
-    ``get_seq_length()`` is the logical length (tokens seen); attention sees the physical slots.
+    ``get_seq_length()`` is the logical length (tokens seen); attention sees the physical slots in use.
+    The decode loop calls ``begin_step`` before and ``end_step`` after every forward.
     """
 
     def __init__(self, press: Press, budget: int | None, num_layers: int, max_length: int, seeds: list[int],
-                 measure_attention_loss: bool = False, max_new_tokens: int = 0):
+                 measure_attention_loss: bool = False, max_new_tokens: int = 0, static_shapes: bool = False):
         if budget is not None and budget < 1:
             raise ValueError(f"budget must be >= 1, got {budget}")
         self.press = press
@@ -340,10 +281,39 @@ class BudgetCache(DynamicCache):
         self.trigger = None if self.budget is None else self.budget + press.buffer
         # Never allocate more than a sequence can hold: a budget beyond the length costs no memory.
         self.capacity = max_length if self.trigger is None else min(self.trigger, max_length)
-        self.seeds = list(seeds)
+        #: Attend over every preallocated slot, so each decoding step has the same shapes (for torch.compile).
+        self.static_shapes = static_shapes
         self.max_length = max_length
         self.max_new_tokens = max_new_tokens
         self.measure_attention_loss = measure_attention_loss
+        batch = len(seeds)
+        self.generators = [
+            [torch.Generator().manual_seed(seed * 1_000_003 + layer) for seed in seeds] for layer in range(num_layers)
+        ]
+        # Stacked buffers, allocated by the first layer to see keys: [layers, B, H, capacity, ...].
+        self.keys: torch.Tensor | None = None
+        self.values = self.positions = self.valid = None
+        self.state: dict[str, torch.Tensor] = {}
+        # Host bookkeeping, the same for every layer: valid entries per KV head per sequence, their peak, evictions.
+        self.counts = [0] * batch
+        self.peak = [0] * batch
+        self.evicted = [0] * batch
+        #: Every valid slot lies in [0, used): writes go to the first free slot (a slot index is at most the
+        #: entries held before the write), so attention and scoring skip the never-written tail.
+        self.used = self.capacity if static_shapes else 0
+        self.used_after = self.used  # ``used`` once this step's tokens are written
+        self.heads_uniform = True  # all KV heads hold the same positions (true until an eviction)
+        self.mode = "bulk"  # this step: "bulk" first write, "slot" one token in place, "overflow" cat + compress
+        self.keep_n: list[int] = []
+        self.overflow_evicts = False
+        # Recent queries for presses with a query window: a ring of the last W tokens' positions and queries.
+        self.query_buffer: torch.Tensor | None = None  # [layers, B, H_q, W, D]
+        self.query_positions: torch.Tensor | None = None  # [B, W]
+        self.query_valid: torch.Tensor | None = None
+        self.query_pointer = 0
+        self.ring_slots: list[int] = []  # where this step's queries go
+        self.step_queries: list[torch.Tensor | None] = [None] * num_layers  # decode queries, for observe()
+        self._row_masks: dict[tuple[bool, ...], torch.Tensor] = {}
         #: [B, layers, decode steps, KV heads] attention loss, allocated with the first layer when measuring.
         self.loss_log: torch.Tensor | None = None
         self.decode_step = 0  # 0 = prefill, t = the t-th decoding forward
@@ -355,13 +325,159 @@ class BudgetCache(DynamicCache):
         self.tokens_seen = 0
         Cache.__init__(self, layers=[BudgetLayer(self, i) for i in range(num_layers)])
 
+    def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        n_layers, c, device = len(self.layers), self.capacity, key_states.device
+        self.keys = key_states.new_zeros(n_layers, b, h, c, d)
+        self.values = value_states.new_zeros(n_layers, b, h, c, value_states.shape[-1])
+        self.positions = torch.full((n_layers, b, h, c), -1, dtype=torch.long, device=device)
+        self.valid = torch.zeros(n_layers, b, h, c, dtype=torch.bool, device=device)
+        self.state = {n: torch.zeros(n_layers, b, h, c, dtype=torch.float32, device=device)
+                      for n in self.press.state_names}
+        if device.type != "cpu":
+            self.generators = [[torch.Generator(device=device).manual_seed(g.initial_seed()) for g in row]
+                               for row in self.generators]
+
+    # --- the step protocol ---------------------------------------------------------------------------------------
     def begin_step(self, positions: torch.Tensor, valid: torch.Tensor, valid_counts: list[int],
                    decode_step: int = 0) -> None:
         self.step = StepInputs(positions=positions, valid=valid, valid_counts=valid_counts)
         self.decode_step = decode_step
         self.query_position = positions[:, -1]
-        self.tokens_seen += positions.shape[1]
+        n_new = positions.shape[1]
+        self.tokens_seen += n_new
+        held = max(self.counts)
+        fits = held + n_new <= self.capacity
+        self.mode = "slot" if fits and n_new == 1 else "bulk" if fits and held == 0 else "overflow"
+        for i, n in enumerate(valid_counts):
+            self.counts[i] += n
+            self.peak[i] = max(self.peak[i], min(self.counts[i], self.capacity))
+        if self.static_shapes:
+            self.used_after = self.capacity
+        elif self.mode == "overflow":
+            self.used_after = min(self.capacity, self.used + n_new)
+        elif self.mode == "bulk":
+            self.used_after = max(self.used, n_new)
+        else:  # a valid write lands at most at the entries held before it: within the row's new count
+            self.used_after = min(self.capacity, max(self.used, max(self.counts)))
+        if self.mode == "overflow":
+            trigger = self.trigger
+            self.keep_n = [self.budget if trigger is not None and c >= trigger else c for c in self.counts]
+            self.overflow_evicts = self.keep_n != self.counts
+            if max(self.keep_n) > self.capacity:
+                raise RuntimeError(f"cache capacity {self.capacity} exceeded ({max(self.keep_n)} entries) "
+                                   "without eviction")
+        if self.press.query_window:
+            self._advance_query_ring(positions, valid)
 
+    def end_step(self) -> None:
+        """After the forward: decoding's scoring and eviction for all layers at once, and the bookkeeping."""
+        press = self.press
+        if self.mode == "overflow":
+            for i, keep in enumerate(self.keep_n):
+                self.evicted[i] += self.counts[i] - keep
+                self.counts[i] = keep
+            self.heads_uniform &= not self.overflow_evicts
+        else:
+            view = None
+            if self.mode == "slot" and press.accumulates_attention:
+                view = self.stacked_view()
+                queries = torch.stack(self.step_queries).flatten(0, 1)  # [L*B, H_q, 1, D]
+                n_layers = len(self.layers)
+                press.observe(view, attention_probs(
+                    queries, self.step.positions.repeat(n_layers, 1), self.step.valid.repeat(n_layers, 1), view.keys,
+                    view.positions, view.valid, self.layers[0].scaling, reduce="sum", gqa=getattr(press, "gqa", "mean"),
+                ))
+                self.step_queries = [None] * n_layers
+            if self.trigger is not None and max(self.counts) >= self.trigger:
+                self._evict_in_place(view or self.stacked_view())
+        self.used = self.used_after
+        if self.retention_log is not None:
+            self._record_retention()
+
+    def stacked_view(self) -> SlotView:
+        """Every layer's slots in use, folded into the rows: [layers * B, H, used, ...] views of the buffers."""
+        n, n_layers = self.used_after, len(self.layers)
+
+        def fold(t: torch.Tensor) -> torch.Tensor:
+            t = t[:, :, :, :n]
+            return t.view(-1, *t.shape[2:])
+
+        window = None
+        if self.query_buffer is not None:
+            scalings = {layer.scaling for layer in self.layers}
+            if len(scalings) > 1:
+                raise KvbenchError("layers with different attention scalings are not supported")
+            window = QueryWindow(self.query_buffer.flatten(0, 1), self.query_positions.repeat(n_layers, 1),
+                                 self.query_valid.repeat(n_layers, 1), scalings.pop())
+        return SlotView(
+            keys=fold(self.keys), values=fold(self.values), positions=fold(self.positions), valid=fold(self.valid),
+            state={name: fold(s) for name, s in self.state.items()},
+            query_position=self.query_position.repeat(n_layers), budget=self.budget,
+            generators=[g for row in self.generators for g in row], window=window,
+        )
+
+    def _evict_in_place(self, view: SlotView) -> None:
+        """Free the ``count - budget`` lowest-scored slots of each full sequence, per KV head, in every layer."""
+        budget, trigger = self.budget, self.trigger
+        full = tuple(c >= trigger for c in self.counts)
+        n_evict = max(self.counts) - budget
+        scores = self.press.score(view).float().masked_fill(~view.valid, -torch.inf)
+        lowest = rank_slots(scores, view.positions)[..., -n_evict:]  # [L*B, H, n]; full rows hold no free slot
+        if all(full):
+            view.valid.scatter_(2, lowest, False)
+        else:  # only sequences at the trigger evict; the others keep their slots
+            keep_rows = self._row_mask(tuple(not f for f in full))
+            view.valid.scatter_(2, lowest, view.valid.gather(2, lowest) & keep_rows)
+        for i, is_full in enumerate(full):
+            if is_full:
+                self.evicted[i] += self.counts[i] - budget
+                self.counts[i] = budget
+        self.heads_uniform = False
+
+    def _row_mask(self, rows: tuple[bool, ...]) -> torch.Tensor:
+        """[L*B, 1, 1] device mask of the rows given per sequence; cached, so it crosses to the device once."""
+        if rows not in self._row_masks:
+            mask = torch.tensor(rows, device=self.keys.device).repeat(len(self.layers))
+            self._row_masks[rows] = mask[:, None, None]
+        return self._row_masks[rows]
+
+    # --- recent queries ---------------------------------------------------------------------------------------
+    def _advance_query_ring(self, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        """Choose the ring slots of this step's tokens and record their positions (queries come per layer)."""
+        window = self.press.query_window
+        n_new = positions.shape[1]
+        if self.query_positions is None:
+            b = positions.shape[0]
+            self.query_positions = torch.zeros(b, window, dtype=torch.long, device=positions.device)
+            self.query_valid = torch.zeros(b, window, dtype=torch.bool, device=positions.device)
+        if n_new >= window:  # a ring: order does not matter for a mean over queries
+            self.ring_slots = list(range(window))
+            self.query_pointer = 0
+        else:
+            self.ring_slots = [(self.query_pointer + i) % window for i in range(n_new)]
+            self.query_pointer = (self.query_pointer + n_new) % window
+        n = len(self.ring_slots)
+        if n == 1:
+            self.query_positions[:, self.ring_slots[0]] = positions[:, -1]
+            self.query_valid[:, self.ring_slots[0]] = valid[:, -1]
+        else:
+            index = torch.tensor(self.ring_slots, device=positions.device)
+            self.query_positions.index_copy_(1, index, positions[:, -n:])
+            self.query_valid.index_copy_(1, index, valid[:, -n:])
+
+    def push_queries(self, layer_idx: int, query: torch.Tensor) -> None:
+        if self.query_buffer is None:
+            b, hq, _, d = query.shape
+            self.query_buffer = query.new_zeros(len(self.layers), b, hq, self.press.query_window, d)
+        n = len(self.ring_slots)
+        if n == 1:
+            self.query_buffer[layer_idx, :, :, self.ring_slots[0]] = query[:, :, -1]
+        else:
+            index = torch.tensor(self.ring_slots, device=query.device)
+            self.query_buffer[layer_idx].index_copy_(2, index, query[:, :, -n:])
+
+    # --- measurement --------------------------------------------------------------------------------------------
     def track_critical(self, positions: list[list[int]], max_new_tokens: int, device) -> None:
         """Measure retention of these prompt positions (per sequence) after every forward."""
         self.critical = torch.zeros(len(positions), self.max_length, dtype=torch.bool, device=device)
@@ -370,27 +486,38 @@ class BudgetCache(DynamicCache):
         self.retention_log = torch.full((len(positions), len(self.layers), max_new_tokens), float("nan"),
                                         device=device)
 
+    def _record_retention(self) -> None:
+        """Fraction of the critical prompt positions held, per KV head, after this step's eviction."""
+        if self.decode_step >= self.retention_log.shape[2]:
+            return
+        critical = self.critical  # [B, max_length] bool
+        length = critical.shape[1]
+        n_layers, b, h, _ = self.valid.shape
+        held = torch.zeros(n_layers, b, h, length + 1, dtype=torch.bool, device=critical.device)
+        held.scatter_(3, torch.where(self.valid, self.positions, length).clamp(min=0, max=length), True)
+        kept = (held[..., :length] & critical[None, :, None, :]).sum(dim=-1).float()
+        total = critical.sum(dim=-1).float()[None, :, None]
+        fraction = (kept / total).mean(dim=-1)  # [L, B]; NaN for a prompt without critical tokens
+        self.retention_log[:, :, self.decode_step] = fraction.T
+
     # --- telemetry (host side, no synchronisation) ------------------------------------------------------------
-    def entries(self, row: int) -> float:
-        """Mean over layers of the valid entries per KV head held for sequence ``row``."""
-        return sum(layer.counts[row] for layer in self.layers) / len(self.layers)
+    def entries(self, row: int) -> int:
+        """Valid entries per KV head held for sequence ``row`` (the same in every layer)."""
+        return self.counts[row]
 
     def bytes_per_entry(self) -> int:
         """Bytes of one token's keys and values across all layers and KV heads."""
-        return sum(layer.keys.shape[1] * (layer.keys.shape[-1] + layer.values.shape[-1]) * layer.keys.element_size()
-                   for layer in self.layers if layer.is_initialized)
+        if self.keys is None:
+            return 0
+        n_layers, _, h, _, d = self.keys.shape
+        return n_layers * h * (d + self.values.shape[-1]) * self.keys.element_size()
 
     def peak_bytes(self, row: int) -> int:
-        total = 0
-        for layer in self.layers:
-            if layer.is_initialized:
-                _, h, _, d = layer.keys.shape
-                total += layer.peak[row] * h * (d + layer.values.shape[-1]) * layer.keys.element_size()
-        return total
+        return self.peak[row] * self.bytes_per_entry()
 
-    def evicted_tokens(self, row: int) -> float:
-        """Mean over layers of the entries evicted per KV head for sequence ``row``."""
-        return sum(layer.evicted[row] for layer in self.layers) / len(self.layers)
+    def evicted_tokens(self, row: int) -> int:
+        """Entries evicted per KV head for sequence ``row`` (the same in every layer)."""
+        return self.evicted[row]
 
     def kept_positions(self, row: int = 0) -> list[list[set[int]]]:
         """Per layer, per KV head, the positions currently held (for tests and analysis; synchronises)."""

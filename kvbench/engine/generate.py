@@ -146,6 +146,7 @@ def generate(
             input_ids=input_ids, position_ids=pos, past_key_values=cache, use_cache=True,
             kvbench_cache=cache, logits_to_keep=1,
         )
+        cache.end_step()
         return out.logits[:, -1]
 
     with torch.inference_mode(), use_kvbench_attention(model):
