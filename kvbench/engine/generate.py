@@ -6,8 +6,9 @@ counts against the budget. Finished sequences are frozen: they feed an invalid t
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -59,6 +60,12 @@ class SequenceOutput:
     logits: list[torch.Tensor] = field(default_factory=list, repr=False)
 
 
+@contextlib.contextmanager
+def _engine_mode(model):
+    with torch.inference_mode(), use_kvbench_attention(model):
+        yield
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -77,7 +84,17 @@ def _next_tokens(logits: torch.Tensor, settings: GenerationSettings, generators:
     return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generators)])
 
 
-def generate(
+def generate(*args, **kwargs) -> list[SequenceOutput]:
+    """Generate for a batch of tokenised prompts under ``press`` at ``budget``; see ``generation``."""
+    steps = generation(*args, **kwargs)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def generation(
     model: torch.nn.Module,
     prompts: Sequence[Sequence[int]],
     press: Press,
@@ -93,7 +110,8 @@ def generate(
     forced_tokens: Sequence[Sequence[int]] | None = None,
     on_logits: Callable[[int, torch.Tensor], None] | None = None,
     critical_positions: Sequence[Sequence[int]] | None = None,
-) -> list[SequenceOutput]:
+    static_shapes: bool = False,
+) -> Generator[int, None, list[SequenceOutput]]:
     """Generate for a batch of tokenised prompts under ``press`` at ``budget`` (None = no eviction).
 
     ``decode`` turns tokens into text (needed for stop strings and ``SequenceOutput.text``); ``seeds`` gives
@@ -101,6 +119,9 @@ def generate(
     is called after every forward (t = 0 for the prefill). ``forced_tokens`` replays given outputs instead of
     choosing (teacher forcing: finish reason "forced" when a sequence's tokens run out); ``on_logits(t, logits)``
     receives the [B, V] next-token logits that choose output token t (0-based) before it is chosen.
+
+    A generator: it yields the step number after the prefill (0) and after every decoding forward, and returns
+    the outputs, so that ``kvbench bench`` can time several generations side by side, step by step.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -126,7 +147,8 @@ def generate(
         raise KvbenchError(f"{config.model_type}: layers of type {sorted(layer_types - {'full_attention'})} are not "
                            "supported (kvbench evicts from full-attention caches only)")
     cache = BudgetCache(press, budget, config.num_hidden_layers, width + settings.max_new_tokens, seeds,
-                        measure_attention_loss=measure_attention_loss, max_new_tokens=settings.max_new_tokens)
+                        measure_attention_loss=measure_attention_loss, max_new_tokens=settings.max_new_tokens,
+                        static_shapes=static_shapes)
     if critical_positions is not None:  # prompt positions -> padded batch positions are the same (explicit)
         cache.track_critical(critical_positions, settings.max_new_tokens, device)
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
@@ -149,17 +171,22 @@ def generate(
         cache.end_step()
         return out.logits[:, -1]
 
-    with torch.inference_mode(), use_kvbench_attention(model):
+    # Each stretch of work between two yields runs in its own context, so generations interleaved by a caller
+    # never see each other's inference mode or attention setting.
+    with _engine_mode(model):
         _synchronize(device)
         start = time.perf_counter()
         logits = forward(ids, positions, valid, lengths)
         if on_step:
             on_step(cache, 0)
         _synchronize(device)
-        decode_start = time.perf_counter()
-        prefill_s = decode_start - start
+    decode_start = time.perf_counter()
+    prefill_s = decode_start - start
+    yield 0
 
-        for step in range(1, settings.max_new_tokens + 1):
+    active_masks: dict[tuple[bool, ...], torch.Tensor] = {}  # each crosses to the device once
+    for step in range(1, settings.max_new_tokens + 1):
+        with _engine_mode(model):
             if on_logits:
                 on_logits(step - 1, logits)
             if forced_tokens is not None:
@@ -193,17 +220,20 @@ def generate(
                     decode_end[row] = now
             if all(f is not None for f in finish):
                 break
-            active = [f is None for f in finish]
-            active_mask = torch.tensor(active, device=device)
+            active = tuple(f is None for f in finish)
+            if active not in active_masks:
+                active_masks[active] = torch.tensor(active, device=device)
+            active_mask = active_masks[active]
             step_ids = torch.where(active_mask, chosen, pad_token_id)[:, None]
             logits = forward(step_ids, next_position[:, None], active_mask[:, None], [int(a) for a in active], step)
-            next_position = next_position + active_mask.long()  # not in place: the cache keeps the old tensor
+            next_position = next_position + active_mask  # not in place: the cache keeps the old tensor
             for row in range(batch):
                 if active[row]:
                     cache_len_sum[row] += cache.entries(row)
             if on_step:
                 on_step(cache, step)
-        _synchronize(device)
+        yield step
+    _synchronize(device)
 
     results = []
     for row in range(batch):

@@ -1,0 +1,389 @@
+"""``kvbench bench``: decoding speed and memory of each press against the full cache, on equal work.
+
+Every cell (press x budget) of a batch size decodes the same random prompts for exactly ``gen_len`` tokens
+(EOS ignored). The cells of one batch size run side by side: their generations advance in turn, one decoding
+step each, every step timed between device synchronisations, so that all cells see the same machine
+conditions (a shared CPU's speed drifts by tens of percent within minutes). Ratios are to the full cache
+in the same run.
+
+With ``memory_gib``, each cell also runs alone at the largest batch whose memory fits in that many GiB:
+measured on CUDA (peak allocated at batch 1 and 2), estimated from the KV buffers elsewhere.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from kvbench.errors import KvbenchError
+from kvbench.models import DEFAULT_MODEL
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str = DEFAULT_MODEL
+    presses: tuple[str, ...] = ("streaming_llm", "knorm", "random", "snapkv-d", "h2o")
+    budgets: tuple[int, ...] = (128,)
+    batch_sizes: tuple[int, ...] = (1,)
+    prompt_len: int = 128
+    gen_len: int = 1024
+    press_args: tuple[str, ...] = ()
+    random_weights: bool = False
+    dtype: str = "auto"
+    device: str = "auto"
+    #: Decoding steps of an untimed generation per cell before measuring.
+    warmup: int = 8
+    memory_gib: float | None = None
+    #: Upper bound on the batch tried for ``memory_gib``.
+    max_batch: int = 1024
+    #: Attend over every preallocated slot (fixed shapes); with ``compile``, torch.compile the model.
+    static_shapes: bool = False
+    compile: bool = False
+    seed: int = 0
+    store: str | None = None
+
+
+@dataclass
+class BenchRow:
+    press: str
+    budget: int | None
+    batch: int
+    tokens_per_s: float
+    ms_per_step: float
+    ratio: float  # tokens/s over the full cache's, same batch, same run
+    kv_mib: float  # KV held at peak, whole batch
+    entries_per_head: int  # KV entries held at peak per layer, KV head and sequence
+    peak_memory_mib: float | None  # CUDA allocator peak of the cell run alone (None elsewhere)
+    setting: str = "side by side"  # or "equal memory" (the largest batch within --memory-gib)
+    extra: dict = field(default_factory=dict)
+
+
+def cells(config: BenchConfig) -> list[tuple[str, int | None]]:
+    """(press, budget) pairs: the full cache first (the reference), then every press at every budget."""
+    from kvbench.presses import PRESSES, PressError
+
+    unknown = [p for p in config.presses if p not in PRESSES]
+    if unknown:
+        raise PressError(f"unknown press {unknown[0]!r}; known: {', '.join(PRESSES)}")
+    if any(b < 1 for b in config.budgets):
+        raise KvbenchError(f"budget must be >= 1, got {min(config.budgets)}")
+    out: list[tuple[str, int | None]] = [("full", None)]
+    out += [(p, b) for p in config.presses if p != "full" for b in config.budgets]
+    return out
+
+
+def build_presses(config: BenchConfig) -> dict:
+    """Every press of the run by name, with its arguments (checked before any model loads)."""
+    from kvbench.presses import make_press, parse_press_args
+
+    names = list(dict.fromkeys(p for p, _ in cells(config)))
+    args = parse_press_args(list(config.press_args), names)
+    return {name: make_press(name, args[name]) for name in names}
+
+
+def validate(config: BenchConfig) -> None:
+    build_presses(config)
+    for name, value in (("--prompt-len", config.prompt_len), ("--gen-len", config.gen_len),
+                        *(("--batch-size", b) for b in config.batch_sizes), ("--max-batch", config.max_batch)):
+        if value < 1:
+            raise KvbenchError(f"{name} must be >= 1, got {value}")
+    if config.memory_gib is not None and config.memory_gib <= 0:
+        raise KvbenchError(f"--memory-gib must be > 0, got {config.memory_gib}")
+
+
+def execute(config: BenchConfig, on_progress: Callable[[str, int, int], None] | None = None):
+    """Run the benchmark: (rows, dtype name, device name). ``on_progress(label, done, total)`` follows the steps."""
+    import torch
+
+    from kvbench import models
+
+    validate(config)
+    loaded = models.load(config.model, dtype=config.dtype, device=config.device, seed=config.seed,
+                         random_weights=config.random_weights)
+    model = loaded.model
+    if config.compile:
+        model.forward = torch.compile(model.forward, dynamic=False)
+    bench = _Bench(config, model, loaded.device, build_presses(config), on_progress)
+    rows = []
+    for batch in config.batch_sizes:
+        rows += bench.side_by_side(batch)
+    if config.memory_gib is not None:
+        rows += bench.equal_memory(config.memory_gib)
+    if config.store:
+        store_rows(config, loaded, rows)
+    return rows, _dtype_name(loaded.dtype), _device_label(loaded.device)
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _device_label(device) -> str:
+    from kvbench.run import _device_name
+
+    return _device_name(device)
+
+
+class _Bench:
+    def __init__(self, config: BenchConfig, model, device, presses: dict, on_progress):
+        self.config, self.model, self.device, self.presses = config, model, device, presses
+        self.on_progress = on_progress or (lambda label, done, total: None)
+        vocab = model.config.get_text_config(decoder=True).vocab_size
+        import torch
+
+        generator = torch.Generator().manual_seed(config.seed)
+        rows = max(config.max_batch if config.memory_gib else 1, *config.batch_sizes)
+        self.prompts = torch.randint(0, vocab, (rows, config.prompt_len), generator=generator).tolist()
+
+    def _generation(self, press_name: str, budget: int | None, batch: int, gen_len: int):
+        from kvbench.engine.generate import GenerationSettings, generation
+
+        settings = GenerationSettings(max_new_tokens=gen_len, seed=self.config.seed)  # no EOS: equal work
+        return generation(self.model, self.prompts[:batch], self.presses[press_name], budget, settings,
+                          static_shapes=self.config.static_shapes or self.config.compile)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
+    def _drain(self, steps) -> list:
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def side_by_side(self, batch: int) -> list[BenchRow]:
+        config = self.config
+        pairs = cells(config)
+        for press_name, budget in pairs:  # warm-up: kernels, allocator, caches
+            self._drain(self._generation(press_name, budget, batch, min(config.warmup, config.gen_len)))
+        running = [self._generation(p, b, batch, config.gen_len) for p, b in pairs]
+        for steps in running:
+            next(steps)  # the prefill, not timed
+        times: list[list[float]] = [[] for _ in pairs]
+        outputs: list[list | None] = [None] * len(pairs)
+        total = (config.gen_len - 1) * len(pairs)
+        done = 0
+        label = f"batch {batch}: {len(pairs)} cells side by side"
+        while any(o is None for o in outputs):
+            for i, steps in enumerate(running):
+                if outputs[i] is not None:
+                    continue
+                self._sync()
+                start = time.perf_counter()
+                try:
+                    next(steps)
+                except StopIteration as finished:
+                    outputs[i] = finished.value
+                    continue
+                self._sync()
+                times[i].append(time.perf_counter() - start)
+                done += 1
+                self.on_progress(label, done, total)
+        rows = []
+        for (press_name, budget), step_times, outs in zip(pairs, times, outputs):
+            rows.append(self._row(press_name, budget, batch, step_times, outs, None))
+        full = rows[0].tokens_per_s
+        for row in rows:
+            row.ratio = row.tokens_per_s / full
+        if self.device.type == "cuda":
+            for row in rows:
+                row.peak_memory_mib = self._peak_memory(row.press, row.budget, batch) / 2**20
+        return rows
+
+    def _row(self, press_name, budget, batch, step_times, outs, peak_memory) -> BenchRow:
+        seconds = sum(step_times)
+        per_seq = max(o.peak_kv_bytes for o in outs)
+        bytes_per_entry = self._bytes_per_entry()
+        return BenchRow(
+            press=press_name, budget=budget, batch=batch, tokens_per_s=batch * len(step_times) / seconds,
+            ms_per_step=1000 * statistics.mean(step_times), ratio=math.nan, kv_mib=batch * per_seq / 2**20,
+            entries_per_head=per_seq // bytes_per_entry, peak_memory_mib=peak_memory,
+        )
+
+    def _bytes_per_entry(self) -> int:
+        cfg = self.model.config.get_text_config(decoder=True)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        element = next(self.model.parameters()).element_size()
+        return cfg.num_hidden_layers * cfg.num_key_value_heads * 2 * head_dim * element
+
+    def _peak_memory(self, press_name: str, budget: int | None, batch: int) -> int:
+        """CUDA allocator peak of one generation run alone (weights included)."""
+        import torch
+
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._drain(self._generation(press_name, budget, batch, self.config.gen_len))
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def _bytes_per_sequence(self, press_name: str, budget: int | None) -> tuple[float, float]:
+        """(fixed bytes, bytes per sequence) of one generation: measured on CUDA, else the KV buffers alone."""
+        config = self.config
+        if self.device.type == "cuda":
+            one, two = (self._peak_memory(press_name, budget, b) for b in (1, 2))
+            return one - (two - one), two - one
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        length = config.prompt_len + config.gen_len
+        capacity = length if budget is None else min(budget + self.presses[press_name].buffer, length)
+        return weights, capacity * self._bytes_per_entry()
+
+    def equal_memory(self, memory_gib: float) -> list[BenchRow]:
+        """Each cell alone at the largest batch that fits in ``memory_gib``; ratio to the full cache's."""
+        import torch
+
+        limit = memory_gib * 2**30
+        rows = []
+        for press_name, budget in cells(self.config):
+            fixed, per_seq = self._bytes_per_sequence(press_name, budget)
+            batch = min(self.config.max_batch, int((limit - fixed) // per_seq))
+            while batch >= 1:
+                try:
+                    rows.append(self._alone(press_name, budget, batch, fixed, per_seq))
+                    break
+                except torch.cuda.OutOfMemoryError:
+                    batch = int(batch * 0.9)
+                    gc.collect()
+                    torch.cuda.empty_cache()
+            else:
+                raise KvbenchError(f"{press_name}: not even one sequence fits in {memory_gib} GiB")
+        measured = "measured" if self.device.type == "cuda" else "KV estimate"
+        for row in rows:
+            row.setting = f"largest batch within {memory_gib:g} GiB ({measured})"
+        for row in rows:
+            row.ratio = row.tokens_per_s / rows[0].tokens_per_s
+        return rows
+
+    def _alone(self, press_name, budget, batch, fixed, per_seq) -> BenchRow:
+        import torch
+
+        self._drain(self._generation(press_name, budget, batch, min(self.config.warmup, self.config.gen_len)))
+        if self.device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        steps = self._generation(press_name, budget, batch, self.config.gen_len)
+        next(steps)
+        times, label = [], f"{press_name} alone at batch {batch}"
+        while True:
+            self._sync()
+            start = time.perf_counter()
+            try:
+                next(steps)
+            except StopIteration as finished:
+                outs = finished.value
+                break
+            self._sync()
+            times.append(time.perf_counter() - start)
+            self.on_progress(label, len(times), self.config.gen_len - 1)
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
+        row = self._row(press_name, budget, batch, times, outs, peak)
+        row.extra = {"estimated_mib_per_sequence": per_seq / 2**20, "fixed_mib": fixed / 2**20,
+                     "memory_measured": self.device.type == "cuda"}
+        return row
+
+
+# --- the store and the report ---------------------------------------------------------------------------------
+def store_rows(config: BenchConfig, loaded, rows: list[BenchRow]) -> Path:
+    """Append the rows, with what was run and where, to ``STORE/bench/`` (one Parquet part per run, atomic)."""
+    import os
+    import uuid
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    now = dt.datetime.now(dt.UTC)
+    common = {
+        "created_at": now.isoformat(timespec="seconds"), "model": config.model,
+        "random_weights": config.random_weights, "dtype": _dtype_name(loaded.dtype),
+        "device": _device_label(loaded.device), "prompt_len": config.prompt_len, "gen_len": config.gen_len,
+        "static_shapes": config.static_shapes, "compile": config.compile, "torch_version": torch.__version__,
+        "press_args": " ".join(config.press_args),
+    }
+    records = []
+    for row in rows:
+        record = {**common, **asdict(row)}
+        record["extra"] = str(record["extra"])
+        records.append(record)
+    folder = Path(config.store) / "bench"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"part-{now.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
+    tmp = folder / f".{name}.tmp"
+    pq.write_table(pa.Table.from_pylist(records), tmp)
+    os.replace(tmp, folder / name)
+    return folder / name
+
+
+def load_rows(store: str | Path):
+    """Every stored bench row (a DataFrame), oldest first."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    parts = sorted((Path(store) / "bench").glob("part-*.parquet"))
+    if not parts:
+        raise KvbenchError(f"no benchmark results in {store} (run `kvbench bench --store {store}`)")
+    return pd.concat([pq.read_table(p).to_pandas() for p in parts], ignore_index=True).sort_values("created_at")
+
+
+RUN_COLUMNS = ["model", "random_weights", "device", "dtype", "prompt_len", "gen_len", "static_shapes", "compile",
+               "press_args"]
+
+
+def frame(config: BenchConfig, loaded_dtype: str, device: str, rows: list[BenchRow]):
+    """The rows of one run as the DataFrame ``render`` takes."""
+    import pandas as pd
+
+    common = {"model": config.model, "random_weights": config.random_weights, "device": device,
+              "dtype": loaded_dtype, "prompt_len": config.prompt_len, "gen_len": config.gen_len,
+              "static_shapes": config.static_shapes, "compile": config.compile,
+              "press_args": " ".join(config.press_args)}
+    return pd.DataFrame([{**common, **asdict(r)} for r in rows])
+
+
+def render(df, fmt: str = "markdown") -> str:
+    """One table per run configuration and setting (the latest run of each), as markdown, csv or plain text."""
+    if fmt not in ("markdown", "csv", "terminal"):
+        raise KvbenchError(f"unknown bench format {fmt!r} (markdown, csv, terminal)")
+    out = []
+    if "created_at" in df:
+        latest = df.groupby(RUN_COLUMNS, dropna=False)["created_at"].transform("max")
+        df = df[df["created_at"] == latest]
+    for key, group in df.groupby([*RUN_COLUMNS, "setting"], dropna=False, sort=False):
+        info = dict(zip([*RUN_COLUMNS, "setting"], key))
+        weights = ", random weights" if info["random_weights"] else ""
+        title = (f"{info['model']}{weights}, {info['dtype']} on {info['device']}: prompt {info['prompt_len']} + "
+                 f"{info['gen_len']} generated tokens, {info['setting']}"
+                 + (f", press args: {info['press_args']}" if info["press_args"] else "")
+                 + (", torch.compile" if info["compile"] else ", static shapes" if info["static_shapes"] else ""))
+        table = group.assign(
+            budget=group["budget"].map(lambda b: "full" if b is None or b != b else str(int(b))),
+            peak_memory_mib=group["peak_memory_mib"].map(lambda m: "n/a" if m is None or m != m else f"{m:.0f}"),
+        )[["press", "budget", "batch", "tokens_per_s", "ms_per_step", "ratio", "kv_mib", "entries_per_head",
+           "peak_memory_mib"]]
+        headers = ["press", "budget", "batch", "tok/s", "ms/step", "× full", "KV MiB", "KV entries/head",
+                   "peak device MiB"]
+        if fmt == "csv":
+            out.append(f"# {title}\n" + table.to_csv(index=False, header=headers, float_format="%.4g"))
+            continue
+        lines = [title, ""] if fmt == "terminal" else [f"**{title}**", ""]
+        cells = [[str(v) if not isinstance(v, float) else f"{v:.3f}" if c == "ratio" else f"{v:.2f}"
+                  for c, v in row.items()] for _, row in table.iterrows()]
+        widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+        lines.append("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |")
+        lines.append("|" + "|".join("-" * (w + 1) + ":" if i else ":" + "-" * (w + 1)
+                                    for i, w in enumerate(widths)) + "|")
+        for r in cells:
+            lines.append("| " + " | ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths)))
+                         + " |")
+        out.append("\n".join(lines) + "\n")
+    return "\n".join(out)

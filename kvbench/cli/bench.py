@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from kvbench.cli.run import _split
+
+
+def bench(
+    model: str = typer.Option("smollm2-135m", help="Model as for `run`; with --random-weights also a shape alias: "
+                              "r1-qwen-7b, llama-3.1-8b."),
+    press: list[str] = typer.Option(["streaming_llm,knorm,random,snapkv-d,h2o"], "--press", "-p",
+                                    help="Presses to time; the full cache always runs as the reference."),
+    budget: list[str] = typer.Option(["128"], "--budget", "-b", help="KV entries per layer per KV head; repeatable."),
+    batch_size: list[str] = typer.Option(["1"], "--batch-size", help="Batch sizes; repeatable or comma-separated."),
+    prompt_len: int = typer.Option(128, help="Prompt tokens (random ids, seeded)."),
+    gen_len: int = typer.Option(1024, help="Generated tokens per sequence (EOS ignored, so every cell does the same "
+                                "work)."),
+    press_arg: list[str] = typer.Option([], "--press-arg", "-a", help="Press parameter key=value or press.key=value."),
+    random_weights: bool = typer.Option(False, "--random-weights", help="Build the model from its configuration with "
+                                        "random weights (no download); needed for the shape aliases."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
+    device: str = typer.Option("auto", help="auto (cuda if present), cpu, cuda, cuda:N."),
+    warmup: int = typer.Option(8, help="Decoding steps of an untimed generation per cell first."),
+    memory_gib: float | None = typer.Option(None, "--memory-gib", help="Also run each cell alone at the largest batch "
+                                            "fitting in this memory (measured on CUDA, KV estimate elsewhere)."),
+    max_batch: int = typer.Option(1024, help="Largest batch tried with --memory-gib."),
+    static_shapes: bool = typer.Option(False, "--static-shapes", help="Attend over every preallocated slot, so every "
+                                       "decoding step has the same shapes."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model's forward (implies "
+                                 "--static-shapes)."),
+    seed: int = typer.Option(0, help="Seed of the prompts, the random weights and seeded presses."),
+    store: Path | None = typer.Option(None, help="Also append the results to STORE/bench/ (see `kvbench report "
+                                      "--bench`)."),
+    format: str = typer.Option("terminal", "--format", "-f", help="terminal, markdown or csv."),
+) -> None:
+    """Decoding speed and memory of each press against the full cache: tokens/s, ms per step, ratio, KV MiB.
+
+    The cells of a batch size run side by side, one decoding step each in turn, so they share the machine's
+    conditions; every step is timed between device synchronisations, after a warm-up.
+    """
+    from kvbench.bench import BenchConfig, execute, frame, render, validate
+    from kvbench.cli.progress import progress_bar
+    from kvbench.errors import KvbenchError
+    from kvbench.run import parse_budget
+
+    budgets = tuple(parse_budget(b) for b in _split(budget))
+    if None in budgets:
+        raise KvbenchError("bench budgets are numbers (the full cache always runs as the reference)")
+    try:
+        batches = tuple(int(b) for b in _split(batch_size))
+    except ValueError:
+        raise KvbenchError(f"--batch-size takes integers, got {batch_size}") from None
+    config = BenchConfig(
+        model=model, presses=tuple(_split(press)), budgets=budgets, batch_sizes=batches, prompt_len=prompt_len,
+        gen_len=gen_len, press_args=tuple(press_arg), random_weights=random_weights, dtype=dtype, device=device,
+        warmup=warmup, memory_gib=memory_gib, max_batch=max_batch, static_shapes=static_shapes, compile=compile,
+        seed=seed, store=str(store) if store else None,
+    )
+    validate(config)  # bad input fails before the model loads
+    with progress_bar() as progress:
+        bar = progress.add_task(f"loading {model}", total=None)
+
+        def on_progress(label: str, done: int, total: int) -> None:
+            progress.update(bar, completed=done, total=total, description=label)
+
+        rows, dtype_name, device_name = execute(config, on_progress=on_progress)
+    typer.echo(render(frame(config, dtype_name, device_name, rows), fmt=format), nl=False)
+    if store:
+        typer.echo(f"stored in {store}/bench/")
