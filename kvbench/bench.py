@@ -45,6 +45,8 @@ class BenchConfig:
     #: Attend over every preallocated slot (fixed shapes); with ``compile``, torch.compile the model.
     static_shapes: bool = False
     compile: bool = False
+    #: Write a torch profiler table of each cell's decoding steps to this directory.
+    profile_dir: str | None = None
     seed: int = 0
     store: str | None = None
 
@@ -99,7 +101,6 @@ def validate(config: BenchConfig) -> None:
 
 def execute(config: BenchConfig, on_progress: Callable[[str, int, int], None] | None = None):
     """Run the benchmark: (rows, dtype name, device name). ``on_progress(label, done, total)`` follows the steps."""
-    import torch
 
     from kvbench import models
 
@@ -108,11 +109,13 @@ def execute(config: BenchConfig, on_progress: Callable[[str, int, int], None] | 
                          random_weights=config.random_weights)
     model = loaded.model
     if config.compile:
-        model.forward = torch.compile(model.forward, dynamic=False)
+        compile_tensor_work(model)
     bench = _Bench(config, model, loaded.device, build_presses(config), on_progress)
     rows = []
     for batch in config.batch_sizes:
         rows += bench.side_by_side(batch)
+        if config.profile_dir:
+            bench.profile(batch, Path(config.profile_dir))
     if config.memory_gib is not None:
         rows += bench.equal_memory(config.memory_gib)
     if config.store:
@@ -128,6 +131,19 @@ def _device_label(device) -> str:
     from kvbench.run import _device_name
 
     return _device_name(device)
+
+
+def compile_tensor_work(model) -> None:
+    """torch.compile each decoder layer's MLP and norms: the work with fixed shapes and no cache logic.
+
+    Attention stays eager: the cache's slot bookkeeping is host-side Python that graphs would break on.
+    """
+    import torch
+
+    for layer in model.model.layers:
+        for name in ("mlp", "input_layernorm", "post_attention_layernorm"):
+            if hasattr(layer, name):
+                setattr(layer, name, torch.compile(getattr(layer, name), dynamic=False))
 
 
 class _Bench:
@@ -199,6 +215,21 @@ class _Bench:
             for row in rows:
                 row.peak_memory_mib = self._peak_memory(row.press, row.budget, batch) / 2**20
         return rows
+
+    def profile(self, batch: int, directory: Path, steps: int = 64) -> None:
+        """Per cell, the operators of ``steps`` decoding steps by self time (device time on CUDA)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        directory.mkdir(parents=True, exist_ok=True)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        for press_name, budget in cells(self.config):
+            generation = self._generation(press_name, budget, batch, min(self.config.gen_len, steps + 1))
+            next(generation)  # the prefill, not profiled
+            with profile(activities=activities) as prof:
+                self._drain(generation)
+            name = f"{press_name}-{budget or 'full'}-b{batch}.txt"
+            (directory / name).write_text(prof.key_averages().table(sort_by=sort, row_limit=40))
 
     def _row(self, press_name, budget, batch, step_times, outs, peak_memory) -> BenchRow:
         seconds = sum(step_times)

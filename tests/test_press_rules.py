@@ -19,7 +19,7 @@ def view_of(keys=None, attention=None, state=None, budget=5, seed=0):
         positions=torch.tensor(POSITIONS).view(1, 1, s), valid=torch.ones(1, 1, s, dtype=torch.bool),
         state={k: torch.tensor(v, dtype=torch.float32).view(1, 1, s) for k, v in (state or {}).items()},
         query_position=torch.tensor([7]), budget=budget,
-        generators=[torch.Generator().manual_seed(seed)],
+        seeds=torch.tensor([seed]),
     )
 
 

@@ -28,8 +28,10 @@ def bench(
     max_batch: int = typer.Option(1024, help="Largest batch tried with --memory-gib."),
     static_shapes: bool = typer.Option(False, "--static-shapes", help="Attend over every preallocated slot, so every "
                                        "decoding step has the same shapes."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the model's forward (implies "
-                                 "--static-shapes)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile each layer's MLP and norms (implies "
+                                 "--static-shapes; experimental: slower on CPU)."),
+    profile: Path | None = typer.Option(None, "--profile", help="Also write each cell's torch profiler table "
+                                        "(64 decoding steps) to this directory."),
     seed: int = typer.Option(0, help="Seed of the prompts, the random weights and seeded presses."),
     store: Path | None = typer.Option(None, help="Also append the results to STORE/bench/ (see `kvbench report "
                                       "--bench`)."),
@@ -56,7 +58,7 @@ def bench(
         model=model, presses=tuple(_split(press)), budgets=budgets, batch_sizes=batches, prompt_len=prompt_len,
         gen_len=gen_len, press_args=tuple(press_arg), random_weights=random_weights, dtype=dtype, device=device,
         warmup=warmup, memory_gib=memory_gib, max_batch=max_batch, static_shapes=static_shapes, compile=compile,
-        seed=seed, store=str(store) if store else None,
+        profile_dir=str(profile) if profile else None, seed=seed, store=str(store) if store else None,
     )
     validate(config)  # bad input fails before the model loads
     with progress_bar() as progress:

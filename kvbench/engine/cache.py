@@ -16,7 +16,7 @@ so deciding costs no device synchronisation.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
@@ -60,7 +60,10 @@ class SlotView:
     state: dict[str, torch.Tensor]  # per-slot press state, [N, H, S]
     query_position: torch.Tensor  # [N] position of the newest token
     budget: int | None
-    generators: list[torch.Generator] = field(default_factory=list)  # one per row
+    #: [N] int64 seed of each row (from the sequence's seed and the layer), and the forward's number, for
+    #: presses that draw random numbers: a function of these and a slot's position is batch-invariant.
+    seeds: torch.Tensor | None = None
+    step: int = 0
     layer_idx: int | None = None
     window: QueryWindow | None = None
     #: Overrides ``attention`` (tests hand-make attention this way).
@@ -206,7 +209,7 @@ class BudgetLayer(DynamicLayer):
         return SlotView(
             keys=src["keys"], values=src["values"], positions=src["positions"], valid=src["valid"],
             state=src["state"], query_position=cache.query_position, budget=cache.budget,
-            generators=cache.generators[self.layer_idx], layer_idx=self.layer_idx, window=window,
+            seeds=cache.row_seeds[self.layer_idx], step=cache.decode_step, layer_idx=self.layer_idx, window=window,
         )
 
     # --- after attention -------------------------------------------------------------------------------------
@@ -287,9 +290,7 @@ class BudgetCache(DynamicCache):
         self.max_new_tokens = max_new_tokens
         self.measure_attention_loss = measure_attention_loss
         batch = len(seeds)
-        self.generators = [
-            [torch.Generator().manual_seed(seed * 1_000_003 + layer) for seed in seeds] for layer in range(num_layers)
-        ]
+        self.row_seeds = torch.tensor([[seed * 1_000_003 + layer for seed in seeds] for layer in range(num_layers)])
         # Stacked buffers, allocated by the first layer to see keys: [layers, B, H, capacity, ...].
         self.keys: torch.Tensor | None = None
         self.values = self.positions = self.valid = None
@@ -334,9 +335,7 @@ class BudgetCache(DynamicCache):
         self.valid = torch.zeros(n_layers, b, h, c, dtype=torch.bool, device=device)
         self.state = {n: torch.zeros(n_layers, b, h, c, dtype=torch.float32, device=device)
                       for n in self.press.state_names}
-        if device.type != "cpu":
-            self.generators = [[torch.Generator(device=device).manual_seed(g.initial_seed()) for g in row]
-                               for row in self.generators]
+        self.row_seeds = self.row_seeds.to(device)
 
     # --- the step protocol ---------------------------------------------------------------------------------------
     def begin_step(self, positions: torch.Tensor, valid: torch.Tensor, valid_counts: list[int],
@@ -414,7 +413,7 @@ class BudgetCache(DynamicCache):
             keys=fold(self.keys), values=fold(self.values), positions=fold(self.positions), valid=fold(self.valid),
             state={name: fold(s) for name, s in self.state.items()},
             query_position=self.query_position.repeat(n_layers), budget=self.budget,
-            generators=[g for row in self.generators for g in row], window=window,
+            seeds=self.row_seeds.flatten(), step=self.decode_step, window=window,
         )
 
     def _evict_in_place(self, view: SlotView) -> None:

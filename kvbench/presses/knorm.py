@@ -19,4 +19,7 @@ class KNormPress(Press):
     recent_window: int = 0
 
     def score(self, view) -> torch.Tensor:
-        return protect(-view.keys.float().norm(dim=-1), view, n_sink=self.n_sink, recent=self.recent_window)
+        # RoPE preserves norms, so a repeated token's keys tie exactly in the first layer. Rounding to 2^-12 makes
+        # float noise (which differs between batch shapes) a tie too, and ties go to the newest entry.
+        norms = torch.round(view.keys.float().norm(dim=-1) * 4096) / 4096
+        return protect(-norms, view, n_sink=self.n_sink, recent=self.recent_window)

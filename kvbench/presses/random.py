@@ -14,6 +14,19 @@ class RandomPress(Press):
     source = "-"
 
     def score(self, view) -> torch.Tensor:
-        _, h, s = view.positions.shape
-        rows = [torch.rand(h, s, generator=g, device=view.positions.device) for g in view.generators]
-        return torch.stack(rows)
+        # A hash of (row seed, step, KV head, position), not a generator's stream: the draws do not depend on
+        # how many slots the batch holds or where a token sits, so a sequence evicts alike in any batch.
+        h = view.positions.shape[1]
+        heads = torch.arange(h, device=view.positions.device)
+        x = _mix(_mix(view.seeds * 1_000_003 + view.step)[:, None, None] ^ heads[None, :, None])
+        x = _mix(x ^ view.positions)
+        return ((x >> 11) & ((1 << 53) - 1)).double().div(2.0**53).float()
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 (multiplication wraps; logical right shifts by masking)."""
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * -4658895280553007687  # 0xbf58476d1ce4e5b9
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * -7723592293110705685  # 0x94d049bb133111eb
+    return x ^ ((x >> 31) & ((1 << 33) - 1))

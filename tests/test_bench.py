@@ -1,0 +1,134 @@
+"""Batched decoding equals batch 1; no per-step growth once the cache is full; `kvbench bench` end to end."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from kvbench.engine.generate import GenerationSettings, generate
+from kvbench.presses import PRESSES, make_press
+from tests.conftest import prompt_ids
+from tests.test_cli import kvbench
+
+ARGS = {"rkv": {"buffer": "4"}}  # R-KV's default buffer (128) never fills in a short test
+
+
+@pytest.mark.parametrize("press_name", list(PRESSES))
+@pytest.mark.parametrize("budget", [14, 28])  # 14: some prompts compressed at prefill; 28: all evict while decoding
+def test_batched_output_equals_batch_one(tiny, press_name, budget):
+    """Prompts of different lengths decoded together give, token for token, what each gives alone."""
+    model, tokenizer = tiny
+    ids = prompt_ids(tokenizer)
+    prompts = [ids[:31], ids[5:14], ids[:22], ids[3:7]]
+    press = make_press(press_name, ARGS.get(press_name))
+    free = [generate(model, [p], press, budget, GenerationSettings(max_new_tokens=40))[0].tokens for p in prompts]
+    # An EOS that some sequences meet and others never do: those go on beside frozen rows.
+    eos = next(t for t in free[1][5:] if any(t not in other for other in free))
+    settings = GenerationSettings(max_new_tokens=40, eos_token_ids=(eos,), seed=1)
+    alone = [generate(model, [p], press, budget, settings, seeds=[i])[0] for i, p in enumerate(prompts)]
+    together = generate(model, prompts, press, budget, settings, seeds=list(range(len(prompts))))
+    assert any(o.finish_reason == "eos" for o in alone) and any(o.finish_reason == "length" for o in alone)
+    for one, batched in zip(alone, together):
+        assert batched.tokens == one.tokens
+        assert (batched.evicted_tokens, batched.peak_kv_bytes) == (one.evicted_tokens, one.peak_kv_bytes)
+    if press_name != "full":
+        assert sum(o.evicted_tokens for o in alone) > 0
+
+
+class AllocationMeter(TorchDispatchMode):
+    """Bytes of every tensor that an operation creates (views excluded: they allocate nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.bytes += t.untyped_storage().nbytes()
+        return out
+
+
+def allocated_per_step(model, prompt, press, budget, steps):
+    meter = AllocationMeter()
+    per_step, last = [], [0]
+
+    def on_step(cache, t):
+        per_step.append(meter.bytes - last[0])
+        last[0] = meter.bytes
+
+    with meter:
+        generate(model, [prompt], press, budget, GenerationSettings(max_new_tokens=steps), on_step=on_step)
+    return per_step
+
+
+@pytest.mark.parametrize("press_name", [p for p in PRESSES if p != "full"])
+def test_memory_per_step_does_not_grow_once_the_cache_is_full(tiny_llama, press_name):
+    model, tokenizer = tiny_llama
+    prompt = prompt_ids(tokenizer)[:20]
+    per_step = allocated_per_step(model, prompt, make_press(press_name, ARGS.get(press_name)), 24, 90)
+    # The cache is full after a few steps (rkv: its buffer of 4 cycles every 4 steps).
+    early, late = per_step[20:40], per_step[70:90]
+    assert max(late) == max(early) and sorted(set(late)) == sorted(set(early))
+
+
+def test_allocation_meter_sees_the_full_cache_grow(tiny_llama):
+    """Control: without eviction, attention over the growing cache allocates more at every step."""
+    model, tokenizer = tiny_llama
+    per_step = allocated_per_step(model, prompt_ids(tokenizer)[:20], make_press("full"), None, 90)
+    assert min(per_step[70:90]) > max(per_step[20:40])
+
+
+def test_bench_runs_presses_side_by_side_and_stores_them(tmp_path):
+    store = tmp_path / "s"
+    result = kvbench("bench", "--model", "tiny-llama", "-p", "snapkv-d,h2o", "-b", "8", "--prompt-len", "10",
+                     "--gen-len", "16", "--batch-size", "1,2", "--memory-gib", "0.0006", "--max-batch", "64",
+                     "--store", str(store), "-f", "csv")
+    assert result.returncode == 0, result.stderr
+    from kvbench import bench
+
+    df = bench.load_rows(store)
+    side = df[df["setting"] == "side by side"]
+    assert len(side) == 6 and set(side["batch"]) == {1, 2}
+    assert (side[side["press"] == "full"]["ratio"] == 1.0).all()
+    # KV held at peak: budget + buffer entries per head for a press, every token but the last for the full cache
+    assert set(side[side["press"] != "full"]["entries_per_head"]) == {9}
+    assert set(side[side["press"] == "full"]["entries_per_head"]) == {10 + 16 - 1}
+    per_entry = 3 * 2 * 2 * 16 * 4  # layers x KV heads x (k, v) x head_dim x fp32
+    one = side[(side["batch"] == 1) & (side["press"] == "h2o")].iloc[0]
+    assert one["kv_mib"] * 2**20 == pytest.approx(9 * per_entry)
+    # Within the same memory (weights 0.58 MB here), the presses fit a larger batch than the full cache
+    from kvbench.models import build_tiny
+
+    weights = sum(p.numel() * 4 for p in build_tiny("tiny-llama")[0].parameters())
+    equal = df[df["setting"] != "side by side"].set_index("press")
+    kv_bytes = {"full": 25 * per_entry, "snapkv-d": 9 * per_entry}
+    for press, kv in kv_bytes.items():
+        assert equal.loc[press, "batch"] == int((0.0006 * 2**30 - weights) // kv)
+    assert equal.loc["snapkv-d", "batch"] > equal.loc["full", "batch"]
+    assert "tok/s" in kvbench("report", str(store), "--bench").stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-p", "nope"], "unknown press"),
+    (["-b", "0"], "budget must be >= 1"),
+    (["-b", "full"], "bench budgets are numbers"),
+    (["--gen-len", "0"], "--gen-len must be >= 1"),
+    (["--model", "r1-qwen-7b"], "use it with --random-weights"),
+])
+def test_bench_bad_input_fails_cleanly(args, message):
+    result = kvbench("bench", "--model", "tiny-llama", *args)
+    assert result.returncode == 2 and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_shape_aliases_have_the_published_kv_shapes():
+    from kvbench.models import model_config, resolve
+
+    qwen = model_config(resolve("r1-qwen-7b"))
+    assert (qwen.num_hidden_layers, qwen.num_attention_heads, qwen.num_key_value_heads) == (28, 28, 4)
+    assert qwen.hidden_size // qwen.num_attention_heads == 128 and qwen.vocab_size == 152064
+    llama = model_config(resolve("llama-3.1-8b"))
+    assert (llama.num_hidden_layers, llama.num_key_value_heads, llama.head_dim) == (32, 8, 128)
+    assert llama.rope_parameters["rope_type"] == "llama3"
