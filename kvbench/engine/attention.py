@@ -44,14 +44,17 @@ def attention_probs(
     total = torch.zeros(b, h, group, s, dtype=torch.float32, device=keys.device)
     for start in range(0, lq, _QUERY_CHUNK):
         stop = min(lq, start + _QUERY_CHUNK)
-        q = query[:, :, start:stop].float().reshape(b, h, group * (stop - start), d)
-        logits = torch.matmul(q, keys32.transpose(-1, -2)) * scaling  # [B, H, G*l, S]
-        q_pos = query_positions[:, start:stop].repeat(1, group)  # group-major, matching the reshape above
-        mask = key_valid[:, :, None, :] & (key_positions[:, :, None, :] <= q_pos[:, None, :, None])
-        logits = logits.masked_fill(~mask, torch.finfo(torch.float32).min)
-        probs = torch.softmax(logits, dim=-1) * mask
-        probs = probs * query_valid[:, start:stop].repeat(1, group)[:, None, :, None]
-        total += probs.reshape(b, h, group, stop - start, s).sum(dim=3)
+        n = stop - start
+        # Scale the (small) queries, not the logits; masks are built once per KV head and broadcast over the
+        # GQA group; an invalid query sees no key, so its row is zeroed with the masked-out keys.
+        q = (query[:, :, start:stop].float() * scaling).reshape(b, h, group * n, d)
+        logits = torch.matmul(q, keys32.transpose(-1, -2)).view(b, h, group, n, s)
+        mask = key_valid[:, :, None, :] & (key_positions[:, :, None, :] <= query_positions[:, None, start:stop, None])
+        mask &= query_valid[:, None, start:stop, None]
+        mask = mask[:, :, None]  # [B, H, 1, n, S]
+        logits.masked_fill_(~mask, torch.finfo(torch.float32).min)
+        probs = torch.softmax(logits, dim=-1).mul_(mask)
+        total += probs.sum(dim=3)
     if reduce == "mean":
         total = total / query_valid.sum(dim=-1).clamp(min=1)[:, None, None, None]
     elif reduce != "sum":
