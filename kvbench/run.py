@@ -134,6 +134,8 @@ def run_key(config: RunConfig, task: Task, cell: Cell, model_revision: str | Non
         payload["measure"] = sorted(config.measure)
     if config.kind != "generate":
         payload["kind"] = config.kind
+    if cell.press.revision > 1:
+        payload["press_revision"] = cell.press.revision
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -20,7 +20,7 @@ def test_batched_output_equals_batch_one(tiny, press_name, budget):
     ids = prompt_ids(tokenizer)
     prompts = [ids[:31], ids[5:14], ids[:22], ids[3:7]]
     press = make_press(press_name, ARGS.get(press_name))
-    free = [generate(model, [p], press, budget, GenerationSettings(max_new_tokens=40))[0].tokens for p in prompts]
+    free = [o.tokens for o in generate(model, prompts, press, budget, GenerationSettings(max_new_tokens=40))]
     # An EOS that some sequences meet and others never do: those go on beside frozen rows.
     eos = next(t for t in free[1][5:] if any(t not in other for other in free))
     settings = GenerationSettings(max_new_tokens=40, eos_token_ids=(eos,), seed=1)

@@ -145,3 +145,17 @@ def test_unknown_measurement_is_refused(tmp_path):
     result = kvbench("run", "--model", "tiny-llama", "-p", "h2o", "-b", "8", "--measure", "vibes",
                      "--store", str(tmp_path))
     assert result.returncode == 2 and "--measure 'vibes' is unknown" in result.stderr
+
+
+def test_run_key_changes_with_a_press_revision(monkeypatch):
+    """A press whose choices changed (knorm, random: revision 2) never reuses rows stored by its old code."""
+    from kvbench.presses import make_press
+    from kvbench.presses.knorm import KNormPress
+    from kvbench.run import Cell, run_key
+    from kvbench.tasks import load_task
+
+    task = load_task("arith")
+    cell = Cell(press=make_press("knorm"), budget=64)
+    current = run_key(RunConfig(), task, cell, None)
+    monkeypatch.setattr(KNormPress, "revision", 1)
+    assert run_key(RunConfig(), task, cell, None) != current

@@ -12,6 +12,7 @@ class KNormPress(Press):
     name = "knorm"
     summary = "lowest key L2 norm"
     source = "Devoto et al. 2024, arXiv 2406.11430"
+    revision = 2  # norms rounded to 2^-12 (batch-invariant ties)
 
     #: First tokens always kept. 0 = no protection, as in Devoto et al., kvpress and the paper.
     n_sink: int = 0

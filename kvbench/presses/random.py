@@ -12,6 +12,7 @@ class RandomPress(Press):
     name = "random"
     summary = "uniform random scores"
     source = "-"
+    revision = 2  # hash draws instead of generator streams
 
     def score(self, view) -> torch.Tensor:
         # A hash of (row seed, step, KV head, position), not a generator's stream: the draws do not depend on
