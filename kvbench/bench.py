@@ -100,7 +100,12 @@ def validate(config: BenchConfig) -> None:
 
 
 def execute(config: BenchConfig, on_progress: Callable[[str, int, int], None] | None = None):
-    """Run the benchmark: (rows, dtype name, device name). ``on_progress(label, done, total)`` follows the steps."""
+    """Run the benchmark: (rows, dtype name, device name). ``on_progress(label, done, total)`` follows the steps.
+
+    With a store, each batch size's rows are stored as soon as they are measured: running out of memory at a
+    larger batch ends the run with a one-line error and keeps what was measured.
+    """
+    import torch
 
     from kvbench import models
 
@@ -111,15 +116,24 @@ def execute(config: BenchConfig, on_progress: Callable[[str, int, int], None] | 
     if config.compile:
         compile_tensor_work(model)
     bench = _Bench(config, model, loaded.device, build_presses(config), on_progress)
-    rows = []
-    for batch in config.batch_sizes:
-        rows += bench.side_by_side(batch)
-        if config.profile_dir:
-            bench.profile(batch, Path(config.profile_dir))
-    if config.memory_gib is not None:
-        rows += bench.equal_memory(config.memory_gib)
-    if config.store:
-        store_rows(config, loaded, rows)
+    started = dt.datetime.now(dt.UTC)
+    rows: list[BenchRow] = []
+
+    def measured(new_rows: list[BenchRow]) -> None:
+        rows.extend(new_rows)
+        if config.store:
+            store_rows(config, loaded, new_rows, started)
+
+    try:
+        for batch in config.batch_sizes:
+            measured(bench.side_by_side(batch))
+            if config.profile_dir:
+                bench.profile(batch, Path(config.profile_dir))
+        if config.memory_gib is not None:
+            measured(bench.equal_memory(config.memory_gib))
+    except torch.OutOfMemoryError as err:
+        kept = f"; {len(rows)} rows measured before it are stored" if config.store and rows else ""
+        raise KvbenchError(f"out of memory ({str(err).splitlines()[0]}){kept}; try smaller --batch-size") from None
     return rows, _dtype_name(loaded.dtype), _device_label(loaded.device)
 
 
@@ -324,8 +338,11 @@ class _Bench:
 
 
 # --- the store and the report ---------------------------------------------------------------------------------
-def store_rows(config: BenchConfig, loaded, rows: list[BenchRow]) -> Path:
-    """Append the rows, with what was run and where, to ``STORE/bench/`` (one Parquet part per run, atomic)."""
+def store_rows(config: BenchConfig, loaded, rows: list[BenchRow], started: dt.datetime) -> Path:
+    """Append the rows, with what was run and where, to ``STORE/bench/`` (one atomic Parquet part per call).
+
+    ``created_at`` is the run's start, the same for all of a run's parts: reports show the latest run whole.
+    """
     import os
     import uuid
 
@@ -333,9 +350,8 @@ def store_rows(config: BenchConfig, loaded, rows: list[BenchRow]) -> Path:
     import pyarrow.parquet as pq
     import torch
 
-    now = dt.datetime.now(dt.UTC)
     common = {
-        "created_at": now.isoformat(timespec="seconds"), "model": config.model,
+        "created_at": started.isoformat(timespec="seconds"), "model": config.model,
         "random_weights": config.random_weights, "dtype": _dtype_name(loaded.dtype),
         "device": _device_label(loaded.device), "prompt_len": config.prompt_len, "gen_len": config.gen_len,
         "static_shapes": config.static_shapes, "compile": config.compile, "torch_version": torch.__version__,
@@ -348,7 +364,7 @@ def store_rows(config: BenchConfig, loaded, rows: list[BenchRow]) -> Path:
         records.append(record)
     folder = Path(config.store) / "bench"
     folder.mkdir(parents=True, exist_ok=True)
-    name = f"part-{now.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
+    name = f"part-{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
     tmp = folder / f".{name}.tmp"
     pq.write_table(pa.Table.from_pylist(records), tmp)
     os.replace(tmp, folder / name)

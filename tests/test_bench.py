@@ -132,3 +132,23 @@ def test_shape_aliases_have_the_published_kv_shapes():
     llama = model_config(resolve("llama-3.1-8b"))
     assert (llama.num_hidden_layers, llama.num_key_value_heads, llama.head_dim) == (32, 8, 128)
     assert llama.rope_parameters["rope_type"] == "llama3"
+
+
+def test_bench_out_of_memory_keeps_what_was_measured(tmp_path, monkeypatch):
+    from kvbench import bench
+    from kvbench.errors import KvbenchError
+
+    real = bench._Bench.side_by_side
+
+    def side_by_side(self, batch):
+        if batch > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, batch)
+
+    monkeypatch.setattr(bench._Bench, "side_by_side", side_by_side)
+    config = bench.BenchConfig(model="tiny-llama", presses=("h2o",), budgets=(8,), batch_sizes=(1, 4),
+                               prompt_len=6, gen_len=8, store=str(tmp_path))
+    with pytest.raises(KvbenchError, match="out of memory .* 2 rows measured before it are stored"):
+        bench.execute(config)
+    stored = bench.load_rows(tmp_path)
+    assert sorted(stored["press"]) == ["full", "h2o"] and set(stored["batch"]) == {1}
