@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kvbench.engine.generate import run_to_end
 from kvbench.errors import KvbenchError
 from kvbench.models import DEFAULT_MODEL
 
@@ -184,18 +185,11 @@ class _Bench:
 
             torch.cuda.synchronize(self.device)
 
-    def _drain(self, steps) -> list:
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value
-
     def side_by_side(self, batch: int) -> list[BenchRow]:
         config = self.config
         pairs = cells(config)
         for press_name, budget in pairs:  # warm-up: kernels, allocator, caches
-            self._drain(self._generation(press_name, budget, batch, min(config.warmup, config.gen_len)))
+            run_to_end(self._generation(press_name, budget, batch, min(config.warmup, config.gen_len)))
         running = [self._generation(p, b, batch, config.gen_len) for p, b in pairs]
         for steps in running:
             next(steps)  # the prefill, not timed
@@ -241,7 +235,7 @@ class _Bench:
             generation = self._generation(press_name, budget, batch, min(self.config.gen_len, steps + 1))
             next(generation)  # the prefill, not profiled
             with profile(activities=activities) as prof:
-                self._drain(generation)
+                run_to_end(generation)
             name = f"{press_name}-{budget or 'full'}-b{batch}.txt"
             (directory / name).write_text(prof.key_averages().table(sort_by=sort, row_limit=40))
 
@@ -268,7 +262,7 @@ class _Bench:
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        self._drain(self._generation(press_name, budget, batch, self.config.gen_len))
+        run_to_end(self._generation(press_name, budget, batch, self.config.gen_len))
         return torch.cuda.max_memory_allocated(self.device)
 
     def _bytes_per_sequence(self, press_name: str, budget: int | None) -> tuple[float, float]:
@@ -311,7 +305,7 @@ class _Bench:
     def _alone(self, press_name, budget, batch, fixed, per_seq) -> BenchRow:
         import torch
 
-        self._drain(self._generation(press_name, budget, batch, min(self.config.warmup, self.config.gen_len)))
+        run_to_end(self._generation(press_name, budget, batch, min(self.config.warmup, self.config.gen_len)))
         if self.device.type == "cuda":
             gc.collect()
             torch.cuda.empty_cache()

@@ -86,7 +86,11 @@ def _next_tokens(logits: torch.Tensor, settings: GenerationSettings, generators:
 
 def generate(*args, **kwargs) -> list[SequenceOutput]:
     """Generate for a batch of tokenised prompts under ``press`` at ``budget``; see ``generation``."""
-    steps = generation(*args, **kwargs)
+    return run_to_end(generation(*args, **kwargs))
+
+
+def run_to_end(steps: Generator[int, None, list[SequenceOutput]]) -> list[SequenceOutput]:
+    """Advance a ``generation`` to its end and return its outputs."""
     while True:
         try:
             next(steps)
