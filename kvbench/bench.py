@@ -225,15 +225,17 @@ class _Bench:
         return rows
 
     def profile(self, batch: int, directory: Path, steps: int = 64) -> None:
-        """Per cell, the operators of ``steps`` decoding steps by self time (device time on CUDA)."""
+        """Per cell, the operators of the last ``steps`` decoding steps (the steady state, once the cache is at
+        its budget) by self time (device time on CUDA)."""
         from torch.profiler import ProfilerActivity, profile
 
         directory.mkdir(parents=True, exist_ok=True)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
         sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         for press_name, budget in cells(self.config):
-            generation = self._generation(press_name, budget, batch, min(self.config.gen_len, steps + 1))
-            next(generation)  # the prefill, not profiled
+            generation = self._generation(press_name, budget, batch, self.config.gen_len)
+            for _ in range(max(1, self.config.gen_len - steps)):  # the prefill and the steps before, not profiled
+                next(generation)
             with profile(activities=activities) as prof:
                 run_to_end(generation)
             name = f"{press_name}-{budget or 'full'}-b{batch}.txt"
@@ -266,7 +268,8 @@ class _Bench:
         return torch.cuda.max_memory_allocated(self.device)
 
     def _bytes_per_sequence(self, press_name: str, budget: int | None) -> tuple[float, float]:
-        """(fixed bytes, bytes per sequence) of one generation: measured on CUDA, else the KV buffers alone."""
+        """(fixed bytes, bytes per sequence) of one generation: measured on CUDA, else estimated from the KV
+        buffers and, for a press with a query window, the window attention kept on CPU (float32)."""
         config = self.config
         if self.device.type == "cuda":
             one, two = (self._peak_memory(press_name, budget, b) for b in (1, 2))
@@ -274,7 +277,12 @@ class _Bench:
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
         length = config.prompt_len + config.gen_len
         capacity = length if budget is None else min(budget + self.presses[press_name].buffer, length)
-        return weights, capacity * self._bytes_per_entry()
+        press = self.presses[press_name]
+        window = 0
+        if budget is not None and press.query_window:
+            text = self.model.config.get_text_config(decoder=True)
+            window = text.num_hidden_layers * text.num_attention_heads * press.query_window * 4
+        return weights, capacity * (self._bytes_per_entry() + window)
 
     def equal_memory(self, memory_gib: float) -> list[BenchRow]:
         """Each cell alone at the largest batch that fits in ``memory_gib``; ratio to the full cache's."""

@@ -2,9 +2,10 @@
 
 import math
 
+import pytest
 import torch
 
-from kvbench.engine.cache import SlotView, rank_slots
+from kvbench.engine.cache import SlotView, lowest_slots, rank_slots
 from kvbench.presses import make_press
 
 POSITIONS = [5, 0, 7, 2, 1, 6, 3, 4]  # physical slot -> token position
@@ -107,3 +108,14 @@ def test_ties_are_broken_by_recency_not_slot_order():
     scores = torch.zeros(1, 1, 8)
     order = rank_slots(scores, torch.tensor(POSITIONS).view(1, 1, 8))[0, 0].tolist()
     assert [POSITIONS[i] for i in order] == [7, 6, 5, 4, 3, 2, 1, 0]
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_lowest_slots_are_the_last_of_the_ranking(n):
+    """The one-slot shortcut (no sort) evicts exactly what the full ranking evicts, ties and -inf included."""
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (64, 4, 24), generator=generator).float()
+    scores[scores == 3] = -torch.inf
+    positions = torch.stack([torch.randperm(100, generator=generator)[:24] for _ in range(64 * 4)]).view(64, 4, 24)
+    expected = rank_slots(scores, positions)[..., -n:]
+    assert torch.equal(lowest_slots(scores, positions, n), expected)

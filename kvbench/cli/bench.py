@@ -31,7 +31,7 @@ def bench(
     compile: bool = typer.Option(False, "--compile", help="torch.compile each layer's MLP and norms (implies "
                                  "--static-shapes; experimental: slower on CPU)."),
     profile: Path | None = typer.Option(None, "--profile", help="Also write each cell's torch profiler table "
-                                        "(64 decoding steps) to this directory."),
+                                        "(its last 64 decoding steps: the cache at its budget) to this directory."),
     seed: int = typer.Option(0, help="Seed of the prompts, the random weights and seeded presses."),
     store: Path | None = typer.Option(None, help="Also append the results to STORE/bench/ (see `kvbench report "
                                       "--bench`)."),

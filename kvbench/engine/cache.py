@@ -22,6 +22,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from kvbench.engine.attention import attention_probs
+from kvbench.engine.window import KeptWindowAttention
 from kvbench.errors import KvbenchError
 from kvbench.presses.base import Press
 
@@ -66,7 +67,7 @@ class SlotView:
     step: int = 0
     layer_idx: int | None = None
     window: QueryWindow | None = None
-    #: Overrides ``attention`` (tests hand-make attention this way).
+    #: Overrides ``attention``: the cache's kept window attention, or attention that tests make by hand.
     attention_override: Callable[[str], torch.Tensor] | None = None
 
     def attention(self, gqa: str = "mean") -> torch.Tensor:
@@ -267,6 +268,14 @@ def rank_slots(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return newest_first.gather(-1, by_score)
 
 
+def lowest_slots(scores: torch.Tensor, positions: torch.Tensor, n: int) -> torch.Tensor:
+    """The last ``n`` of ``rank_slots``: the lowest scores, equal scores oldest first. One slot needs no sort."""
+    if n > 1:
+        return rank_slots(scores, positions)[..., -n:]
+    tied = scores == scores.amin(dim=-1, keepdim=True)
+    return positions.masked_fill(~tied, torch.iinfo(torch.long).max).argmin(dim=-1, keepdim=True)
+
+
 class BudgetCache(DynamicCache):
     """A cache with one ``BudgetLayer`` per model layer over stacked slot buffers.
 
@@ -276,7 +285,8 @@ class BudgetCache(DynamicCache):
     """
 
     def __init__(self, press: Press, budget: int | None, num_layers: int, max_length: int, seeds: list[int],
-                 measure_attention_loss: bool = False, max_new_tokens: int = 0, static_shapes: bool = False):
+                 measure_attention_loss: bool = False, max_new_tokens: int = 0, static_shapes: bool = False,
+                 keep_window_attention: bool = False):
         if budget is not None and budget < 1:
             raise ValueError(f"budget must be >= 1, got {budget}")
         self.press = press
@@ -313,6 +323,9 @@ class BudgetCache(DynamicCache):
         self.query_valid: torch.Tensor | None = None
         self.query_pointer = 0
         self.ring_slots: list[int] = []  # where this step's queries go
+        #: The window queries' attention kept between decoding steps (see ``kvbench.engine.window``).
+        self.kept_window = (KeptWindowAttention(self.capacity)
+                            if keep_window_attention and press.query_window and self.budget is not None else None)
         self.step_queries: list[torch.Tensor | None] = [None] * num_layers  # decode queries, for observe()
         self._row_masks: dict[tuple[bool, ...], torch.Tensor] = {}
         #: [B, layers, decode steps, KV heads] attention loss, allocated with the first layer when measuring.
@@ -372,6 +385,8 @@ class BudgetCache(DynamicCache):
     def end_step(self) -> None:
         """After the forward: decoding's scoring and eviction for all layers at once, and the bookkeeping."""
         press = self.press
+        if self.mode != "slot" and self.kept_window is not None:
+            self.kept_window.fresh = False  # several tokens were written or slots moved: recompute next step
         if self.mode == "overflow":
             for i, keep in enumerate(self.keep_n):
                 self.evicted[i] += self.counts[i] - keep
@@ -388,6 +403,9 @@ class BudgetCache(DynamicCache):
                     view.positions, view.valid, self.layers[0].scaling, reduce="sum", gqa=getattr(press, "gqa", "mean"),
                 ))
                 self.step_queries = [None] * n_layers
+            if self.mode == "slot" and self.kept_window is not None:
+                view = view or self.stacked_view()
+                self._update_kept_window(view)
             if self.trigger is not None and max(self.counts) >= self.trigger:
                 self._evict_in_place(view or self.stacked_view())
         self.used = self.used_after
@@ -422,17 +440,27 @@ class BudgetCache(DynamicCache):
         full = tuple(c >= trigger for c in self.counts)
         n_evict = max(self.counts) - budget
         scores = self.press.score(view).float().masked_fill(~view.valid, -torch.inf)
-        lowest = rank_slots(scores, view.positions)[..., -n_evict:]  # [L*B, H, n]; full rows hold no free slot
+        lowest = lowest_slots(scores, view.positions, n_evict)  # [L*B, H, n]; full rows hold no free slot
         if all(full):
             view.valid.scatter_(2, lowest, False)
         else:  # only sequences at the trigger evict; the others keep their slots
             keep_rows = self._row_mask(tuple(not f for f in full))
             view.valid.scatter_(2, lowest, view.valid.gather(2, lowest) & keep_rows)
+        if self.kept_window is not None and self.kept_window.fresh:
+            self.kept_window.drop(lowest, None if all(full) else self._row_mask(full))
         for i, is_full in enumerate(full):
             if is_full:
                 self.evicted[i] += self.counts[i] - budget
                 self.counts[i] = budget
         self.heads_uniform = False
+
+    def _update_kept_window(self, view: SlotView) -> None:
+        """Bring the kept window attention up to this step and let ``view.attention`` read it."""
+        window, kept = view.window, self.kept_window
+        kept.update(window.queries, window.positions, window.valid, view.keys, view.positions, view.valid,
+                    window.scaling, self.ring_slots[0])
+        used, query_valid = self.used_after, window.valid
+        view.attention_override = lambda gqa: kept.mean_attention(query_valid, used, gqa)
 
     def _row_mask(self, rows: tuple[bool, ...]) -> torch.Tensor:
         """[L*B, 1, 1] device mask of the rows given per sequence; cached, so it crosses to the device once."""

@@ -115,6 +115,7 @@ def generation(
     on_logits: Callable[[int, torch.Tensor], None] | None = None,
     critical_positions: Sequence[Sequence[int]] | None = None,
     static_shapes: bool = False,
+    keep_window_attention: bool | None = None,
 ) -> Generator[int, None, list[SequenceOutput]]:
     """Generate for a batch of tokenised prompts under ``press`` at ``budget`` (None = no eviction).
 
@@ -123,6 +124,8 @@ def generation(
     is called after every forward (t = 0 for the prefill). ``forced_tokens`` replays given outputs instead of
     choosing (teacher forcing: finish reason "forced" when a sequence's tokens run out); ``on_logits(t, logits)``
     receives the [B, V] next-token logits that choose output token t (0-based) before it is chosen.
+    ``keep_window_attention`` keeps a query window's attention between steps (default: on CPU only; see
+    ``kvbench.engine.window``).
 
     A generator: it yields the step number after the prefill (0) and after every decoding forward, and returns
     the outputs, so that ``kvbench bench`` can time several generations side by side, step by step.
@@ -152,7 +155,9 @@ def generation(
                            "supported (kvbench evicts from full-attention caches only)")
     cache = BudgetCache(press, budget, config.num_hidden_layers, width + settings.max_new_tokens, seeds,
                         measure_attention_loss=measure_attention_loss, max_new_tokens=settings.max_new_tokens,
-                        static_shapes=static_shapes)
+                        static_shapes=static_shapes,
+                        keep_window_attention=device.type == "cpu" if keep_window_attention is None
+                        else keep_window_attention)
     if critical_positions is not None:  # prompt positions -> padded batch positions are the same (explicit)
         cache.track_critical(critical_positions, settings.max_new_tokens, device)
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
