@@ -91,7 +91,10 @@ def build_presses(config: BenchConfig) -> dict:
 
 
 def validate(config: BenchConfig) -> None:
-    build_presses(config)
+    presses = build_presses(config)
+    for name, budget in cells(config):
+        if budget is not None and presses[name].evicts:
+            presses[name].cadence(budget)  # a press bounded by its budget needs room for its buffer
     for name, value in (("--prompt-len", config.prompt_len), ("--gen-len", config.gen_len),
                         *(("--batch-size", b) for b in config.batch_sizes), ("--max-batch", config.max_batch)):
         if value < 1:
@@ -276,10 +279,11 @@ class _Bench:
             return one - (two - one), two - one
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
         length = config.prompt_len + config.gen_len
-        capacity = length if budget is None else min(budget + self.presses[press_name].buffer, length)
         press = self.presses[press_name]
+        keep, trigger = press.cadence(budget) if budget is not None and press.evicts else (length, length)
+        capacity = min(trigger, length)
         window = 0
-        if budget is not None and press.query_window:
+        if budget is not None and press.evicts and trigger - keep < press.query_window:  # as BudgetCache decides
             text = self.model.config.get_text_config(decoder=True)
             window = text.num_hidden_layers * text.num_attention_heads * press.query_window * 4
         return weights, capacity * (self._bytes_per_entry() + window)

@@ -22,6 +22,21 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2,
     ),
+    # Qwen3: RMS norms on each query and key head (QK-norm) before RoPE.
+    "tiny-qwen3": dict(
+        model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    ),
+    # Mistral without its sliding window (as Mistral-7B-v0.2 on): a window would be refused.
+    "tiny-mistral": dict(
+        model_type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=None,
+    ),
+    # Phi-3: fused QKV and gate-up projections, partial rotary embedding.
+    "tiny-phi3": dict(
+        model_type="phi3", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.5, sliding_window=None,
+    ),
 }
 #: Shapes of real models (their config.json, in kvbench/shapes/): benchmarked with random weights, nothing downloaded.
 SHAPES_DIR = Path(__file__).parent / "shapes"

@@ -110,7 +110,12 @@ def build_cells(config: RunConfig) -> list[Cell]:
         budgets = [b for b in config.budgets if b is not None]
         if not budgets:
             raise ConfigError(f"press {name!r} evicts: give at least one --budget")
-        cells.extend(Cell(press=press, budget=b) for b in dict.fromkeys(budgets))
+        for b in dict.fromkeys(budgets):
+            try:
+                press.cadence(b)  # a press bounded by its budget needs room for its buffer
+            except KvbenchError as err:
+                raise ConfigError(str(err)) from None
+            cells.append(Cell(press=press, budget=b))
     return cells
 
 

@@ -3,7 +3,7 @@ import torch
 
 from kvbench.models import build_tiny
 
-ARCHS = ("tiny-llama", "tiny-qwen2")
+ARCHS = ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral", "tiny-phi3")
 PROMPT = "Tom has 12 apples. He buys 7 more and gives 5 to Ann. How many apples does Tom have now?"
 
 

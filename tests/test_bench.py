@@ -117,6 +117,7 @@ def test_bench_runs_presses_side_by_side_and_stores_them(tmp_path):
     (["-b", "full"], "bench budgets are numbers"),
     (["--gen-len", "0"], "--gen-len must be >= 1"),
     (["--model", "r1-qwen-7b"], "use it with --random-weights"),
+    (["-p", "rpc", "-b", "4", "-a", "buffer=5"], "rpc: buffer 5 must be below the budget 4"),
 ])
 def test_bench_bad_input_fails_cleanly(args, message):
     result = kvbench("bench", "--model", "tiny-llama", *args)

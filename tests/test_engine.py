@@ -170,3 +170,63 @@ def test_sliding_window_models_are_refused():
     model.config.layer_types = ["sliding_attention", "full_attention", "full_attention"]
     with pytest.raises(KvbenchError, match="sliding_attention"):
         generate(model, [[1, 2, 3]], make_press("h2o"), 8, GenerationSettings(max_new_tokens=2))
+
+
+def test_sliding_window_attention_is_refused_unless_the_run_fits_in_the_window():
+    from kvbench.errors import KvbenchError
+    from kvbench.models import build_tiny
+
+    model, _ = build_tiny("tiny-mistral")
+    settings = GenerationSettings(max_new_tokens=10)
+    plain = generate(model, [[1, 2, 3, 4]], make_press("h2o"), 8, settings)[0].tokens
+    model.config.sliding_window = 64  # wider than the 14 tokens of the run: attention is the full one
+    assert generate(model, [[1, 2, 3, 4]], make_press("h2o"), 8, settings)[0].tokens == plain
+    model.config.sliding_window = 8
+    with pytest.raises(KvbenchError, match="sliding-window attention \\(8 tokens\\)"):
+        generate(model, [[1, 2, 3, 4]], make_press("h2o"), 8, settings)
+
+
+@pytest.mark.parametrize(("kwarg", "message"), [("softcap", "soft-capping"), ("s_aux", "attention sinks")])
+def test_attention_variants_kvbench_does_not_implement_are_refused(kwarg, message):
+    from kvbench.engine.attention import _refuse_unsupported
+    from kvbench.errors import KvbenchError
+
+    with pytest.raises(KvbenchError, match=message):
+        _refuse_unsupported(torch.nn.Identity(), {kwarg: 30.0}, 100)
+    _refuse_unsupported(torch.nn.Identity(), {kwarg: None, "sliding_window": None}, 100)
+
+
+def test_multimodal_models_are_refused(tiny_llama):
+    from kvbench.errors import KvbenchError
+
+    model, _ = tiny_llama
+    model.config.vision_config = {"model_type": "siglip_vision_model"}
+    try:
+        with pytest.raises(KvbenchError, match="multimodal"):
+            generate(model, [[1, 2, 3]], make_press("h2o"), 8, GenerationSettings(max_new_tokens=2))
+    finally:
+        del model.config.vision_config
+
+
+@pytest.mark.parametrize(("args", "interval"), [({"buffer": "4", "window_size": "5"}, 4), ({"window_size": "5"}, 6)])
+def test_rpc_keeps_the_prompt_and_never_holds_more_than_its_budget(tiny_llama, args, interval):
+    """RPC: the prompt and the query window's tokens stay; the cache cycles between budget - buffer and budget."""
+    model, tokenizer = tiny_llama
+    prompt = prompt_ids(tokenizer)[:12]
+    budget, held = 24, []  # buffer 0 (default) = a quarter of the budget: 6
+
+    def check(cache, step):
+        newest = int(cache.query_position[0])
+        for layer in cache.layers:
+            assert layer.keys.shape[2] == budget
+        for layer_kept in cache.kept_positions(0):
+            for head_kept in layer_kept:
+                assert set(range(12)) | set(range(newest - 4, newest + 1)) <= head_kept
+                assert len(head_kept) <= budget
+        held.append(cache.entries(0))
+
+    out = generate(model, [prompt], make_press("rpc", args), budget, GenerationSettings(max_new_tokens=50),
+                   on_step=check)[0]
+    assert out.evicted_tokens > 0
+    assert min(held[12:]) == budget - interval and max(held) == budget - 1
+    assert out.peak_kv_bytes == budget * 3 * 2 * (16 + 16) * 4

@@ -11,8 +11,9 @@ from kvbench.presses import make_press
 from kvbench.presses.snapkv_d import SnapKVDecodingPress
 from tests.conftest import prompt_ids
 
-WINDOW_PRESSES = [("snapkv-d", None), ("snapkv-d", {"gqa": "max", "window_size": "4"}), ("tova", None),
-                  ("rkv", {"buffer": "4"})]
+# Presses whose compressions come more often than once per query window (the kept attention's condition).
+WINDOW_PRESSES = [("snapkv-d", None), ("snapkv-d", {"gqa": "max", "window_size": "4"}), ("rkv", {"buffer": "4"}),
+                  ("rpc", {"buffer": "3", "window_size": "6"})]
 
 
 @dataclass
@@ -71,12 +72,17 @@ def test_kept_window_evicts_what_recomputing_evicts(tiny, press_name, args, budg
     assert held[True] == held[False]
 
 
-def test_cache_keeps_window_attention_only_when_asked(tiny_llama):
+def test_cache_keeps_window_attention_only_when_asked_and_worth_it(tiny_llama):
+    """Kept only when asked and when compressions come more often than once per window (buffer < window)."""
     model, tokenizer = tiny_llama
     caches = {}
-    for keep in (False, True):
-        generate(model, [prompt_ids(tokenizer)[:20]], make_press("snapkv-d"), 16, GenerationSettings(max_new_tokens=4),
-                 keep_window_attention=keep, on_step=lambda cache, t, keep=keep: caches.setdefault(keep, cache))
-    assert caches[False].kept_window is None
-    weights = caches[True].kept_window.weights
+    cases = {"off": ("snapkv-d", None, False), "on": ("snapkv-d", None, True),
+             "rare": ("rkv", {"buffer": "8", "window_size": "8"}), "tova": ("tova", None)}
+    for case, (name, args, *keep) in cases.items():
+        generate(model, [prompt_ids(tokenizer)[:20]], make_press(name, args), 16, GenerationSettings(max_new_tokens=4),
+                 keep_window_attention=keep[0] if keep else True,
+                 on_step=lambda cache, t, case=case: caches.setdefault(case, cache))
+    assert caches["off"].kept_window is None
+    assert caches["rare"].kept_window is None and caches["tova"].kept_window is None  # window 1, buffer 1
+    weights = caches["on"].kept_window.weights
     assert weights is not None and weights.dtype == torch.float32

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from kvbench.errors import KvbenchError
+
 if TYPE_CHECKING:
     from kvbench.engine.cache import BudgetCache
 
@@ -80,6 +82,7 @@ def kvbench_attention(
     """Attention over the slots returned by ``BudgetCache.update``; masks built from the cache itself."""
     if kvbench_cache is None:
         raise RuntimeError("the kvbench attention implementation needs kvbench_cache=BudgetCache(...)")
+    _refuse_unsupported(module, kwargs, kvbench_cache.max_length)
     layer = kvbench_cache.layers[module.layer_idx]
     b, hq, lq, d = query.shape
     h = key.shape[1]
@@ -101,6 +104,17 @@ def kvbench_attention(
         out = out.nan_to_num(0.0)  # padding queries may see no key; their outputs are never used
     layer.after_attention(query, scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _refuse_unsupported(module: torch.nn.Module, kwargs: dict, length: int) -> None:
+    """Attention variants the slot attention does not implement fail here rather than give a wrong answer."""
+    window = kwargs.get("sliding_window")
+    if window is not None and window < length:
+        raise KvbenchError(f"{type(module).__name__}: sliding-window attention ({window} tokens) is not supported; "
+                           f"kvbench evicts from full-attention caches only (this run needs {length} tokens)")
+    for name, what in (("softcap", "attention logit soft-capping"), ("s_aux", "attention sinks")):
+        if kwargs.get(name) is not None:
+            raise KvbenchError(f"{type(module).__name__}: {what} is not supported by kvbench's attention")
 
 
 def _no_mask(*args, **kwargs) -> None:

@@ -65,6 +65,8 @@ class SlotView:
     #: presses that draw random numbers: a function of these and a slot's position is batch-invariant.
     seeds: torch.Tensor | None = None
     step: int = 0
+    #: [N] prompt tokens of each row's sequence (positions below it are the prompt's).
+    prompt_length: torch.Tensor | None = None
     layer_idx: int | None = None
     window: QueryWindow | None = None
     #: Overrides ``attention``: the cache's kept window attention, or attention that tests make by hand.
@@ -210,7 +212,8 @@ class BudgetLayer(DynamicLayer):
         return SlotView(
             keys=src["keys"], values=src["values"], positions=src["positions"], valid=src["valid"],
             state=src["state"], query_position=cache.query_position, budget=cache.budget,
-            seeds=cache.row_seeds[self.layer_idx], step=cache.decode_step, layer_idx=self.layer_idx, window=window,
+            seeds=cache.row_seeds[self.layer_idx], step=cache.decode_step, prompt_length=cache.prompt_length,
+            layer_idx=self.layer_idx, window=window,
         )
 
     # --- after attention -------------------------------------------------------------------------------------
@@ -290,8 +293,9 @@ class BudgetCache(DynamicCache):
         if budget is not None and budget < 1:
             raise ValueError(f"budget must be >= 1, got {budget}")
         self.press = press
-        self.budget = budget if press.evicts else None
-        self.trigger = None if self.budget is None else self.budget + press.buffer
+        #: Entries a compression keeps and entries that trigger one (``budget`` and ``budget + buffer`` for most
+        #: presses; a press bounded by its budget keeps less).
+        self.budget, self.trigger = press.cadence(budget) if press.evicts and budget is not None else (None, None)
         # Never allocate more than a sequence can hold: a budget beyond the length costs no memory.
         self.capacity = max_length if self.trigger is None else min(self.trigger, max_length)
         #: Attend over every preallocated slot, so each decoding step has the same shapes (for torch.compile).
@@ -323,9 +327,10 @@ class BudgetCache(DynamicCache):
         self.query_valid: torch.Tensor | None = None
         self.query_pointer = 0
         self.ring_slots: list[int] = []  # where this step's queries go
-        #: The window queries' attention kept between decoding steps (see ``kvbench.engine.window``).
-        self.kept_window = (KeptWindowAttention(self.capacity)
-                            if keep_window_attention and press.query_window and self.budget is not None else None)
+        #: The window queries' attention kept between decoding steps (see ``kvbench.engine.window``): it pays one
+        #: query row per step, so only where compressions come more often than once per window (buffer < window).
+        frequent = self.budget is not None and self.trigger - self.budget < press.query_window
+        self.kept_window = KeptWindowAttention(self.capacity) if keep_window_attention and frequent else None
         self.step_queries: list[torch.Tensor | None] = [None] * num_layers  # decode queries, for observe()
         self._row_masks: dict[tuple[bool, ...], torch.Tensor] = {}
         #: [B, layers, decode steps, KV heads] attention loss, allocated with the first layer when measuring.
@@ -336,6 +341,7 @@ class BudgetCache(DynamicCache):
         self.retention_log: torch.Tensor | None = None
         self.step: StepInputs | None = None
         self.query_position: torch.Tensor | None = None
+        self.prompt_length: torch.Tensor | None = None  # [B], set by the prefill
         self.tokens_seen = 0
         Cache.__init__(self, layers=[BudgetLayer(self, i) for i in range(num_layers)])
 
@@ -356,6 +362,8 @@ class BudgetCache(DynamicCache):
         self.step = StepInputs(positions=positions, valid=valid, valid_counts=valid_counts)
         self.decode_step = decode_step
         self.query_position = positions[:, -1]
+        if self.prompt_length is None:
+            self.prompt_length = torch.tensor(valid_counts, device=positions.device)
         n_new = positions.shape[1]
         self.tokens_seen += n_new
         held = max(self.counts)
@@ -431,7 +439,8 @@ class BudgetCache(DynamicCache):
             keys=fold(self.keys), values=fold(self.values), positions=fold(self.positions), valid=fold(self.valid),
             state={name: fold(s) for name, s in self.state.items()},
             query_position=self.query_position.repeat(n_layers), budget=self.budget,
-            seeds=self.row_seeds.flatten(), step=self.decode_step, window=window,
+            seeds=self.row_seeds.flatten(), step=self.decode_step, prompt_length=self.prompt_length.repeat(n_layers),
+            window=window,
         )
 
     def _evict_in_place(self, view: SlotView) -> None:

@@ -148,6 +148,9 @@ def generation(
     positions = (valid.long().cumsum(dim=-1) - 1).clamp(min=0)
     ids, valid, positions = ids.to(device), valid.to(device), positions.to(device)
 
+    if any(getattr(model.config, name, None) is not None for name in ("vision_config", "audio_config")):
+        raise KvbenchError(f"{model.config.model_type}: multimodal models are not supported (kvbench runs text-only "
+                           "decoders)")
     config = model.config.get_text_config(decoder=True)
     layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
     if layer_types != {"full_attention"}:

@@ -40,6 +40,10 @@ class Press:
         if self.buffer < 1:
             raise ValueError(f"{self.name}: buffer must be >= 1, got {self.buffer}")
 
+    def cadence(self, budget: int) -> tuple[int, int]:
+        """(entries kept by a compression, entries held that trigger one) at ``budget``."""
+        return budget, budget + self.buffer
+
     @property
     def query_window(self) -> int:
         """How many recent queries (post-RoPE, with positions) each layer keeps for ``view.attention()``."""
