@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kvbench.engine.generate import run_to_end
+from kvbench.engine.window import worth_keeping
 from kvbench.errors import KvbenchError
 from kvbench.models import DEFAULT_MODEL
 
@@ -280,10 +281,9 @@ class _Bench:
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
         length = config.prompt_len + config.gen_len
         press = self.presses[press_name]
-        keep, trigger = press.cadence(budget) if budget is not None and press.evicts else (length, length)
-        capacity = min(trigger, length)
+        capacity = min(press.cadence(budget)[1], length) if budget is not None and press.evicts else length
         window = 0
-        if budget is not None and press.evicts and trigger - keep < press.query_window:  # as BudgetCache decides
+        if worth_keeping(press, budget):
             text = self.model.config.get_text_config(decoder=True)
             window = text.num_hidden_layers * text.num_attention_heads * press.query_window * 4
         return weights, capacity * (self._bytes_per_entry() + window)

@@ -22,7 +22,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from kvbench.engine.attention import attention_probs
-from kvbench.engine.window import KeptWindowAttention
+from kvbench.engine.window import KeptWindowAttention, worth_keeping
 from kvbench.errors import KvbenchError
 from kvbench.presses.base import Press
 
@@ -327,10 +327,9 @@ class BudgetCache(DynamicCache):
         self.query_valid: torch.Tensor | None = None
         self.query_pointer = 0
         self.ring_slots: list[int] = []  # where this step's queries go
-        #: The window queries' attention kept between decoding steps (see ``kvbench.engine.window``): it pays one
-        #: query row per step, so only where compressions come more often than once per window (buffer < window).
-        frequent = self.budget is not None and self.trigger - self.budget < press.query_window
-        self.kept_window = KeptWindowAttention(self.capacity) if keep_window_attention and frequent else None
+        #: The window queries' attention kept between decoding steps (see ``kvbench.engine.window``).
+        self.kept_window = (KeptWindowAttention(self.capacity)
+                            if keep_window_attention and worth_keeping(press, budget) else None)
         self.step_queries: list[torch.Tensor | None] = [None] * num_layers  # decode queries, for observe()
         self._row_masks: dict[tuple[bool, ...], torch.Tensor] = {}
         #: [B, layers, decode steps, KV heads] attention loss, allocated with the first layer when measuring.

@@ -13,6 +13,16 @@ from __future__ import annotations
 
 import torch
 
+from kvbench.presses.base import Press
+
+
+def worth_keeping(press: Press, budget: int | None) -> bool:
+    """Kept rows cost one query row per step: worth it where compressions come more often than once per window."""
+    if budget is None or not press.evicts or not press.query_window:
+        return False
+    keep, trigger = press.cadence(budget)
+    return trigger - keep < press.query_window
+
 
 class KeptWindowAttention:
     """``weights [N, H, group, W, capacity]``: unnormalised attention of the ring's queries on each slot.
