@@ -86,3 +86,23 @@ def test_cache_keeps_window_attention_only_when_asked_and_worth_it(tiny_llama):
     assert caches["rare"].kept_window is None and caches["tova"].kept_window is None  # window 1, buffer 1
     weights = caches["on"].kept_window.weights
     assert weights is not None and weights.dtype == torch.float32
+
+
+@pytest.mark.parametrize("gqa", ["mean", "max"])
+def test_attention_probs_chunked_over_rows_equals_one_chunk(monkeypatch, gqa):
+    """The score tensor's bound over rows (for large GPU batches) does not change the attention."""
+    from kvbench.engine import attention
+
+    generator = torch.Generator().manual_seed(0)
+    rows, hq, h, w, s, d = 7, 4, 2, 5, 11, 8
+    query = torch.randn(rows, hq, w, d, generator=generator)
+    query_positions = torch.arange(s - w, s).repeat(rows, 1)
+    query_valid = torch.rand(rows, w, generator=generator) > 0.2
+    keys = torch.randn(rows, h, s, d, generator=generator)
+    key_positions = torch.stack([torch.randperm(s, generator=generator) for _ in range(rows * h)]).view(rows, h, s)
+    key_valid = torch.rand(rows, h, s, generator=generator) > 0.2
+    args = (query, query_positions, query_valid, keys, key_positions, key_valid, 0.35)
+    whole = attention.attention_probs(*args, reduce="mean", gqa=gqa)
+    monkeypatch.setattr(attention, "_SCORE_ELEMENTS", hq * w * s * 2)  # two rows per chunk: 4 chunks
+    chunked = attention.attention_probs(*args, reduce="mean", gqa=gqa)
+    assert torch.allclose(chunked, whole, atol=1e-7) and whole.abs().sum() > 0

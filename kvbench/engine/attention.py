@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 IMPLEMENTATION = "kvbench"
 _QUERY_CHUNK = 256  # bounds the [B, H, chunk, S] score tensor during long prefills
+#: Bounds the score tensor over rows too (256 MiB of float32): decoding folds every layer of a large batch into
+#: the rows, and a GPU batch sized to fill memory must not need a window's scores for all of them at once.
+_SCORE_ELEMENTS = 2**26
 
 
 def attention_probs(
@@ -44,19 +47,13 @@ def attention_probs(
     group = hq // h
     keys32 = keys.float()
     total = torch.zeros(b, h, group, s, dtype=torch.float32, device=keys.device)
-    for start in range(0, lq, _QUERY_CHUNK):
-        stop = min(lq, start + _QUERY_CHUNK)
-        n = stop - start
-        # Scale the (small) queries, not the logits; masks are built once per KV head and broadcast over the
-        # GQA group; an invalid query sees no key, so its row is zeroed with the masked-out keys.
-        q = (query[:, :, start:stop].float() * scaling).reshape(b, h, group * n, d)
-        logits = torch.matmul(q, keys32.transpose(-1, -2)).view(b, h, group, n, s)
-        mask = key_valid[:, :, None, :] & (key_positions[:, :, None, :] <= query_positions[:, None, start:stop, None])
-        mask &= query_valid[:, None, start:stop, None]
-        mask = mask[:, :, None]  # [B, H, 1, n, S]
-        logits.masked_fill_(~mask, torch.finfo(torch.float32).min)
-        probs = torch.softmax(logits, dim=-1).mul_(mask)
-        total += probs.sum(dim=3)
+    rows_per_chunk = max(1, _SCORE_ELEMENTS // (hq * min(lq, _QUERY_CHUNK) * max(s, 1)))
+    for r0 in range(0, b, rows_per_chunk):
+        r = slice(r0, min(b, r0 + rows_per_chunk))
+        for start in range(0, lq, _QUERY_CHUNK):
+            q = slice(start, min(lq, start + _QUERY_CHUNK))
+            total[r] += _probs_sum(query[r, :, q], query_positions[r, q], query_valid[r, q], keys32[r],
+                                   key_positions[r], key_valid[r], scaling)
     if reduce == "mean":
         total = total / query_valid.sum(dim=-1).clamp(min=1)[:, None, None, None]
     elif reduce != "sum":
@@ -66,6 +63,22 @@ def attention_probs(
     if gqa == "max":
         return total.amax(dim=2)
     raise ValueError(f"gqa aggregation must be 'mean' or 'max', got {gqa!r}")
+
+
+def _probs_sum(query, query_positions, query_valid, keys, key_positions, key_valid, scaling) -> torch.Tensor:
+    """softmax(q·K) summed over the queries: [B, H, group, S] for query [B, Hq, n, D] and keys [B, H, S, D]."""
+    b, hq, n, d = query.shape
+    h, s = keys.shape[1], keys.shape[2]
+    group = hq // h
+    # Scale the (small) queries, not the logits; masks are built once per KV head and broadcast over the
+    # GQA group; an invalid query sees no key, so its row is zeroed with the masked-out keys.
+    q = (query.float() * scaling).reshape(b, h, group * n, d)
+    logits = torch.matmul(q, keys.transpose(-1, -2)).view(b, h, group, n, s)
+    mask = key_valid[:, :, None, :] & (key_positions[:, :, None, :] <= query_positions[:, None, :, None])
+    mask &= query_valid[:, None, :, None]
+    mask = mask[:, :, None]  # [B, H, 1, n, S]
+    logits.masked_fill_(~mask, torch.finfo(torch.float32).min)
+    return torch.softmax(logits, dim=-1).mul_(mask).sum(dim=3)
 
 
 def kvbench_attention(
