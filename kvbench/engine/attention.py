@@ -42,7 +42,7 @@ def attention_probs(
     Probabilities are reduced over queries (``sum`` or ``mean`` over valid queries), then over the query
     heads of each GQA group (``mean`` or ``max``). Returns float32 [B, H, S].
     """
-    b, hq, lq, d = query.shape
+    b, hq, lq, _ = query.shape
     h, s = keys.shape[1], keys.shape[2]
     group = hq // h
     keys32 = keys.float()
@@ -65,19 +65,24 @@ def attention_probs(
     raise ValueError(f"gqa aggregation must be 'mean' or 'max', got {gqa!r}")
 
 
-def _probs_sum(query, query_positions, query_valid, keys, key_positions, key_valid, scaling) -> torch.Tensor:
-    """softmax(q·K) summed over the queries: [B, H, group, S] for query [B, Hq, n, D] and keys [B, H, S, D]."""
+def masked_logits(query, query_positions, query_valid, keys, key_positions, key_valid, scaling):
+    """float32 q·K logits [B, H, group, n, S] with masked entries at the float32 minimum, and the mask
+    [B, H, 1, n, S] (True = visible), for query [B, Hq, n, D] and keys [B, H, S, D]."""
     b, hq, n, d = query.shape
     h, s = keys.shape[1], keys.shape[2]
-    group = hq // h
     # Scale the (small) queries, not the logits; masks are built once per KV head and broadcast over the
-    # GQA group; an invalid query sees no key, so its row is zeroed with the masked-out keys.
-    q = (query.float() * scaling).reshape(b, h, group * n, d)
-    logits = torch.matmul(q, keys.transpose(-1, -2)).view(b, h, group, n, s)
+    # GQA group; an invalid query sees no key.
+    q = (query.float() * scaling).reshape(b, h, hq // h * n, d)
+    logits = torch.matmul(q, keys.float().transpose(-1, -2)).view(b, h, hq // h, n, s)
     mask = key_valid[:, :, None, :] & (key_positions[:, :, None, :] <= query_positions[:, None, :, None])
     mask &= query_valid[:, None, :, None]
-    mask = mask[:, :, None]  # [B, H, 1, n, S]
-    logits.masked_fill_(~mask, torch.finfo(torch.float32).min)
+    mask = mask[:, :, None]
+    return logits.masked_fill_(~mask, torch.finfo(torch.float32).min), mask
+
+
+def _probs_sum(query, query_positions, query_valid, keys, key_positions, key_valid, scaling) -> torch.Tensor:
+    """softmax(q·K) summed over the queries: [B, H, group, S]; a row that sees nothing is zeroed by its mask."""
+    logits, mask = masked_logits(query, query_positions, query_valid, keys, key_positions, key_valid, scaling)
     return torch.softmax(logits, dim=-1).mul_(mask).sum(dim=3)
 
 

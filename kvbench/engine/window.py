@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from kvbench.engine.attention import masked_logits
 from kvbench.presses.base import Press
 
 
@@ -40,7 +41,7 @@ class KeptWindowAttention:
                keys: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float,
                ring_slot: int) -> None:
         """Bring the weights up to this step: queries [N, H_q, W, D] and positions/valid [N, W]; slots [N, H, S]."""
-        n, hq, window, d = queries.shape
+        n, hq, window, _ = queries.shape
         h, s = keys.shape[1], keys.shape[2]
         if self.weights is None:
             self.weights = torch.zeros(n, h, hq // h, window, self.capacity, dtype=torch.float32, device=keys.device)
@@ -49,13 +50,8 @@ class KeptWindowAttention:
         else:
             rows = slice(0, window)
             self.weights.zero_()
-        q = queries[:, :, rows].float() * scaling
-        w = q.shape[2]
-        logits = torch.matmul(q.view(n, h, -1, d), keys.float().transpose(-1, -2)).view(n, h, -1, w, s)
-        visible = valid[:, :, None, :] & (positions[:, :, None, :] <= query_positions[:, None, rows, None])
-        visible &= query_valid[:, None, rows, None]
-        visible = visible[:, :, None]  # [N, H, 1, w, S], broadcast over the GQA group
-        logits.masked_fill_(~visible, torch.finfo(torch.float32).min)
+        logits, visible = masked_logits(queries[:, :, rows], query_positions[:, rows], query_valid[:, rows], keys,
+                                        positions, valid, scaling)
         logits = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_().mul_(visible)
         self.weights[:, :, :, rows, :s] = logits
         self.fresh = True
