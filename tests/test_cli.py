@@ -70,6 +70,7 @@ def test_execute_returns_scored_cells(tmp_path):
     (["-p", "h2o", "-b", "8", "-n", "0"], "--num-samples must be >= 1"),
     (["-p", "rpc", "-b", "8", "-a", "buffer=8"], "rpc: buffer 8 must be below the budget 8"),
     (["-p", "rpc", "-b", "8", "-a", "pooling=median"], "pooling must be 'avg' or 'max'"),
+    (["-p", "scope", "-b", "8", "-a", "prefill_budget=8"], "scope: prefill_budget 8 must be below the budget 8"),
 ])
 def test_bad_input_fails_with_one_line(tmp_path, args, message):
     result = kvbench("run", "--model", "tiny-llama", *args, "--store", str(tmp_path / "s"))

@@ -230,3 +230,34 @@ def test_rpc_keeps_the_prompt_and_never_holds_more_than_its_budget(tiny_llama, a
     assert out.evicted_tokens > 0
     assert min(held[12:]) == budget - interval and max(held) == budget - 1
     assert out.peak_kv_bytes == budget * 3 * 2 * (16 + 16) * 4
+
+
+
+@pytest.mark.parametrize(("prompt_length", "args"), [(12, {"buffer": "4"}), (30, {"prefill_budget": "8", "buffer": "3"})])
+def test_scope_pins_its_prefill_budget_and_gives_the_rest_to_generated_tokens(tiny_llama, prompt_length, args):
+    """SCOPE: the prompt ends at exactly its prefill budget and never loses a pinned token; recent tokens stay."""
+    model, tokenizer = tiny_llama
+    prompt = prompt_ids(tokenizer)[:prompt_length]
+    press, budget = make_press("scope", args), 20
+    pinned_n = press.prompt_budget(budget)
+    recent = int(press.recent_ratio * (budget - pinned_n))
+    prompt_held, held = [], []
+
+    def check(cache, step):
+        newest = int(cache.query_position[0])
+        kept = [head for layer in cache.kept_positions(0) for head in layer]
+        prompt_held.append([{p for p in head if p < prompt_length} for head in kept])
+        for head in kept:
+            assert len(head) <= budget + press.buffer
+            if step > 0:
+                assert set(range(newest - recent + 1, newest + 1)) <= head
+        held.append(cache.entries(0))
+
+    out = generate(model, [prompt], press, budget, GenerationSettings(max_new_tokens=40), on_step=check)[0]
+    assert out.evicted_tokens > 0
+    final = prompt_held[-1]
+    assert all(len(head) == pinned_n for head in final)
+    for step_held in prompt_held:  # the pinned tokens are there from the prefill to the end
+        assert all(pinned <= head for pinned, head in zip(final, step_held))
+    cycling = held[held.index(budget):]
+    assert min(cycling) == budget and max(cycling) == budget + press.buffer - 1

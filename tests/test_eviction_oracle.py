@@ -128,6 +128,29 @@ def test_h2o_accumulated_attention_matches_the_oracle(tiny, budget):
         torch.testing.assert_close(ours, received.gather(1, positions), atol=1e-5, rtol=1e-4)
 
 
+
+def test_scope_pins_the_prompt_tokens_with_the_most_prefill_attention(tiny):
+    """SCOPE's pinned prompt = the last recent_ratio of its prefill budget + the heavy hitters by the attention
+    the prompt's queries placed on them, in an independent forward (GQA mean)."""
+    from tests.oracle import PROBS
+
+    model, tokenizer = tiny
+    prompt = prompt_ids(tokenizer)[:16]
+    press, budget = make_press("scope", {"prefill_budget": "9", "buffer": "4"}), 20
+    kept = []
+    out = generate(model, [prompt], press, budget, GenerationSettings(max_new_tokens=40),
+                   on_step=lambda cache, t: kept.append(cache.kept_positions(0)))[0]
+    assert out.evicted_tokens > 0
+    group = _oracle_forward(model, prompt, out, kept)
+    n_recent = int(press.recent_ratio * 9)
+    for layer, layer_kept in enumerate(kept[-1]):
+        n = len(prompt)
+        received = PROBS[layer][:, :n, :n].reshape(-1, group, n, n).mean(1).sum(1)  # [H_kv, n]
+        for head, head_kept in enumerate(layer_kept):
+            heavy = received[head, : n - n_recent].argsort(descending=True)[: 9 - n_recent].tolist()
+            assert {p for p in head_kept if p < n} == set(heavy) | set(range(n - n_recent, n))
+
+
 @dataclasses.dataclass
 class RecordingPress:
     """Wraps a press and records, at every decoding eviction, the slots and the attention the press saw."""

@@ -13,6 +13,7 @@ from kvbench.presses.knorm import KNormPress
 from kvbench.presses.random import RandomPress
 from kvbench.presses.rkv import RKVPress
 from kvbench.presses.rpc import RPCPress
+from kvbench.presses.scope import SCOPEPress
 from kvbench.presses.snapkv_d import SnapKVDecodingPress
 from kvbench.presses.streaming_llm import StreamingLLMPress
 from kvbench.presses.tova import TOVAPress
@@ -21,7 +22,7 @@ PRESSES: dict[str, type[Press]] = {
     cls.name: cls
     for cls in (
         FullPress, StreamingLLMPress, H2OPress, SnapKVDecodingPress, KNormPress, RKVPress, RandomPress, TOVAPress,
-        RPCPress,
+        RPCPress, SCOPEPress,
     )
 }
 
