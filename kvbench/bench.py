@@ -70,11 +70,10 @@ class BenchRow:
 
 def cells(config: BenchConfig) -> list[tuple[str, int | None]]:
     """(press, budget) pairs: the full cache first (the reference), then every press at every budget."""
-    from kvbench.presses import PRESSES, PressError
+    from kvbench.presses import press_parameters
 
-    unknown = [p for p in config.presses if p not in PRESSES]
-    if unknown:
-        raise PressError(f"unknown press {unknown[0]!r}; known: {', '.join(PRESSES)}")
+    for press in config.presses:
+        press_parameters(press)  # an unknown press or wrapper fails here with one line
     if any(b < 1 for b in config.budgets):
         raise KvbenchError(f"budget must be >= 1, got {min(config.budgets)}")
     out: list[tuple[str, int | None]] = [("full", None)]

@@ -92,9 +92,9 @@ def load(store: str | Path) -> pd.DataFrame:
 
 def _press_label(press: str, args_json: str) -> str:
     """The press name, plus the parameters that differ from its defaults (so variants never pool)."""
-    from kvbench.presses import PRESSES, make_press
+    from kvbench.presses import is_press, make_press
 
-    if press not in PRESSES:
+    if not is_press(press):
         return press
     defaults = make_press(press).params()
     changed = {k: v for k, v in json.loads(args_json or "{}").items() if defaults.get(k) != v}

@@ -2,8 +2,11 @@ import pytest
 import torch
 
 from kvbench.models import build_tiny
+from kvbench.presses import PRESSES
 
 ARCHS = ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral", "tiny-phi3")
+#: Every press, and the allocation wrappers composed with scoring presses (and with each other).
+ALL_PRESSES = [*PRESSES, "pyramidkv:snapkv-d", "adakv:snapkv-d", "pyramidkv:adakv:h2o"]
 PROMPT = "Tom has 12 apples. He buys 7 more and gives 5 to Ann. How many apples does Tom have now?"
 
 

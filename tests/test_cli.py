@@ -71,6 +71,9 @@ def test_execute_returns_scored_cells(tmp_path):
     (["-p", "rpc", "-b", "8", "-a", "buffer=8"], "rpc: buffer 8 must be below the budget 8"),
     (["-p", "rpc", "-b", "8", "-a", "pooling=median"], "pooling must be 'avg' or 'max'"),
     (["-p", "scope", "-b", "8", "-a", "prefill_budget=8"], "scope: prefill_budget 8 must be below the budget 8"),
+    (["-p", "adakv", "-b", "8"], "'adakv' is a wrapper: adakv:snapkv-d"),
+    (["-p", "adakv:full", "-b", "8"], "adakv: the 'full' press does not evict"),
+    (["-p", "pyramidkv:h2o", "-b", "8", "-a", "beta=0.5"], "pyramidkv: beta must be >= 1"),
 ])
 def test_bad_input_fails_with_one_line(tmp_path, args, message):
     result = kvbench("run", "--model", "tiny-llama", *args, "--store", str(tmp_path / "s"))

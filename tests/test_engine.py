@@ -7,8 +7,8 @@ import torch
 from transformers import DynamicCache
 
 from kvbench.engine.generate import GenerationSettings, generate
-from kvbench.presses import PRESSES, make_press
-from tests.conftest import prompt_ids
+from kvbench.presses import make_press
+from tests.conftest import ALL_PRESSES, prompt_ids
 
 N_NEW = 40
 
@@ -19,7 +19,7 @@ def hf_greedy(model, prompt, n_new):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("press_name", list(PRESSES))
+@pytest.mark.parametrize("press_name", ALL_PRESSES)
 def test_budget_at_least_length_equals_full_and_hf_generate(tiny, press_name):
     model, tokenizer = tiny
     prompt = prompt_ids(tokenizer)[:40]
@@ -233,7 +233,8 @@ def test_rpc_keeps_the_prompt_and_never_holds_more_than_its_budget(tiny_llama, a
 
 
 
-@pytest.mark.parametrize(("prompt_length", "args"), [(12, {"buffer": "4"}), (30, {"prefill_budget": "8", "buffer": "3"})])
+@pytest.mark.parametrize(("prompt_length", "args"),
+                         [(12, {"buffer": "4"}), (30, {"prefill_budget": "8", "buffer": "3"})])
 def test_scope_pins_its_prefill_budget_and_gives_the_rest_to_generated_tokens(tiny_llama, prompt_length, args):
     """SCOPE: the prompt ends at exactly its prefill budget and never loses a pinned token; recent tokens stay."""
     model, tokenizer = tiny_llama
@@ -261,3 +262,45 @@ def test_scope_pins_its_prefill_budget_and_gives_the_rest_to_generated_tokens(ti
         assert all(pinned <= head for pinned, head in zip(final, step_held))
     cycling = held[held.index(budget):]
     assert min(cycling) == budget and max(cycling) == budget + press.buffer - 1
+
+
+def test_pyramidkv_layers_hold_their_own_budgets_which_add_up_to_the_total(tiny_llama):
+    """Each layer holds min(tokens, its budget) per head after every compression; in all, layers x budget."""
+    model, tokenizer = tiny_llama
+    press, budget, prompt = make_press("pyramidkv:snapkv-d", {"window_size": "4"}), 16, prompt_ids(tokenizer)[:10]
+    layer_budgets = press.layer_budgets(budget, 3)
+    sizes = []
+
+    def check(cache, step):
+        tokens = int(cache.query_position[0]) + 1
+        held = [[len(head) for head in layer] for layer in cache.kept_positions(0)]
+        if tokens >= budget + press.buffer:  # compressing at every step from here
+            assert held == [[min(tokens, b)] * 2 for b in layer_budgets]
+        assert cache.entries(0) == sum(map(sum, held)) / 6  # the host's count, without a synchronisation
+        sizes.append(held)
+
+    out = generate(model, [prompt], press, budget, GenerationSettings(max_new_tokens=60), on_step=check)[0]
+    assert sum(layer[0] for layer in sizes[-1]) == 3 * budget and sizes[-1][0][0] > budget > sizes[-1][-1][0]
+    assert out.evicted_tokens == (70 - 1) - budget and out.mean_cache_len < 70
+    assert out.peak_kv_bytes == (budget + press.buffer) * 3 * 2 * (16 + 16) * 4
+
+
+def test_adakv_heads_share_each_layers_budget(tiny_llama):
+    """After every compression each layer holds heads x budget in all, every head at least alpha x budget."""
+    model, tokenizer = tiny_llama
+    press, budget = make_press("adakv:snapkv-d", {"window_size": "4", "alpha": "0.25"}), 16
+    uneven = []
+
+    def check(cache, step):
+        if int(cache.query_position[0]) + 1 < budget + press.buffer:
+            return
+        assert cache.entries(0) == sum(len(head) for layer in cache.kept_positions(0) for head in layer) / 6
+        for layer in cache.kept_positions(0):
+            counts = [len(head) for head in layer]
+            assert sum(counts) == 2 * budget and min(counts) >= 4 and max(counts) <= press.head_capacity(budget, 2)
+            uneven.append(len(set(counts)) > 1)
+
+    out = generate(model, [prompt_ids(tokenizer)[:10]], press, budget, GenerationSettings(max_new_tokens=60),
+                   on_step=check)[0]
+    assert any(uneven), "the heads never held different numbers: the test would not see a uniform split"
+    assert out.peak_kv_bytes == (budget + press.buffer) * 3 * 2 * (16 + 16) * 4

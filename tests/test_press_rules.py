@@ -119,3 +119,29 @@ def test_lowest_slots_are_the_last_of_the_ranking(n):
     positions = torch.stack([torch.randperm(100, generator=generator)[:24] for _ in range(64 * 4)]).view(64, 4, 24)
     expected = rank_slots(scores, positions)[..., -n:]
     assert torch.equal(lowest_slots(scores, positions, n), expected)
+
+
+def test_pyramidkv_layer_budgets_fall_with_depth_and_add_up_to_the_total():
+    press = make_press("pyramidkv:snapkv-d")
+    for budget, n_layers in [(128, 32), (16, 3), (64, 7), (5, 4)]:
+        budgets = press.layer_budgets(budget, n_layers)
+        assert sum(budgets) == budget * n_layers and min(budgets) >= 1
+        assert budgets == sorted(budgets, reverse=True)
+    assert press.layer_budgets(128, 32)[0] == pytest.approx(128 * 1.95, abs=1)
+    assert press.layer_budgets(128, 32)[-1] == pytest.approx(128 / 20, abs=1)
+    assert make_press("pyramidkv:snapkv-d", {"beta": "1"}).layer_budgets(64, 7) == [64] * 7
+
+
+def test_adakv_shares_a_layers_budget_among_its_heads_by_score():
+    """Two heads, three entries each on average: six kept jointly, each head guaranteed its best alpha x 3."""
+    scores = torch.tensor([[[9.0, 8, 7, 6, 5, 4], [0.1, 0.2, 0.3, 0.4, 0.5, 10]]])
+    positions = torch.arange(6).expand(1, 2, 6)
+    keep = torch.tensor([3])
+    free = make_press("adakv:snapkv-d", {"alpha": "0"}).head_counts(scores, positions, keep)
+    assert free.tolist() == [[5, 1]]  # 10 (head 1), then 9, 8, 7, 6, 5 (head 0)
+    guarded = make_press("adakv:snapkv-d", {"alpha": "0.67"}).head_counts(scores, positions, keep)
+    assert guarded.tolist() == [[4, 2]]  # head 1's best two (10, 0.5) are guaranteed
+    scores[0, 0, 4:] = -math.inf  # invalid slots are never guaranteed nor chosen
+    assert make_press("adakv:snapkv-d", {"alpha": "0.67"}).head_counts(scores, positions, keep).tolist() == [[4, 2]]
+    # A row that is not compressing keeps every slot.
+    assert make_press("adakv:snapkv-d").head_counts(scores, positions, torch.tensor([6])).sum() == 12

@@ -10,7 +10,9 @@ does not fit (a prompt longer than the capacity) attends over the slots plus the
 press's best ``budget`` per layer (prefill compression).
 
 Bookkeeping that decides *when* to evict (entries per sequence, the same in every layer) lives on the host,
-so deciding costs no device synchronisation.
+so deciding costs no device synchronisation. Under a press that allocates (PyramidKV, AdaKV) layers and heads
+keep different numbers of entries: each keeps its best-ranked slots up to its count, and the capacity is the
+most one head may hold.
 """
 
 from __future__ import annotations
@@ -243,14 +245,22 @@ class BudgetLayer(DynamicLayer):
         cache = self.cache
         keep_n = cache.keep_n
         if cache.overflow_evicts:
-            ranked = rank_slots(cache.press.score(view).float().masked_fill(~view.valid, -torch.inf), view.positions)
+            scores = cache.press.score(view).float().masked_fill(~view.valid, -torch.inf)
         else:  # nothing to drop: keep every valid slot, newest first
-            ranked = rank_slots(view.valid.float().masked_fill(~view.valid, -torch.inf), view.positions)
+            scores = view.valid.float().masked_fill(~view.valid, -torch.inf)
+        ranked = rank_slots(scores, view.positions)
         k = cache.used_after
         order = ranked[..., :k]  # [B, H, k], best first
-        rank_ok = torch.arange(k, device=self.device)[None, :] < torch.tensor(keep_n, device=self.device)[:, None]
+        if cache.allocates and cache.overflow_evicts:  # this layer's share, split among heads by the press
+            full = tuple(keep != count for keep, count in zip(keep_n, cache.counts))
+            keep = cache._layer_keep_rows(full, self.layer_idx)
+            counts = cache.press.head_counts(scores, view.positions, keep)
+            limit = (keep[:, None] if counts is None else counts)[..., None]  # [B, H or 1, 1]
+        else:
+            limit = torch.tensor(keep_n, device=self.device)[:, None, None]
+        rank_ok = torch.arange(k, device=self.device) < limit
         pending = self._pending
-        self.valid[:, :, :k] = view.valid.gather(2, order) & rank_ok[:, None, :]
+        self.valid[:, :, :k] = view.valid.gather(2, order) & rank_ok
         self.valid[:, :, k:] = False
         for name in ("keys", "values"):
             src = pending[name]
@@ -287,17 +297,24 @@ class BudgetCache(DynamicCache):
     The decode loop calls ``begin_step`` before and ``end_step`` after every forward.
     """
 
-    def __init__(self, press: Press, budget: int | None, num_layers: int, max_length: int, seeds: list[int],
-                 measure_attention_loss: bool = False, max_new_tokens: int = 0, static_shapes: bool = False,
-                 keep_window_attention: bool = False):
+    def __init__(self, press: Press, budget: int | None, num_layers: int, num_kv_heads: int, max_length: int,
+                 seeds: list[int], measure_attention_loss: bool = False, max_new_tokens: int = 0,
+                 static_shapes: bool = False, keep_window_attention: bool = False):
         if budget is not None and budget < 1:
             raise ValueError(f"budget must be >= 1, got {budget}")
         self.press = press
         #: Entries a compression keeps and entries that trigger one (``budget`` and ``budget + buffer`` for most
         #: presses; a press bounded by its budget keeps less).
         self.budget, self.trigger = press.cadence(budget) if press.evicts and budget is not None else (None, None)
+        #: Entries each layer keeps per KV head on average at a compression; layers or heads keep different
+        #: numbers under a press that ``allocates`` (PyramidKV, AdaKV), which then frees slots by rank.
+        self.layer_keep = press.layer_budgets(self.budget, num_layers) if self.budget is not None else None
+        self.allocates = press.allocates and self.budget is not None
         # Never allocate more than a sequence can hold: a budget beyond the length costs no memory.
-        self.capacity = max_length if self.trigger is None else min(self.trigger, max_length)
+        self.capacity = (max_length if self.trigger is None
+                         else min(press.capacity(budget, num_layers, num_kv_heads), max_length))
+        self.head_capacity = ([press.head_capacity(b, num_kv_heads) for b in self.layer_keep]
+                              if self.allocates else None)
         #: Attend over every preallocated slot, so each decoding step has the same shapes (for torch.compile).
         self.static_shapes = static_shapes
         self.max_length = max_length
@@ -309,10 +326,15 @@ class BudgetCache(DynamicCache):
         self.keys: torch.Tensor | None = None
         self.values = self.positions = self.valid = None
         self.state: dict[str, torch.Tensor] = {}
-        # Host bookkeeping, the same for every layer: valid entries per KV head per sequence, their peak, evictions.
+        # Host bookkeeping, so that deciding costs no synchronisation. ``counts``: entries per KV head per
+        # sequence, the same in every layer, which triggers compressions (under a press that allocates, the
+        # mean a uniform press would hold). ``layer_counts``: the mean held per KV head in each layer, exact
+        # (what is reported); ``head_bound``: an upper bound on any one head's entries in each layer.
         self.counts = [0] * batch
-        self.peak = [0] * batch
-        self.evicted = [0] * batch
+        self.layer_counts = [[0] * num_layers for _ in range(batch)]
+        self.head_bound = [[0] * num_layers for _ in range(batch)]
+        self.peak = [0] * batch  # peak entries per KV head summed over layers
+        self.evicted = [0] * batch  # entries evicted per KV head, summed over layers
         #: Every valid slot lies in [0, used): writes go to the first free slot (a slot index is at most the
         #: entries held before the write), so attention and scoring skip the never-written tail.
         self.used = self.capacity if static_shapes else 0
@@ -332,6 +354,7 @@ class BudgetCache(DynamicCache):
                             if keep_window_attention and worth_keeping(press, budget) else None)
         self.step_queries: list[torch.Tensor | None] = [None] * num_layers  # decode queries, for observe()
         self._row_masks: dict[tuple[bool, ...], torch.Tensor] = {}
+        self._keep_rows: dict[tuple[tuple[bool, ...], int | None], torch.Tensor] = {}
         #: [B, layers, decode steps, KV heads] attention loss, allocated with the first layer when measuring.
         self.loss_log: torch.Tensor | None = None
         self.decode_step = 0  # 0 = prefill, t = the t-th decoding forward
@@ -368,17 +391,22 @@ class BudgetCache(DynamicCache):
         held = max(self.counts)
         fits = held + n_new <= self.capacity
         self.mode = "slot" if fits and n_new == 1 else "bulk" if fits and held == 0 else "overflow"
+        capacity = self.capacity
         for i, n in enumerate(valid_counts):
             self.counts[i] += n
-            self.peak[i] = max(self.peak[i], min(self.counts[i], self.capacity))
+            if n:
+                self.layer_counts[i] = [c + n for c in self.layer_counts[i]]
+                self.head_bound[i] = [min(c + n, capacity) for c in self.head_bound[i]]
+            self.peak[i] = max(self.peak[i], sum(min(c, capacity) for c in self.layer_counts[i]))
         if self.static_shapes:
             self.used_after = self.capacity
         elif self.mode == "overflow":
             self.used_after = min(self.capacity, self.used + n_new)
         elif self.mode == "bulk":
             self.used_after = max(self.used, n_new)
-        else:  # a valid write lands at most at the entries held before it: within the row's new count
-            self.used_after = min(self.capacity, max(self.used, max(self.counts)))
+        else:  # a valid write lands at most at the entries its head held before it
+            most = max(max(bound) for bound in self.head_bound) if self.allocates else max(self.counts)
+            self.used_after = min(self.capacity, max(self.used, most))
         if self.mode == "overflow":
             trigger = self.trigger
             self.keep_n = [self.budget if trigger is not None and c >= trigger else c for c in self.counts]
@@ -396,8 +424,8 @@ class BudgetCache(DynamicCache):
             self.kept_window.fresh = False  # several tokens were written or slots moved: recompute next step
         if self.mode == "overflow":
             for i, keep in enumerate(self.keep_n):
-                self.evicted[i] += self.counts[i] - keep
-                self.counts[i] = keep
+                if keep != self.counts[i]:
+                    self._compressed(i, keep)
             self.heads_uniform &= not self.overflow_evicts
         else:
             view = None
@@ -442,25 +470,61 @@ class BudgetCache(DynamicCache):
             window=window,
         )
 
+    def _compressed(self, row: int, keep: int) -> None:
+        """Host bookkeeping of sequence ``row`` after a compression that keeps ``keep`` (its layers' shares)."""
+        before = self.layer_counts[row]
+        if self.allocates:
+            after = [min(c, b) for c, b in zip(before, self.layer_keep)]
+            self.head_bound[row] = [min(bound, cap) for bound, cap in zip(self.head_bound[row], self.head_capacity)]
+        else:
+            after = [keep] * len(before)
+            self.head_bound[row] = after
+        self.evicted[row] += sum(before) - sum(after)
+        self.layer_counts[row] = after
+        self.counts[row] = keep
+
     def _evict_in_place(self, view: SlotView) -> None:
         """Free the ``count - budget`` lowest-scored slots of each full sequence, per KV head, in every layer."""
         budget, trigger = self.budget, self.trigger
         full = tuple(c >= trigger for c in self.counts)
-        n_evict = max(self.counts) - budget
         scores = self.press.score(view).float().masked_fill(~view.valid, -torch.inf)
-        lowest = lowest_slots(scores, view.positions, n_evict)  # [L*B, H, n]; full rows hold no free slot
-        if all(full):
-            view.valid.scatter_(2, lowest, False)
-        else:  # only sequences at the trigger evict; the others keep their slots
-            keep_rows = self._row_mask(tuple(not f for f in full))
-            view.valid.scatter_(2, lowest, view.valid.gather(2, lowest) & keep_rows)
-        if self.kept_window is not None and self.kept_window.fresh:
-            self.kept_window.drop(lowest, None if all(full) else self._row_mask(full))
+        if self.allocates:
+            keep = self._layer_keep_rows(full)
+            view.valid &= self.keep_mask(scores, view.positions, keep)
+        else:
+            n_evict = max(self.counts) - budget
+            lowest = lowest_slots(scores, view.positions, n_evict)  # [L*B, H, n]; full rows hold no free slot
+            if all(full):
+                view.valid.scatter_(2, lowest, False)
+            else:  # only sequences at the trigger evict; the others keep their slots
+                keep_rows = self._row_mask(tuple(not f for f in full))
+                view.valid.scatter_(2, lowest, view.valid.gather(2, lowest) & keep_rows)
+            if self.kept_window is not None and self.kept_window.fresh:
+                self.kept_window.drop(lowest, None if all(full) else self._row_mask(full))
         for i, is_full in enumerate(full):
             if is_full:
-                self.evicted[i] += self.counts[i] - budget
-                self.counts[i] = budget
+                self._compressed(i, budget)
         self.heads_uniform = False
+
+    def keep_mask(self, scores: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """[N, H, S]: the slots of each head ranked within its count, the press's counts for rows keeping ``keep``."""
+        counts = self.press.head_counts(scores, positions, keep)
+        if counts is None:
+            counts = keep[:, None]
+        ranked = rank_slots(scores, positions)
+        order = torch.arange(ranked.shape[-1], device=ranked.device).expand_as(ranked)
+        rank = torch.empty_like(ranked).scatter_(-1, ranked, order)
+        return rank < counts[..., None]
+
+    def _layer_keep_rows(self, full: tuple[bool, ...], layer: int | None = None) -> torch.Tensor:
+        """Mean keep per head of each row (all layers folded, or one layer): its layer's share if the sequence is
+        full, every slot otherwise. Cached, so it crosses to the device once."""
+        key = (full, layer)
+        if key not in self._keep_rows:
+            layers = range(len(self.layers)) if layer is None else [layer]
+            keep = [self.layer_keep[i] if is_full else self.capacity for i in layers for is_full in full]
+            self._keep_rows[key] = torch.tensor(keep, device=self.keys.device)
+        return self._keep_rows[key]
 
     def _update_kept_window(self, view: SlotView) -> None:
         """Bring the kept window attention up to this step and let ``view.attention`` read it."""
@@ -536,9 +600,9 @@ class BudgetCache(DynamicCache):
         self.retention_log[:, :, self.decode_step] = fraction.T
 
     # --- telemetry (host side, no synchronisation) ------------------------------------------------------------
-    def entries(self, row: int) -> int:
-        """Valid entries per KV head held for sequence ``row`` (the same in every layer)."""
-        return self.counts[row]
+    def entries(self, row: int) -> float:
+        """Valid entries per KV head held for sequence ``row``, averaged over layers."""
+        return sum(self.layer_counts[row]) / len(self.layers)
 
     def bytes_per_entry(self) -> int:
         """Bytes of one token's keys and values across all layers and KV heads."""
@@ -548,11 +612,11 @@ class BudgetCache(DynamicCache):
         return n_layers * h * (d + self.values.shape[-1]) * self.keys.element_size()
 
     def peak_bytes(self, row: int) -> int:
-        return self.peak[row] * self.bytes_per_entry()
+        return self.peak[row] * self.bytes_per_entry() // len(self.layers)
 
-    def evicted_tokens(self, row: int) -> int:
-        """Entries evicted per KV head for sequence ``row`` (the same in every layer)."""
-        return self.evicted[row]
+    def evicted_tokens(self, row: int) -> float:
+        """Entries evicted per KV head for sequence ``row``, averaged over layers."""
+        return self.evicted[row] / len(self.layers)
 
     def kept_positions(self, row: int = 0) -> list[list[set[int]]]:
         """Per layer, per KV head, the positions currently held (for tests and analysis; synchronises)."""

@@ -156,7 +156,8 @@ def generation(
     if layer_types != {"full_attention"}:
         raise KvbenchError(f"{config.model_type}: layers of type {sorted(layer_types - {'full_attention'})} are not "
                            "supported (kvbench evicts from full-attention caches only)")
-    cache = BudgetCache(press, budget, config.num_hidden_layers, width + settings.max_new_tokens, seeds,
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    cache = BudgetCache(press, budget, config.num_hidden_layers, kv_heads, width + settings.max_new_tokens, seeds,
                         measure_attention_loss=measure_attention_loss, max_new_tokens=settings.max_new_tokens,
                         static_shapes=static_shapes,
                         keep_window_attention=device.type == "cpu" if keep_window_attention is None

@@ -19,7 +19,7 @@ from kvbench.presses.base import Press
 
 def worth_keeping(press: Press, budget: int | None) -> bool:
     """Kept rows cost one query row per step: worth it where compressions come more often than once per window."""
-    if budget is None or not press.evicts or not press.query_window:
+    if budget is None or not press.evicts or not press.query_window or press.allocates:
         return False
     keep, trigger = press.cadence(budget)
     return trigger - keep < press.query_window

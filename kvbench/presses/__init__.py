@@ -6,10 +6,12 @@ import dataclasses
 import typing
 
 from kvbench.errors import KvbenchError
+from kvbench.presses.adakv import AdaKVPress
 from kvbench.presses.base import Press
 from kvbench.presses.full import FullPress
 from kvbench.presses.h2o import H2OPress
 from kvbench.presses.knorm import KNormPress
+from kvbench.presses.pyramidkv import PyramidKVPress
 from kvbench.presses.random import RandomPress
 from kvbench.presses.rkv import RKVPress
 from kvbench.presses.rpc import RPCPress
@@ -17,6 +19,7 @@ from kvbench.presses.scope import SCOPEPress
 from kvbench.presses.snapkv_d import SnapKVDecodingPress
 from kvbench.presses.streaming_llm import StreamingLLMPress
 from kvbench.presses.tova import TOVAPress
+from kvbench.presses.wrapper import WrapperPress
 
 PRESSES: dict[str, type[Press]] = {
     cls.name: cls
@@ -25,8 +28,11 @@ PRESSES: dict[str, type[Press]] = {
         RPCPress, SCOPEPress,
     )
 }
+#: Allocation wrappers, composed with a scoring press as ``wrapper:press`` (``pyramidkv:adakv:snapkv-d``).
+WRAPPERS: dict[str, type[WrapperPress]] = {cls.name: cls for cls in (PyramidKVPress, AdaKVPress)}
 
-__all__ = ["PRESSES", "Press", "PressError", "make_press", "parse_bool", "parse_press_args", "press_parameters"]
+__all__ = ["PRESSES", "WRAPPERS", "Press", "PressError", "is_press", "make_press", "parse_bool", "parse_press_args",
+           "press_parameters", "class_parameters"]
 
 
 class PressError(KvbenchError, ValueError):
@@ -34,26 +40,56 @@ class PressError(KvbenchError, ValueError):
 
 
 def press_parameters(name: str) -> list[tuple[str, type, object, str]]:
-    """(name, type, default, help) of each parameter of press ``name``; help comes from the ``#:`` comments."""
-    cls = _press_class(name)
-    hints = typing.get_type_hints(cls)
-    docs = _field_docs(cls)
-    return [(f.name, hints[f.name], f.default, docs.get(f.name, "")) for f in dataclasses.fields(cls)]
+    """(name, type, default, help) of each parameter of press ``name``; help comes from the ``#:`` comments.
+
+    A composition ``wrapper:press`` has the wrapper's own parameters and the press's.
+    """
+    wrapper, sep, inner = name.partition(":")
+    if sep:
+        return class_parameters(_wrapper_class(wrapper)) + press_parameters(inner)
+    return class_parameters(_press_class(name))
+
+
+def is_press(name: str) -> bool:
+    """True if ``name`` is a press or a composition of wrappers with a press."""
+    try:
+        press_parameters(name)
+    except PressError:
+        return False
+    return True
 
 
 def make_press(name: str, args: dict[str, str] | None = None) -> Press:
-    """Instantiate press ``name`` with string arguments converted to each field's type."""
-    cls = _press_class(name)
+    """Instantiate press ``name`` (or ``wrapper:press``) with string arguments converted to each field's type."""
     known = {p[0]: p[1] for p in press_parameters(name)}
     kwargs = {}
     for key, raw in (args or {}).items():
         if key not in known:
             raise PressError(f"press {name!r} has no parameter {key!r} (parameters: {', '.join(known)})")
         kwargs[key] = _convert(name, key, raw, known[key])
+    return _build(name, kwargs)
+
+
+def _build(name: str, kwargs: dict[str, object]) -> Press:
+    wrapper, sep, inner = name.partition(":")
+    cls = _wrapper_class(wrapper) if sep else _press_class(name)
+    own = {p[0] for p in class_parameters(cls)}
     try:
+        if sep:
+            return cls(inner=_build(inner, {k: v for k, v in kwargs.items() if k not in own}),
+                       **{k: v for k, v in kwargs.items() if k in own})
         return cls(**kwargs)
     except ValueError as err:
         raise PressError(str(err)) from err
+
+
+def class_parameters(cls: type[Press]) -> list[tuple[str, type, object, str]]:
+    """A press class's own parameters (a wrapper's without the press it wraps)."""
+    hints = typing.get_type_hints(cls)
+    docs = _field_docs(cls)
+    skip = ("inner", "buffer") if issubclass(cls, WrapperPress) else ()
+    return [(f.name, hints[f.name], f.default, docs.get(f.name, "")) for f in dataclasses.fields(cls)
+            if f.name not in skip]
 
 
 def parse_press_args(items: list[str], presses: list[str]) -> dict[str, dict[str, str]]:
@@ -86,7 +122,15 @@ def _press_class(name: str) -> type[Press]:
     try:
         return PRESSES[name]
     except KeyError:
-        raise PressError(f"unknown press {name!r} (known: {', '.join(PRESSES)})") from None
+        hint = f"; {name!r} is a wrapper: {name}:snapkv-d" if name in WRAPPERS else ""
+        raise PressError(f"unknown press {name!r} (known: {', '.join(PRESSES)}{hint})") from None
+
+
+def _wrapper_class(name: str) -> type[WrapperPress]:
+    try:
+        return WRAPPERS[name]
+    except KeyError:
+        raise PressError(f"unknown press wrapper {name!r} (wrappers: {', '.join(WRAPPERS)})") from None
 
 
 def parse_bool(text: str) -> bool:

@@ -44,6 +44,31 @@ class Press:
         """(entries kept by a compression, entries held that trigger one) at ``budget``."""
         return budget, budget + self.buffer
 
+    def capacity(self, budget: int, n_layers: int, n_heads: int) -> int:
+        """Slots per KV head the cache allocates at ``budget``: the most one head may hold."""
+        keep, trigger = self.cadence(budget)
+        return max(self.head_capacity(b, n_heads) for b in self.layer_budgets(keep, n_layers)) + trigger - keep
+
+    def layer_budgets(self, budget: int, n_layers: int) -> list[int]:
+        """Entries each layer keeps per KV head on average at a compression (``budget`` everywhere but PyramidKV)."""
+        return [budget] * n_layers
+
+    def head_capacity(self, layer_budget: int, n_heads: int) -> int:
+        """The most entries one KV head of a layer with ``layer_budget`` may keep (more with AdaKV)."""
+        return layer_budget
+
+    def head_counts(self, scores: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor) -> torch.Tensor | None:
+        """Entries each KV head keeps [N, H], given scores [N, H, S] and each row's mean keep per head [N].
+
+        None (the default) keeps ``keep`` in every head; AdaKV shares a row's total among its heads.
+        """
+        return None
+
+    @property
+    def allocates(self) -> bool:
+        """True if layers or heads keep different numbers of entries (PyramidKV, AdaKV)."""
+        return False
+
     @property
     def query_window(self) -> int:
         """How many recent queries (post-RoPE, with positions) each layer keeps for ``view.attention()``."""

@@ -1,0 +1,69 @@
+"""A press that wraps a scoring press: the wrapper decides how many entries each layer or KV head keeps, the
+inner press which ones (``--press adakv:snapkv-d``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from kvbench.presses.base import Press
+
+
+@dataclass
+class WrapperPress(Press):
+    """Delegates scoring, state and cadence to ``inner``; subclasses change the allocation."""
+
+    inner: Press | None = None
+
+    def __post_init__(self) -> None:
+        if self.inner is None:
+            raise ValueError(f"{self.name}: wraps a scoring press, as in {self.name}:snapkv-d")
+        if not self.inner.evicts:
+            raise ValueError(f"{self.name}: the {self.inner.name!r} press does not evict; wrap a scoring press")
+        # Instance attributes: the label, state and revision are the composition's.
+        self.name = f"{type(self).name}:{self.inner.name}"
+        self.state_names = self.inner.state_names
+        self.revision = self.inner.revision
+        self.buffer = self.inner.buffer
+
+    def own_params(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("inner", "buffer")}
+
+    def params(self) -> dict:
+        return {**self.inner.params(), **self.own_params()}
+
+    def __getattr__(self, name: str):  # the inner press's own parameters (e.g. ``gqa``), read by the engine
+        if name.startswith("__") or name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def cadence(self, budget: int) -> tuple[int, int]:
+        return self.inner.cadence(budget)
+
+    @property
+    def query_window(self) -> int:
+        return self.inner.query_window
+
+    @property
+    def accumulates_attention(self) -> bool:
+        return self.inner.accumulates_attention
+
+    def observe(self, view, attention: torch.Tensor) -> None:
+        self.inner.observe(view, attention)
+
+    def score(self, view) -> torch.Tensor:
+        return self.inner.score(view)
+
+    def layer_budgets(self, budget: int, n_layers: int) -> list[int]:
+        return self.inner.layer_budgets(budget, n_layers)
+
+    def head_capacity(self, layer_budget: int, n_heads: int) -> int:
+        return self.inner.head_capacity(layer_budget, n_heads)
+
+    def head_counts(self, scores: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor) -> torch.Tensor | None:
+        return self.inner.head_counts(scores, positions, keep)
+
+    @property
+    def allocates(self) -> bool:
+        return True
