@@ -64,6 +64,7 @@ class BenchRow:
     kv_mib: float  # KV held at peak, whole batch
     entries_per_head: int  # KV entries held at peak per layer, KV head and sequence
     peak_memory_mib: float | None  # CUDA allocator peak of the cell run alone (None elsewhere)
+    host_kv_mib: float = 0.0  # KV offloaded to host memory at peak, whole batch (ShadowKV's values)
     setting: str = "side by side"  # or "equal memory" (the largest batch within --memory-gib)
     extra: dict = field(default_factory=dict)
 
@@ -252,6 +253,7 @@ class _Bench:
             press=press_name, budget=budget, batch=batch, tokens_per_s=batch * len(step_times) / seconds,
             ms_per_step=1000 * statistics.mean(step_times), ratio=math.nan, kv_mib=batch * per_seq / 2**20,
             entries_per_head=per_seq // bytes_per_entry, peak_memory_mib=peak_memory,
+            host_kv_mib=batch * max(o.host_kv_bytes for o in outs) / 2**20,
         )
 
     def _bytes_per_entry(self) -> int:
@@ -280,10 +282,17 @@ class _Bench:
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
         length = config.prompt_len + config.gen_len
         press = self.presses[press_name]
-        capacity = min(press.cadence(budget)[1], length) if budget is not None and press.evicts else length
+        if press.sparse:
+            raise KvbenchError(f"--memory-gib: {press_name}'s memory is measured on CUDA only, not estimated")
+        text = self.model.config.get_text_config(decoder=True)
+        if budget is not None and press.evicts:
+            capacity = min(press.capacity(budget, text.num_hidden_layers,
+                                          getattr(text, "num_key_value_heads", None) or text.num_attention_heads),
+                           length)
+        else:
+            capacity = length
         window = 0
         if worth_keeping(press, budget):
-            text = self.model.config.get_text_config(decoder=True)
             window = text.num_hidden_layers * text.num_attention_heads * press.query_window * 4
         return weights, capacity * (self._bytes_per_entry() + window)
 
@@ -417,13 +426,15 @@ def render(df, fmt: str = "markdown") -> str:
                  f"{info['gen_len']} generated tokens, {info['setting']}"
                  + (f", press args: {info['press_args']}" if info["press_args"] else "")
                  + (", torch.compile" if info["compile"] else ", static shapes" if info["static_shapes"] else ""))
+        host = group["host_kv_mib"].fillna(0.0) if "host_kv_mib" in group else 0.0  # stored before it existed
         table = group.assign(
             budget=group["budget"].map(lambda b: "full" if b is None or b != b else str(int(b))),
             peak_memory_mib=group["peak_memory_mib"].map(lambda m: "n/a" if m is None or m != m else f"{m:.0f}"),
+            host_kv_mib=host,
         )[["press", "budget", "batch", "tokens_per_s", "ms_per_step", "ratio", "kv_mib", "entries_per_head",
-           "peak_memory_mib"]]
+           "host_kv_mib", "peak_memory_mib"]]
         headers = ["press", "budget", "batch", "tok/s", "ms/step", "× full", "KV MiB", "KV entries/head",
-                   "peak device MiB"]
+                   "host KV MiB", "peak device MiB"]
         if fmt == "csv":
             out.append(f"# {title}\n" + table.to_csv(index=False, header=headers, float_format="%.4g"))
             continue

@@ -53,7 +53,8 @@ SCHEMA = pa.schema([
     ("prefill_s", pa.float64()),
     ("decode_s", pa.float64()),
     ("tokens_per_s", pa.float64()),
-    ("peak_kv_bytes", pa.int64()),
+    ("peak_kv_bytes", pa.int64()),  # on the device
+    ("host_kv_bytes", pa.int64()),  # offloaded to host memory (ShadowKV's values; 0 otherwise)
     ("evicted_tokens", pa.float64()),
     ("mean_cache_len", pa.float64()),
     ("looped", pa.bool_()),  # degenerate repetition detected (always measured)

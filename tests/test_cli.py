@@ -74,6 +74,8 @@ def test_execute_returns_scored_cells(tmp_path):
     (["-p", "adakv", "-b", "8"], "'adakv' is a wrapper: adakv:snapkv-d"),
     (["-p", "adakv:full", "-b", "8"], "adakv: the 'full' press does not evict"),
     (["-p", "pyramidkv:h2o", "-b", "8", "-a", "beta=0.5"], "pyramidkv: beta must be >= 1"),
+    (["-p", "adakv:shadowkv", "-b", "80"], "adakv: 'shadowkv' evicts nothing"),
+    (["-p", "shadowkv", "-b", "40"], "shadowkv: budget 40 is below the 63 tokens"),
 ])
 def test_bad_input_fails_with_one_line(tmp_path, args, message):
     result = kvbench("run", "--model", "tiny-llama", *args, "--store", str(tmp_path / "s"))

@@ -10,7 +10,7 @@ from kvbench.presses import make_press
 from tests.conftest import ALL_PRESSES, prompt_ids
 from tests.oracle import masked_logits, masks_from_kept
 
-CASES = [(name, {}) for name in ALL_PRESSES if name not in ("full", "rkv")] + [
+CASES = [(name, {}) for name in ALL_PRESSES if name not in ("full", "rkv", "shadowkv")] + [
     ("rkv", {"buffer": "4"}),  # R-KV's default buffer (128) never fills in a short test
     ("h2o", {"recent_ratio": "0", "normalize": "true"}),  # the paper's H2O variant
     ("snapkv-d", {"window_size": "4", "pooling": "max", "gqa": "max"}),
@@ -200,3 +200,66 @@ def test_window_attention_matches_the_oracle(tiny, press_name, args):
                 expected = torch.softmax(logits, -1).mean(dim=(0, 1))
                 ours = attention[layer, head][valid[layer, head]]
                 torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
+
+
+SHADOW_ARGS = {"chunk_size": "4", "local_window": "4", "outlier_chunks": "1"}
+
+
+def _attended(cache) -> list[list[set[int]]]:
+    """Per layer, per KV head: the positions the last decoding step attended (sequence 0)."""
+    out = []
+    for layer in cache.layers:
+        positions, visible = layer.last_attended
+        out.append([{p for p, v in zip(ph.tolist(), vh.tolist()) if v} for ph, vh in zip(positions[0], visible[0])])
+    return out
+
+
+@pytest.mark.parametrize("budget", [19, 27])
+def test_shadowkv_attention_over_the_selected_tokens_equals_a_masked_forward(tiny, budget):
+    """At full rank the rebuilt keys are exact: every step's logits equal an independent forward in which each
+    query sees exactly the tokens ShadowKV attended (outliers, selected chunks, local window)."""
+    from tests.oracle import KEYS, QUERIES
+
+    model, tokenizer = tiny
+    prompt = prompt_ids(tokenizer)[:30]
+    press = make_press("shadowkv", SHADOW_ARGS)
+    attended, ends, caches = [], [], []
+
+    def on_step(cache, t):
+        attended.append(_attended(cache) if t else None)
+        ends.append(cache.chunk_end[0])  # chunks formed up to here when the next step attends
+        caches[:] = [cache]
+
+    out = generate(model, [prompt], press, budget, GenerationSettings(max_new_tokens=36), record_logits=True,
+                   on_step=on_step)[0]
+    tokens = prompt + out.tokens[:-1]
+    cfg = model.config
+    n, total = len(prompt), len(tokens)
+    masks = {}
+    for layer in range(cfg.num_hidden_layers):
+        m = torch.zeros(cfg.num_key_value_heads, total, total, dtype=torch.bool)
+        m[:, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
+        for q in range(n, total):
+            for h, seen in enumerate(attended[q - n + 1][layer]):
+                assert len(seen) <= budget and q in seen and max(seen) <= q
+                m[h, q, sorted(seen)] = True
+        masks[layer] = m
+    assert any(len(s) < q for q in range(n, total) for s in attended[q - n + 1][0]), "nothing was left out"
+    expected = masked_logits(model, tokens, masks)
+    torch.testing.assert_close(torch.stack(out.logits), expected[n - 1:], atol=1e-4, rtol=1e-4)
+    # The chunks chosen are those whose landmark (mean post-RoPE key) has the highest mean logit over the
+    # query group, recomputed from the oracle's own queries and keys; the outlier chunk is attended whatever.
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    c, last, chunked = 4, total - 1, ends[-2] // 4
+    for layer in range(cfg.num_hidden_layers):
+        keys, query = KEYS[layer], QUERIES[layer][:, last]  # [H_kv, L, D], [H_q, D]
+        outlier_positions = caches[0].layers[layer].outlier_positions[0]
+        for h, seen in enumerate(attended[-1][layer]):
+            assert set(range(ends[-2], last + 1)) <= seen  # the ring
+            landmarks = keys[h, : chunked * c].view(chunked, c, -1).mean(1)
+            scores = (query[h * group:(h + 1) * group] @ landmarks.T).mean(0).tolist()
+            outliers = {p // c for p in outlier_positions[h].tolist() if p >= 0}
+            chosen = {j for j in range(chunked) if set(range(j * c, j * c + c)) <= seen} - outliers
+            others = set(range(chunked)) - chosen - outliers
+            assert outliers <= {p // c for p in seen} and chosen and others
+            assert min(scores[j] for j in chosen) >= max(scores[j] for j in others) - 1e-5

@@ -105,6 +105,10 @@ def kvbench_attention(
     b, hq, lq, d = query.shape
     h = key.shape[1]
     scaling = d**-0.5 if scaling is None else scaling
+    if kvbench_cache.mode == "shadow":  # ShadowKV: exact over the prompt, then sparse (kvbench.engine.shadow)
+        out = layer.attend_prompt(query, key, value, scaling) if kvbench_cache.decode_step == 0 else \
+            layer.attend(query, scaling)
+        return out.transpose(1, 2).contiguous(), None
     if lq == 1 and kvbench_cache.mode != "overflow":
         # One query per sequence: fold the GQA group into the query length, so keys are never expanded.
         mask = layer.valid[:, :, None, : key.shape[2]]

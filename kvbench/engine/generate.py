@@ -43,6 +43,7 @@ class SequenceOutput:
     prefill_s: float
     decode_s: float
     tokens_per_s: float
+    #: Peak KV bytes on the device (for ShadowKV: its low-rank store, landmarks and exact tokens).
     peak_kv_bytes: int
     evicted_tokens: float
     mean_cache_len: float
@@ -51,6 +52,8 @@ class SequenceOutput:
     loop_start: int | None = None
     #: KV footprint over time: bytes held by the cache, summed over this sequence's decoding steps.
     kv_byte_steps: float = 0.0
+    #: Peak KV bytes offloaded to host memory (ShadowKV's values; 0 for the other presses).
+    host_kv_bytes: int = 0
     #: [layers, decoding steps, KV heads] attention mass the query put on evicted entries (when measured).
     attention_loss: torch.Tensor | None = field(default=None, repr=False)
     #: [layers, forwards] share of the critical prompt tokens held after each forward (0 = after prefill).
@@ -157,11 +160,15 @@ def generation(
         raise KvbenchError(f"{config.model_type}: layers of type {sorted(layer_types - {'full_attention'})} are not "
                            "supported (kvbench evicts from full-attention caches only)")
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    cache = BudgetCache(press, budget, config.num_hidden_layers, kv_heads, width + settings.max_new_tokens, seeds,
-                        measure_attention_loss=measure_attention_loss, max_new_tokens=settings.max_new_tokens,
-                        static_shapes=static_shapes,
-                        keep_window_attention=device.type == "cpu" if keep_window_attention is None
-                        else keep_window_attention)
+    if press.sparse:
+        cache = _shadow_cache(model, press, budget, width + settings.max_new_tokens, batch, device,
+                              measure_attention_loss or static_shapes)
+    else:
+        cache = BudgetCache(press, budget, config.num_hidden_layers, kv_heads, width + settings.max_new_tokens, seeds,
+                            measure_attention_loss=measure_attention_loss, max_new_tokens=settings.max_new_tokens,
+                            static_shapes=static_shapes,
+                            keep_window_attention=device.type == "cpu" if keep_window_attention is None
+                            else keep_window_attention)
     if critical_positions is not None:  # prompt positions -> padded batch positions are the same (explicit)
         cache.track_critical(critical_positions, settings.max_new_tokens, device)
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
@@ -267,12 +274,34 @@ def generation(
             looped=loop_start[row] is not None,
             loop_start=loop_start[row],
             kv_byte_steps=cache_len_sum[row] * cache.bytes_per_entry(),
+            host_kv_bytes=cache.host_bytes(row) if press.sparse else 0,
             attention_loss=None if cache.loss_log is None else cache.loss_log[row, :, : max(n_out - 1, 0)].cpu(),
             retention=None if cache.retention_log is None else cache.retention_log[row, :, : max(n_out, 1)].cpu(),
             text=decode(tokens[row]) if decode else None,
             logits=logits_log[row],
         ))
     return results
+
+
+def _shadow_cache(model, press: Press, budget: int | None, max_length: int, batch: int, device, unsupported: bool):
+    """ShadowKV's cache, which rebuilds keys with the model's own rotary embedding."""
+    from kvbench.engine.shadow import ShadowCache
+
+    if budget is None:
+        raise KvbenchError(f"{press.name}: give a budget (tokens attended per step)")
+    if unsupported:
+        raise KvbenchError(f"{press.name}: attention-loss measurement and --static-shapes apply to evicting caches "
+                           "only")
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if rotary is None:
+        raise KvbenchError(f"{press.name}: needs a model with a rotary embedding (model.model.rotary_emb)")
+
+    def rope(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = rotary(torch.zeros(1, device=device), positions[None].to(device))
+        return cos[0].float(), sin[0].float()
+
+    return ShadowCache(press, budget, model.config.get_text_config(decoder=True).num_hidden_layers, max_length,
+                       rope, batch)
 
 
 def _hits_stop(tokens: list[int], decode: Callable[[list[int]], str], stops: tuple[str, ...]) -> bool:

@@ -16,6 +16,7 @@ from kvbench.presses.random import RandomPress
 from kvbench.presses.rkv import RKVPress
 from kvbench.presses.rpc import RPCPress
 from kvbench.presses.scope import SCOPEPress
+from kvbench.presses.shadowkv import ShadowKVPress
 from kvbench.presses.snapkv_d import SnapKVDecodingPress
 from kvbench.presses.streaming_llm import StreamingLLMPress
 from kvbench.presses.tova import TOVAPress
@@ -25,7 +26,7 @@ PRESSES: dict[str, type[Press]] = {
     cls.name: cls
     for cls in (
         FullPress, StreamingLLMPress, H2OPress, SnapKVDecodingPress, KNormPress, RKVPress, RandomPress, TOVAPress,
-        RPCPress, SCOPEPress,
+        RPCPress, SCOPEPress, ShadowKVPress,
     )
 }
 #: Allocation wrappers, composed with a scoring press as ``wrapper:press`` (``pyramidkv:adakv:snapkv-d``).

@@ -28,6 +28,8 @@ class Press:
     source: ClassVar[str] = ""
     #: False only for the full cache: the engine then never evicts.
     evicts: ClassVar[bool] = True
+    #: True for sparse attention over every token seen (ShadowKV): the engine builds a ``ShadowCache``.
+    sparse: ClassVar[bool] = False
     #: Raised when a press's choices change for the same parameters, so stored runs are not reused as its own.
     revision: ClassVar[int] = 1
     #: Names of per-slot float state tensors the engine keeps aligned with the slots (zero for new tokens).

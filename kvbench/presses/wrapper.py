@@ -19,6 +19,9 @@ class WrapperPress(Press):
     def __post_init__(self) -> None:
         if self.inner is None:
             raise ValueError(f"{self.name}: wraps a scoring press, as in {self.name}:snapkv-d")
+        if self.inner.sparse:
+            raise ValueError(f"{self.name}: {self.inner.name!r} evicts nothing (it selects per step); it cannot be "
+                             "wrapped")
         if not self.inner.evicts:
             raise ValueError(f"{self.name}: the {self.inner.name!r} press does not evict; wrap a scoring press")
         # Instance attributes: the label, state and revision are the composition's.

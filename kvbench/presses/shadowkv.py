@@ -1,0 +1,55 @@
+from dataclasses import dataclass
+
+from kvbench.errors import KvbenchError
+from kvbench.presses.base import Press
+
+
+@dataclass
+class ShadowKVPress(Press):
+    """ShadowKV: nothing is evicted; each decoding step attends to a sparse selection of every token seen.
+
+    Keys are kept on the device as rank-``rank`` coefficients of the pre-RoPE keys over a basis from the
+    prompt's SVD (per layer and sequence); values go to host memory. Tokens are grouped in chunks of
+    ``chunk_size``, each with a landmark (the mean of its post-RoPE keys) on the device; the
+    ``outlier_chunks`` chunks per KV head whose keys stray most from their landmark stay exact on the device.
+    Each step, per KV head, the chunks with the highest query·landmark are rebuilt (keys from the coefficients,
+    RoPE at their own positions; values from the host) and attended with the outliers and the last
+    ``local_window`` to ``local_window + chunk_size - 1`` tokens (exact). ``budget`` = tokens attended per step.
+    Generated tokens join the chunks as they leave the local window (ShadowKV compresses the prompt only).
+    """
+
+    name = "shadowkv"
+    summary = "low-rank pre-RoPE keys + host values; top chunks by query·landmark rebuilt each step"
+    source = "Sun et al. 2024, arXiv 2410.21465"
+    #: Nothing is evicted: the engine builds a ``ShadowCache`` instead of a ``BudgetCache``.
+    sparse = True
+
+    #: Rank of the pre-RoPE key coefficients (ShadowKV: 160, for 8 KV heads x 128 dims); capped at heads x dims.
+    rank: int = 160
+    #: Tokens per chunk (ShadowKV: 8).
+    chunk_size: int = 8
+    #: Most recent tokens always attended exactly (between this and this + chunk_size - 1).
+    local_window: int = 32
+    #: Chunks per KV head kept exact on the device because their keys stray most from their landmark.
+    outlier_chunks: int = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for field in ("rank", "chunk_size", "local_window"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"shadowkv: {field} must be >= 1, got {getattr(self, field)}")
+        if self.outlier_chunks < 0:
+            raise ValueError(f"shadowkv: outlier_chunks must be >= 0, got {self.outlier_chunks}")
+
+    def selected_chunks(self, budget: int) -> int:
+        """Chunks rebuilt per step so that at most ``budget`` tokens are attended."""
+        fixed = self.local_window + self.chunk_size - 1 + self.outlier_chunks * self.chunk_size
+        if budget < fixed + self.chunk_size:
+            raise KvbenchError(f"shadowkv: budget {budget} is below the {fixed + self.chunk_size} tokens of its local "
+                               f"window ({self.local_window} + {self.chunk_size - 1}), outliers "
+                               f"({self.outlier_chunks} x {self.chunk_size}) and one chunk")
+        return (budget - fixed) // self.chunk_size
+
+    def cadence(self, budget: int) -> tuple[int, int]:
+        self.selected_chunks(budget)  # fails early, with one line, on a budget too small
+        return budget, budget
