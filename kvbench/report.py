@@ -24,6 +24,8 @@ METRICS = {
     "output_tokens": (lambda d: d["output_tokens"].astype(float), False, "output tokens", "{:.0f}"),
     "tokens_per_s": (lambda d: d["tokens_per_s"].astype(float), True, "tokens/s", "{:.1f}"),
     "peak_kv_mib": (lambda d: d["peak_kv_bytes"].astype(float) / 2**20, False, "peak KV MiB", "{:.2f}"),
+    "host_kv_mib": (lambda d: d["host_kv_bytes"].astype(float) / 2**20, False, "peak host KV MiB (offloaded)",
+                    "{:.2f}"),
     "truncated": (lambda d: (d["finish_reason"] == "length").astype(float) * 100, False, "truncated %", "{:.1f}"),
     "invalid": (lambda d: d["extracted"].isna().astype(float) * 100, False, "invalid %", "{:.1f}"),
     # rows stored before loops were measured have no value (NaN), not "did not loop"

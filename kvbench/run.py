@@ -104,6 +104,8 @@ def build_cells(config: RunConfig) -> list[Cell]:
     cells: list[Cell] = []
     for name in names:
         press = make_press(name, args[name])
+        if press.sparse and config.measure:
+            raise ConfigError(f"{name} evicts nothing: --measure {', '.join(config.measure)} does not apply")
         if not press.evicts:
             cells.append(Cell(press=press, budget=None))
             continue

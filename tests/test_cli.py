@@ -76,6 +76,7 @@ def test_execute_returns_scored_cells(tmp_path):
     (["-p", "pyramidkv:h2o", "-b", "8", "-a", "beta=0.5"], "pyramidkv: beta must be >= 1"),
     (["-p", "adakv:shadowkv", "-b", "80"], "adakv: 'shadowkv' evicts nothing"),
     (["-p", "shadowkv", "-b", "40"], "shadowkv: budget 40 is below the 63 tokens"),
+    (["-p", "shadowkv", "-b", "80", "--measure", "retention"], "shadowkv evicts nothing: --measure retention"),
 ])
 def test_bad_input_fails_with_one_line(tmp_path, args, message):
     result = kvbench("run", "--model", "tiny-llama", *args, "--store", str(tmp_path / "s"))
@@ -167,3 +168,20 @@ def test_run_key_changes_with_a_press_revision(monkeypatch):
     current = run_key(RunConfig(), task, cell, None)
     monkeypatch.setattr(KNormPress, "revision", 1)
     assert run_key(RunConfig(), task, cell, None) != current
+
+
+def test_new_methods_run_into_the_store_and_report_device_and_host_bytes_apart(tmp_path):
+    """ShadowKV's rows carry its host bytes; a wrapped press is its own label; the report shows both metrics."""
+    from kvbench.report import render
+
+    store = tmp_path / "s"
+    config = RunConfig(model="tiny-llama", presses=("full", "shadowkv", "adakv:snapkv-d", "scope"), budgets=(64,),
+                       num_samples=2, max_new_tokens=40, store=str(store))
+    _, cells = execute(config)
+    rows = {c.press.name: c.rows for c in cells}
+    assert set(rows) == {"full", "shadowkv", "adakv:snapkv-d", "scope"}
+    assert all(r["host_kv_bytes"] > 0 for r in rows["shadowkv"])
+    assert all(r["host_kv_bytes"] == 0 for name in ("full", "adakv:snapkv-d", "scope") for r in rows[name])
+    assert all(r["evicted_tokens"] > 0 for name in ("adakv:snapkv-d", "scope") for r in rows[name])
+    host = render(str(store), metric="host_kv_mib", fmt="markdown")
+    assert "shadowkv" in host and "adakv:snapkv-d" in render(str(store), metric="peak_kv_mib", fmt="markdown")

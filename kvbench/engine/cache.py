@@ -327,12 +327,12 @@ class BudgetCache(DynamicCache):
         self.values = self.positions = self.valid = None
         self.state: dict[str, torch.Tensor] = {}
         # Host bookkeeping, so that deciding costs no synchronisation. ``counts``: entries per KV head per
-        # sequence, the same in every layer, which triggers compressions (under a press that allocates, the
-        # mean a uniform press would hold). ``layer_counts``: the mean held per KV head in each layer, exact
-        # (what is reported); ``head_bound``: an upper bound on any one head's entries in each layer.
+        # sequence, the same in every layer, which triggers compressions. Under a press that allocates it is
+        # what a uniform press would hold; then ``layer_counts`` is the mean held per KV head in each layer,
+        # exact (what is reported), and ``head_bound`` an upper bound on any one head's entries in each layer.
         self.counts = [0] * batch
-        self.layer_counts = [[0] * num_layers for _ in range(batch)]
-        self.head_bound = [[0] * num_layers for _ in range(batch)]
+        self.layer_counts = [[0] * num_layers for _ in range(batch)] if self.allocates else None
+        self.head_bound = [[0] * num_layers for _ in range(batch)] if self.allocates else None
         self.peak = [0] * batch  # peak entries per KV head summed over layers
         self.evicted = [0] * batch  # entries evicted per KV head, summed over layers
         #: Every valid slot lies in [0, used): writes go to the first free slot (a slot index is at most the
@@ -391,13 +391,15 @@ class BudgetCache(DynamicCache):
         held = max(self.counts)
         fits = held + n_new <= self.capacity
         self.mode = "slot" if fits and n_new == 1 else "bulk" if fits and held == 0 else "overflow"
-        capacity = self.capacity
+        capacity, n_layers = self.capacity, len(self.layers)
         for i, n in enumerate(valid_counts):
             self.counts[i] += n
-            if n:
+            if not self.allocates:
+                self.peak[i] = max(self.peak[i], min(self.counts[i], capacity) * n_layers)
+            elif n:
                 self.layer_counts[i] = [c + n for c in self.layer_counts[i]]
                 self.head_bound[i] = [min(c + n, capacity) for c in self.head_bound[i]]
-            self.peak[i] = max(self.peak[i], sum(min(c, capacity) for c in self.layer_counts[i]))
+                self.peak[i] = max(self.peak[i], sum(min(c, capacity) for c in self.layer_counts[i]))
         if self.static_shapes:
             self.used_after = self.capacity
         elif self.mode == "overflow":
@@ -472,15 +474,14 @@ class BudgetCache(DynamicCache):
 
     def _compressed(self, row: int, keep: int) -> None:
         """Host bookkeeping of sequence ``row`` after a compression that keeps ``keep`` (its layers' shares)."""
-        before = self.layer_counts[row]
         if self.allocates:
+            before = self.layer_counts[row]
             after = [min(c, b) for c, b in zip(before, self.layer_keep)]
             self.head_bound[row] = [min(bound, cap) for bound, cap in zip(self.head_bound[row], self.head_capacity)]
+            self.evicted[row] += sum(before) - sum(after)
+            self.layer_counts[row] = after
         else:
-            after = [keep] * len(before)
-            self.head_bound[row] = after
-        self.evicted[row] += sum(before) - sum(after)
-        self.layer_counts[row] = after
+            self.evicted[row] += (self.counts[row] - keep) * len(self.layers)
         self.counts[row] = keep
 
     def _evict_in_place(self, view: SlotView) -> None:
@@ -602,7 +603,7 @@ class BudgetCache(DynamicCache):
     # --- telemetry (host side, no synchronisation) ------------------------------------------------------------
     def entries(self, row: int) -> float:
         """Valid entries per KV head held for sequence ``row``, averaged over layers."""
-        return sum(self.layer_counts[row]) / len(self.layers)
+        return sum(self.layer_counts[row]) / len(self.layers) if self.allocates else self.counts[row]
 
     def bytes_per_entry(self) -> int:
         """Bytes of one token's keys and values across all layers and KV heads."""
