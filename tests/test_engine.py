@@ -42,7 +42,7 @@ def test_small_budget_changes_output(tiny):
 
 
 CAPACITY_CASES = [("h2o", {}), ("snapkv-d", {}), ("rkv", {"buffer": "5"}), ("streaming_llm", {"buffer": "3"}),
-                  ("knorm", {}), ("tova", {}), ("random", {})]
+                  ("knorm", {}), ("tova", {}), ("random", {}), ("scope", {"buffer": "4"})]
 
 
 @pytest.mark.parametrize(("press_name", "args"), CAPACITY_CASES)
