@@ -281,6 +281,13 @@ def rank_slots(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return newest_first.gather(-1, by_score)
 
 
+def slot_ranks(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Each slot's place in ``rank_slots`` (0 = kept first)."""
+    ranked = rank_slots(scores, positions)
+    order = torch.arange(ranked.shape[-1], device=ranked.device).expand_as(ranked)
+    return torch.empty_like(ranked).scatter_(-1, ranked, order)
+
+
 def lowest_slots(scores: torch.Tensor, positions: torch.Tensor, n: int) -> torch.Tensor:
     """The last ``n`` of ``rank_slots``: the lowest scores, equal scores oldest first. One slot needs no sort."""
     if n > 1:
@@ -512,10 +519,7 @@ class BudgetCache(DynamicCache):
         counts = self.press.head_counts(scores, positions, keep)
         if counts is None:
             counts = keep[:, None]
-        ranked = rank_slots(scores, positions)
-        order = torch.arange(ranked.shape[-1], device=ranked.device).expand_as(ranked)
-        rank = torch.empty_like(ranked).scatter_(-1, ranked, order)
-        return rank < counts[..., None]
+        return slot_ranks(scores, positions) < counts[..., None]
 
     def _layer_keep_rows(self, full: tuple[bool, ...], layer: int | None = None) -> torch.Tensor:
         """Mean keep per head of each row (all layers folded, or one layer): its layer's share if the sequence is

@@ -33,14 +33,11 @@ class AdaKVPress(WrapperPress):
         return n_heads * layer_budget - (n_heads - 1) * int(self.alpha * layer_budget)
 
     def head_counts(self, scores: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        from kvbench.engine.cache import rank_slots
+        from kvbench.engine.cache import rank_slots, slot_ranks
 
         n, h, s = scores.shape
         guaranteed = (self.alpha * keep).floor().long()[:, None, None]  # [N, 1, 1]
-        ranked = rank_slots(scores, positions)
-        order = torch.arange(s, device=scores.device).expand_as(ranked)
-        rank = torch.empty_like(ranked).scatter_(-1, ranked, order)
-        boosted = scores.masked_fill((rank < guaranteed) & (scores > -INF), INF)
+        boosted = scores.masked_fill((slot_ranks(scores, positions) < guaranteed) & (scores > -INF), INF)
         # One ranking over the layer's heads together (equal scores: newest first, then lower head).
         joint = rank_slots(boosted.reshape(n, 1, h * s), positions.reshape(n, 1, h * s)).reshape(n, h * s)
         chosen = torch.arange(h * s, device=scores.device) < (keep * h)[:, None]
