@@ -159,11 +159,11 @@ def generation(
     if layer_types != {"full_attention"}:
         raise KvbenchError(f"{config.model_type}: layers of type {sorted(layer_types - {'full_attention'})} are not "
                            "supported (kvbench evicts from full-attention caches only)")
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     if press.sparse:
-        cache = _shadow_cache(model, press, budget, width + settings.max_new_tokens, batch, device,
-                              measure_attention_loss or static_shapes)
+        cache = _shadow_cache(model, press, budget, config.num_hidden_layers, width + settings.max_new_tokens,
+                              batch, device, measure_attention_loss or static_shapes)
     else:
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         cache = BudgetCache(press, budget, config.num_hidden_layers, kv_heads, width + settings.max_new_tokens, seeds,
                             measure_attention_loss=measure_attention_loss, max_new_tokens=settings.max_new_tokens,
                             static_shapes=static_shapes,
@@ -283,7 +283,8 @@ def generation(
     return results
 
 
-def _shadow_cache(model, press: Press, budget: int | None, max_length: int, batch: int, device, unsupported: bool):
+def _shadow_cache(model, press: Press, budget: int | None, num_layers: int, max_length: int, batch: int, device,
+                  unsupported: bool):
     """ShadowKV's cache, which rebuilds keys with the model's own rotary embedding."""
     from kvbench.engine.shadow import ShadowCache
 
@@ -300,8 +301,7 @@ def _shadow_cache(model, press: Press, budget: int | None, max_length: int, batc
         cos, sin = rotary(torch.zeros(1, device=device), positions[None].to(device))
         return cos[0].float(), sin[0].float()
 
-    return ShadowCache(press, budget, model.config.get_text_config(decoder=True).num_hidden_layers, max_length,
-                       rope, batch)
+    return ShadowCache(press, budget, num_layers, max_length, rope, batch)
 
 
 def _hits_stop(tokens: list[int], decode: Callable[[list[int]], str], stops: tuple[str, ...]) -> bool:

@@ -203,7 +203,7 @@ class ShadowCache(DynamicCache):
                  batch: int):
         self.press = press
         self.budget = budget
-        press.selected_chunks(budget)  # fails on a budget below the fixed part
+        press.cadence(budget)  # fails on a budget below the fixed part
         #: The most chunks a step may rebuild: a budget above the length covers every chunk.
         self.selected_chunks = budget // press.chunk_size
         self.max_length = max_length
@@ -231,11 +231,14 @@ class ShadowCache(DynamicCache):
         cos, sin = self._rope_table
         return cos[:length], sin[:length]
 
+    def _row_allowed(self, row: int) -> int:
+        """Chunks sequence ``row`` may rebuild this step: its budget less its ring and outliers."""
+        ring = self.lengths[row] - self.chunk_end[row]
+        return (self.budget - ring - self.outlier_tokens[row]) // self.press.chunk_size
+
     def chunks_allowed(self) -> torch.Tensor:
-        """[B] chunks each sequence may rebuild this step: its budget less its ring and outliers."""
-        c = self.press.chunk_size
-        allowed = tuple((self.budget - (n - end) - out) // c
-                        for n, end, out in zip(self.lengths, self.chunk_end, self.outlier_tokens))
+        """[B] ``_row_allowed`` of every sequence, on the device (each distinct tuple crosses once)."""
+        allowed = tuple(self._row_allowed(row) for row in range(len(self.lengths)))
         if allowed not in self._allowed:
             self._allowed = {allowed: torch.tensor(allowed, device=self.query_position.device)}
         return self._allowed[allowed]
@@ -251,8 +254,8 @@ class ShadowCache(DynamicCache):
         self.tokens_seen += positions.shape[1]
         for row, n in enumerate(valid_counts):
             self.lengths[row] += n
-        c, window = self.press.chunk_size, self.press.local_window
         if decode_step == 0:
+            c, window = self.press.chunk_size, self.press.local_window
             self.chunk_end = [max(0, (n - window) // c * c) for n in self.lengths]
             self.outlier_tokens = [min(self.press.outlier_chunks, end // c) * c for end in self.chunk_end]
 
@@ -291,10 +294,9 @@ class ShadowCache(DynamicCache):
 
     def entries(self, row: int) -> int:
         """Tokens attended per KV head at the last step (at most the budget)."""
-        c, ring = self.press.chunk_size, self.lengths[row] - self.chunk_end[row]
-        out = self.outlier_tokens[row]
+        out, ring = self.outlier_tokens[row], self.lengths[row] - self.chunk_end[row]
         selectable = self.chunk_end[row] - out
-        return out + min(selectable, (self.budget - ring - out) // c * c) + ring
+        return out + min(selectable, self._row_allowed(row) * self.press.chunk_size) + ring
 
     def peak_bytes(self, row: int) -> int:
         return self.peak[row]

@@ -41,15 +41,11 @@ class ShadowKVPress(Press):
         if self.outlier_chunks < 0:
             raise ValueError(f"shadowkv: outlier_chunks must be >= 0, got {self.outlier_chunks}")
 
-    def selected_chunks(self, budget: int) -> int:
-        """Chunks rebuilt per step so that at most ``budget`` tokens are attended."""
-        fixed = self.local_window + self.chunk_size - 1 + self.outlier_chunks * self.chunk_size
-        if budget < fixed + self.chunk_size:
-            raise KvbenchError(f"shadowkv: budget {budget} is below the {fixed + self.chunk_size} tokens of its local "
+    def cadence(self, budget: int) -> tuple[int, int]:
+        """(budget, budget): nothing is evicted; fails with one line on a budget below the fixed part."""
+        least = self.local_window + self.chunk_size - 1 + (self.outlier_chunks + 1) * self.chunk_size
+        if budget < least:
+            raise KvbenchError(f"shadowkv: budget {budget} is below the {least} tokens of its local "
                                f"window ({self.local_window} + {self.chunk_size - 1}), outliers "
                                f"({self.outlier_chunks} x {self.chunk_size}) and one chunk")
-        return (budget - fixed) // self.chunk_size
-
-    def cadence(self, budget: int) -> tuple[int, int]:
-        self.selected_chunks(budget)  # fails early, with one line, on a budget too small
         return budget, budget
