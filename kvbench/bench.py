@@ -147,9 +147,9 @@ def _dtype_name(dtype) -> str:
 
 
 def _device_label(device) -> str:
-    from kvbench.run import _device_name
+    from kvbench.session import device_name
 
-    return _device_name(device)
+    return device_name(device)
 
 
 def compile_tensor_work(model) -> None:

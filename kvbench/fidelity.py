@@ -14,7 +14,8 @@ import torch
 
 from kvbench.errors import KvbenchError
 from kvbench.presses import make_press
-from kvbench.run import Cell, RunConfig, Session, base_row, generation_settings, pending, record_failures
+from kvbench.run import Cell, RunConfig, base_row, generation_settings, pending, record_failures
+from kvbench.session import Session
 from kvbench.store import ResultStore
 from kvbench.tasks import Example, Task
 
@@ -32,13 +33,14 @@ def reference(session: Session, config: RunConfig, task: Task, example: Example)
     from kvbench.engine.generate import generate
 
     settings = generation_settings(session, config, task)
-    key = (task.name, task.prompt_hash, example.id, settings.max_new_tokens)
+    codec = session.codec(task)
+    key = (task.name, task.protocol, task.prompt_hash, example.id, settings)
     if key not in session.references:
-        prompt = session.prompt(task, example)
-        ids = session.encode(prompt)
+        prompt = codec.prompt(example)
+        ids = codec.encode(prompt)
         log_probs: list[torch.Tensor] = []
         (out,) = generate(session.loaded.model, [ids], make_press("full"), None, settings,
-                          decode=session.decode, pad_token_id=session.loaded.tokenizer.pad_token_id,
+                          decode=codec.decode, pad_token_id=session.loaded.tokenizer.pad_token_id,
                           on_logits=lambda t, logits: log_probs.append(torch.log_softmax(logits[0].float(), -1).cpu()))
         if len(session.references) >= 64:  # bound memory: drop the oldest reference
             session.references.pop(next(iter(session.references)))
@@ -63,7 +65,7 @@ def replay(session: Session, config: RunConfig, task: Task, ref: Reference, pres
         rank.append(float((log_probs > log_probs[tokens[t]]).sum()))
 
     (out,) = generate(session.loaded.model, [ref.prompt_ids], press, budget, generation_settings(session, config, task),
-                      decode=session.decode, pad_token_id=session.loaded.tokenizer.pad_token_id,
+                      decode=session.codec(task).decode, pad_token_id=session.loaded.tokenizer.pad_token_id,
                       forced_tokens=[tokens], on_logits=compare)
     steps = max(len(kl), 1)
     return out, {"fidelity_kl_mean": sum(kl) / steps, "fidelity_kl_max": max(kl, default=0.0),

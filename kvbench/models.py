@@ -46,6 +46,16 @@ def shape_aliases() -> list[str]:
     return sorted(p.stem for p in SHAPES_DIR.glob("*.json"))
 
 
+#: System prompts that models need to reason, from their model cards: sent under a chat template unless
+#: ``--system-prompt`` overrides (never under the raw-text ``hott`` protocol, whose harness sent none).
+DEFAULT_SYSTEM_PROMPTS = {"llama-3.1-nemotron-nano-8b-v1": "detailed thinking on"}
+
+
+def default_system_prompt(model: str) -> str | None:
+    """The system prompt ``model`` (a hub id or a directory named after it) needs, if its card gives one."""
+    return DEFAULT_SYSTEM_PROMPTS.get(Path(model.rstrip("/")).name.lower())
+
+
 ALIASES = ("smollm2-135m", *TINY_CONFIGS)
 DEFAULT_MODEL = "smollm2-135m"
 

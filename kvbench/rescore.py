@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from kvbench.errors import KvbenchError
 from kvbench.store import ResultStore
 from kvbench.tasks import Task, load_task
+from kvbench.tasks.protocols import DEFAULT_PROTOCOL, get_protocol
 
 
 @dataclass
@@ -21,7 +22,8 @@ class RescoreSummary:
 
 def rescore(store_path: str, dataset: str | None = None, dry_run: bool = False,
             on_part: Callable[[], None] | None = None) -> RescoreSummary:
-    """Re-apply each row's dataset config (current extractors and scorer) to its stored response.
+    """Re-apply each row's dataset config under the row's protocol (current extractors and scorer) to its
+    stored response; whether the response started inside ``<think>`` is read from the stored prompt.
 
     Parts whose rows change are rewritten atomically, one at a time; ``dry_run`` only counts.
     """
@@ -29,7 +31,7 @@ def rescore(store_path: str, dataset: str | None = None, dry_run: bool = False,
     parts = store.parts()
     if not parts:
         raise KvbenchError(f"no result parts in {store_path}")
-    tasks: dict[str, Task] = {}
+    tasks: dict[tuple[str, str], Task] = {}
     summary = RescoreSummary()
     for part in parts:
         rows = store.read_part(part).to_pylist()
@@ -37,9 +39,10 @@ def rescore(store_path: str, dataset: str | None = None, dry_run: bool = False,
         for row in rows:
             if dataset and row["dataset"] != dataset:
                 continue
-            if row["dataset"] not in tasks:
-                tasks[row["dataset"]] = load_task(row["dataset"])
-            new = tasks[row["dataset"]].score(row["response"], row["gold"]).columns()
+            key = (row["dataset"], row["protocol"] or DEFAULT_PROTOCOL)
+            if key not in tasks:
+                tasks[key] = load_task(key[0]).for_protocol(get_protocol(key[1]))
+            new = tasks[key].score(row["response"], row["gold"], row["prompt"]).columns()
             summary.rows += 1
             if any(row[k] != new[k] for k in new):
                 summary.changed += 1

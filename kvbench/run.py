@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
+import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from pathlib import Path
 
-from kvbench import __version__
 from kvbench.errors import ConfigError, KvbenchError
-from kvbench.models import DEFAULT_MODEL, resolve
+from kvbench.models import DEFAULT_MODEL, default_system_prompt, resolve
 from kvbench.presses import Press, make_press, parse_press_args
+from kvbench.session import Session, load_session
 from kvbench.store import ResultStore
 from kvbench.tasks import Example, Task, load_examples, load_task
+from kvbench.tasks.protocols import DEFAULT_PROTOCOL, get_protocol
 
 MEASUREMENTS = ("attention-loss", "retention")
 KINDS = ("generate", "fidelity")
@@ -36,8 +36,16 @@ class RunConfig:
     #: None = the dataset's default.
     max_new_tokens: int | None = None
     seed: int = 0
-    temperature: float = 0.0
-    top_p: float = 1.0
+    #: Decoding; None = the protocol's (greedy under kvbench and hott).
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    #: Prompt format, answer format, scorers, subset draw and stopping rule (``kvbench.tasks.protocols``).
+    protocol: str = DEFAULT_PROTOCOL
+    #: System prompt under a chat template; None = the model's own default (e.g. Nemotron's "detailed thinking
+    #: on"), "" = none.
+    system_prompt: str | None = None
     store: str = "results"
     dtype: str = "auto"
     device: str = "auto"
@@ -76,8 +84,38 @@ def parse_budget(text: str) -> int | None:
 def plan(config: RunConfig) -> tuple[Task, list[Example], list[Cell]]:
     """Validate everything and list the cells, without loading the model."""
     cells = build_cells(config)
-    task = load_task(config.dataset)
-    return task, load_examples(task, config.num_samples, config.data_dir), cells
+    task = prepared_task(config)
+    return task, protocol_examples(config, task), cells
+
+
+def prepared_task(config: RunConfig) -> Task:
+    """The dataset under the run's protocol, with the system prompt the run uses."""
+    protocol = get_protocol(config.protocol)
+    task = load_task(config.dataset).for_protocol(protocol)
+    if protocol.raw_text:  # the fork sent no system prompt (build_cells refuses one)
+        return task
+    system = config.system_prompt if config.system_prompt is not None else default_system_prompt(config.model)
+    return replace(task, system=system or task.system)
+
+
+def protocol_examples(config: RunConfig, task: Task) -> list[Example]:
+    """The examples a run uses: the protocol draws the ``--num-samples`` subset."""
+    protocol = get_protocol(config.protocol)
+    return load_examples(task, config.num_samples, config.data_dir, protocol.subset_seed, protocol.subset)
+
+
+def decoding(config: RunConfig) -> dict:
+    """Temperature, top-p, top-k and repetition penalty: the options given, else the protocol's."""
+    protocol = get_protocol(config.protocol)
+    values = {name: getattr(config, name) if getattr(config, name) is not None else getattr(protocol, name)
+              for name in ("temperature", "top_p", "top_k", "repetition_penalty")}
+    if not all(math.isfinite(v) for v in values.values()):
+        raise ConfigError("--temperature, --top-p and --repetition-penalty must be finite numbers")
+    if values["temperature"] < 0 or not 0.0 < values["top_p"] <= 1.0:
+        raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
+    if values["top_k"] < 0 or values["repetition_penalty"] <= 0:
+        raise ConfigError("--top-k must be >= 0 and --repetition-penalty > 0")
+    return values
 
 
 def build_cells(config: RunConfig) -> list[Cell]:
@@ -93,8 +131,11 @@ def build_cells(config: RunConfig) -> list[Cell]:
         raise ConfigError(f"kind {config.kind!r} is unknown (known: {', '.join(KINDS)})")
     if config.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {config.batch_size}")
-    if not 0.0 < config.top_p <= 1.0 or config.temperature < 0:
-        raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
+    decoding(config)
+    protocol = get_protocol(config.protocol)
+    if config.system_prompt and protocol.raw_text:
+        raise ConfigError(f"--protocol {protocol.name} feeds raw text without a chat template: --system-prompt "
+                          "does not apply")
     for b in config.budgets:
         if b is not None and b < 1:
             raise ConfigError(f"--budget must be >= 1, got {b}")
@@ -127,12 +168,14 @@ def max_new_tokens(config: RunConfig, task: Task) -> int:
 
 def run_key(config: RunConfig, task: Task, cell: Cell, model_revision: str | None) -> str:
     """Hash of everything that changes the output of a row."""
+    sampling = decoding(config)
     payload = {
         "model": config.model, "revision": model_revision, "press": cell.press.name,
         "press_args": cell.press.params(), "budget": cell.budget, "dataset": task.name,
         "dataset_version": task.version, "prompt_hash": task.prompt_hash, "data": data_source(config, task),
-        "max_new_tokens": max_new_tokens(config, task), "temperature": config.temperature,
-        "top_p": config.top_p if config.temperature > 0 else 1.0, "seed": config.seed, "dtype": config.dtype,
+        "max_new_tokens": max_new_tokens(config, task), "temperature": sampling["temperature"],
+        "top_p": sampling["top_p"] if sampling["temperature"] > 0 else 1.0, "seed": config.seed,
+        "dtype": config.dtype,
     }
     # only when set, so the keys of runs made before these options existed stay valid
     if config.stop_on_loop:
@@ -143,6 +186,12 @@ def run_key(config: RunConfig, task: Task, cell: Cell, model_revision: str | Non
         payload["kind"] = config.kind
     if cell.press.revision > 1:
         payload["press_revision"] = cell.press.revision
+    if config.protocol != DEFAULT_PROTOCOL:
+        payload["protocol"] = config.protocol
+    if sampling["temperature"] > 0 and sampling["top_k"]:
+        payload["top_k"] = sampling["top_k"]
+    if sampling["repetition_penalty"] != 1.0:
+        payload["repetition_penalty"] = sampling["repetition_penalty"]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -152,46 +201,6 @@ def data_source(config: RunConfig, task: Task) -> str:
 
     kind = "builtin" if task.builtin else "local" if data_dir(config.data_dir) is not None else "hub"
     return f"{kind}:{task.split(config.data_dir)}"
-
-
-@dataclass
-class Session:
-    """A loaded model with what every cell run on it needs (loaded once per model, not per cell)."""
-
-    loaded: object
-    revision: str | None
-    eos: tuple[int, ...]
-    provenance: dict
-    #: Full-cache references for teacher-forced fidelity, shared by every press and budget of a session.
-    references: dict = field(default_factory=dict)
-
-    def prompt(self, task: Task, example: Example) -> str:
-        """The example's messages with the model's chat template applied, ready for generation."""
-        return self.loaded.tokenizer.apply_chat_template(task.messages(example), tokenize=False,
-                                                         add_generation_prompt=True)
-
-    def encode(self, prompt: str) -> list[int]:
-        return self.loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-
-    def decode(self, ids: list[int]) -> str:
-        return self.loaded.tokenizer.decode(ids, skip_special_tokens=True)
-
-
-def load_session(config: RunConfig) -> Session:
-    import torch
-    import transformers
-
-    from kvbench import models
-
-    loaded = models.load(config.model, dtype=config.dtype, device=config.device, seed=config.seed)
-    provenance = {
-        "kvbench_version": __version__, "git_commit": _git_commit(), "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__, "device": _device_name(loaded.device),
-        "dtype": str(loaded.dtype).removeprefix("torch."),
-    }
-    revision = models.cached_revision(loaded.spec) or getattr(loaded.model.config, "_commit_hash", None)
-    return Session(loaded=loaded, revision=revision, eos=_eos_ids(loaded.model, loaded.tokenizer),
-                   provenance=provenance)
 
 
 def pending(store: ResultStore, cell: Cell, examples: list[Example], retry_failed: bool = False) -> list[Example]:
@@ -215,6 +224,7 @@ def run_cell(
 
     store = ResultStore(config.store)
     tokenizer = session.loaded.tokenizer
+    codec = session.codec(task)
     settings = generation_settings(session, config, task)
 
     written = 0
@@ -222,12 +232,12 @@ def run_cell(
         todo = pending(store, cell, examples, retry_failed)  # re-read under the lock
         for start in range(0, len(todo), config.batch_size):
             batch = todo[start:start + config.batch_size]
-            prompts = [session.prompt(task, e) for e in batch]
+            prompts = [codec.prompt(e) for e in batch]
             try:
-                ids = [session.encode(p) for p in prompts]
+                ids = [codec.encode(p) for p in prompts]
                 critical = ([critical_token_positions(tokenizer, task, e, p) for e, p in zip(batch, prompts)]
                             if "retention" in config.measure else None)
-                outputs = generate(session.loaded.model, ids, cell.press, cell.budget, settings, decode=session.decode,
+                outputs = generate(session.loaded.model, ids, cell.press, cell.budget, settings, decode=codec.decode,
                                    pad_token_id=tokenizer.pad_token_id,
                                    measure_attention_loss="attention-loss" in config.measure,
                                    critical_positions=critical)
@@ -239,7 +249,7 @@ def run_cell(
             for example, prompt, out in zip(batch, prompts, outputs):
                 row = {
                     **base_row(session, config, task, cell, example, prompt, out, settings),
-                    **task.score(out.text, example.gold).columns(),
+                    **task.score(out.text, example.gold, prompt).columns(),
                     **attention_loss_columns(out.attention_loss, settings.max_new_tokens),
                     **retention_columns(out.retention),
                 }
@@ -253,11 +263,13 @@ def run_cell(
 
 def generation_settings(session: Session, config: RunConfig, task: Task):
     from kvbench.engine.generate import GenerationSettings
+    from kvbench.engine.loops import RepetitionStop
 
+    protocol = get_protocol(config.protocol)
     return GenerationSettings(
-        max_new_tokens=max_new_tokens(config, task), temperature=config.temperature, top_p=config.top_p,
-        seed=config.seed, eos_token_ids=session.eos, stop_strings=tuple(task.generation.get("stop", ())),
-        stop_on_loop=config.stop_on_loop,
+        max_new_tokens=max_new_tokens(config, task), **decoding(config), seed=config.seed,
+        eos_token_ids=session.codec(task).eos, stop_strings=tuple(task.generation.get("stop", ())),
+        stop_on_loop=config.stop_on_loop, repetition_stop=RepetitionStop() if protocol.repetition_stop else None,
     )
 
 
@@ -271,7 +283,8 @@ def base_row(session: Session, config: RunConfig, task: Task, cell: Cell, exampl
         "budget": cell.budget, "buffer": cell.press.buffer,
         "dataset": task.name, "dataset_version": task.version, "split": task.split(config.data_dir),
         "prompt_hash": task.prompt_hash, "example_id": example.id, "sample": 0, "seed": config.seed,
-        "max_new_tokens": settings.max_new_tokens, "temperature": config.temperature, "top_p": config.top_p,
+        "max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature, "top_p": settings.top_p,
+        "top_k": settings.top_k, "repetition_penalty": settings.repetition_penalty, "protocol": config.protocol,
         "prompt": prompt, "response": out.text, "gold": example.gold,
         "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens, "output_tokens": out.output_tokens,
         "prefill_s": out.prefill_s, "decode_s": out.decode_s, "tokens_per_s": out.tokens_per_s,
@@ -362,7 +375,7 @@ def execute(
     """Run every cell on every example not already stored; return cells with all their rows (stored ones too)."""
     task, examples, cells = plan(config)
     store = ResultStore(config.store)
-    session = load_session(config)
+    session = load_session(config.model, config.dtype, config.device, config.seed)
     for cell in cells:
         cell.run_key = run_key(config, task, cell, session.revision)
     if on_start:
@@ -391,33 +404,8 @@ def summarize(cell: Cell) -> dict:
     }
 
 
-def _eos_ids(model, tokenizer) -> tuple[int, ...]:
-    ids = model.generation_config.eos_token_id
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return tuple(dict.fromkeys(ids))
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
 def _release_memory() -> None:
     import torch
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _device_name(device) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return "cpu"

@@ -39,6 +39,9 @@ SCHEMA = pa.schema([
     ("max_new_tokens", pa.int64()),
     ("temperature", pa.float64()),
     ("top_p", pa.float64()),
+    ("top_k", pa.int64()),  # 0 = no top-k filter (null in older parts)
+    ("repetition_penalty", pa.float64()),  # 1 = none (null in older parts)
+    ("protocol", pa.string()),  # kvbench.tasks.protocols (null in older parts = "kvbench")
     # what came out
     ("prompt", pa.string()),
     ("response", pa.string()),

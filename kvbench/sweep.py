@@ -16,16 +16,26 @@ from pathlib import Path
 
 from kvbench.errors import ConfigError, KvbenchError
 from kvbench.presses import parse_bool
-from kvbench.run import Cell, RunConfig, build_cells, parse_budget, pending, run_any_cell, run_key
+from kvbench.run import (
+    Cell,
+    RunConfig,
+    build_cells,
+    parse_budget,
+    pending,
+    prepared_task,
+    protocol_examples,
+    run_any_cell,
+    run_key,
+)
 from kvbench.store import ResultStore
-from kvbench.tasks import Example, Task, load_examples, load_task
+from kvbench.tasks import Example, Task
 
 #: Grid columns and how each value is parsed (a RunConfig field each, except press/budget/press_args).
 COLUMNS: dict[str, Callable[[str], object]] = {
     "model": str, "press": str, "budget": parse_budget, "dataset": str, "num_samples": int,
     "max_new_tokens": int, "seed": int, "batch_size": int, "press_args": str, "temperature": float,
     "top_p": float, "dtype": str, "device": str, "data_dir": str, "stop_on_loop": parse_bool, "measure": str,
-    "kind": str,
+    "kind": str, "protocol": str, "system_prompt": str, "top_k": int, "repetition_penalty": float,
 }
 
 
@@ -113,7 +123,7 @@ def _validate(path: Path, run: PlannedRun) -> None:
         ("press_args", lambda: make_press(press, parse_press_args(list(config.press_args), [press])[press])),
         ("budget", lambda: _require_budget(config)),
         (None, lambda: build_cells(config)),  # numeric options: their flag names the column
-        ("dataset", lambda: _examples(config.dataset, config.num_samples, config.data_dir)),
+        ("dataset", lambda: _examples(config)),
     ]
     for column, check in steps:
         try:
@@ -125,7 +135,8 @@ def _validate(path: Path, run: PlannedRun) -> None:
 
 
 _FLAGS = {"kind ": "kind", "--measure": "measure", "--num-samples": "num_samples", "--max-new-tokens": "max_new_tokens",
-          "--batch-size": "batch_size", "--temperature": "temperature", "--top-p": "top_p"}
+          "--batch-size": "batch_size", "--temperature": "temperature", "--top-p": "top_p", "--top-k": "top_k",
+          "--repetition-penalty": "repetition_penalty", "--protocol": "protocol", "--system-prompt": "system_prompt"}
 
 
 def _require_budget(config: RunConfig) -> None:
@@ -135,16 +146,23 @@ def _require_budget(config: RunConfig) -> None:
         raise ConfigError(f"press {config.presses[0]!r} evicts: give a budget")
 
 
+def _examples(config: RunConfig) -> tuple[Task, tuple[Example, ...]]:
+    """The run's task and examples; each (dataset, subset, protocol, system prompt) is loaded once per sweep."""
+    key = RunConfig(model=config.model, dataset=config.dataset, num_samples=config.num_samples,
+                    data_dir=config.data_dir, protocol=config.protocol, system_prompt=config.system_prompt)
+    return _examples_of(key)
+
+
 @lru_cache(maxsize=256)
-def _examples(dataset: str, num_samples: int | None, data_dir: str | None) -> tuple[Task, tuple[Example, ...]]:
-    task = load_task(dataset)
-    return task, tuple(load_examples(task, num_samples, data_dir))
+def _examples_of(config: RunConfig) -> tuple[Task, tuple[Example, ...]]:
+    task = prepared_task(config)
+    return task, tuple(protocol_examples(config, task))
 
 
 def _plan(config: RunConfig) -> tuple[Task, list[Example], Cell]:
     """``run.plan`` for a one-cell config, loading each dataset once per sweep."""
     (cell,) = build_cells(config)
-    task, examples = _examples(config.dataset, config.num_samples, config.data_dir)
+    task, examples = _examples(config)
     return task, list(examples), cell
 
 
@@ -200,14 +218,15 @@ def execute_local(
     on_example: Callable[[Cell, Example], None] | None = None,
 ) -> int:
     """Run the plan in this process, loading each model once; return the number of rows written."""
-    from kvbench.run import load_session
+    from kvbench.session import load_session
 
     written = 0
     groups: dict[tuple, list[PlannedRun]] = {}
     for run in runs:
         groups.setdefault(model_key(run.config), []).append(run)
     for group in groups.values():
-        session = load_session(group[0].config)
+        first = group[0].config
+        session = load_session(first.model, first.dtype, first.device, first.seed)
         for run in group:
             task, examples, cell = _plan(run.config)
             cell.run_key = run_key(run.config, task, cell, session.revision)

@@ -11,8 +11,8 @@ from kvbench.tasks import Task
 def result_table(task: Task, cells: list[Cell], config: RunConfig) -> Table:
     if config.kind == "fidelity":
         return fidelity_table(task, cells, config)
-    table = Table(title=f"{config.model} on {task.name} (n={len(cells[0].rows) if cells else 0}, "
-                        f"store: {config.store})")
+    table = Table(title=f"{config.model} on {task.name} (protocol {task.protocol}; "
+                        f"n={len(cells[0].rows) if cells else 0}; store: {config.store})")
     for name in ("press", "budget", "n", "accuracy", "invalid", "truncated", "output tok", "tok/s", "peak KV MiB"):
         table.add_column(name, justify="left" if name == "press" else "right")
     for cell in cells:
@@ -27,7 +27,7 @@ def result_table(task: Task, cells: list[Cell], config: RunConfig) -> Table:
 
 def fidelity_table(task: Task, cells: list[Cell], config: RunConfig) -> Table:
     table = Table(title=f"{config.model} on {task.name}: teacher-forced fidelity against the full cache "
-                        f"(n={len(cells[0].rows) if cells else 0}, store: {config.store})")
+                        f"(protocol {task.protocol}; n={len(cells[0].rows) if cells else 0}; store: {config.store})")
     for name in ("press", "budget", "n", "KL(full||press)", "max KL", "top-1 agreement", "mean rank", "peak KV MiB"):
         table.add_column(name, justify="left" if name == "press" else "right")
     for cell in cells:

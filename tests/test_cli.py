@@ -77,6 +77,12 @@ def test_execute_returns_scored_cells(tmp_path):
     (["-p", "adakv:shadowkv", "-b", "80"], "adakv: 'shadowkv' evicts nothing"),
     (["-p", "shadowkv", "-b", "40"], "shadowkv: budget 40 is below the 63 tokens"),
     (["-p", "shadowkv", "-b", "80", "--measure", "retention"], "shadowkv evicts nothing: --measure retention"),
+    (["--protocol", "paper"], "unknown --protocol 'paper'"),
+    (["--protocol", "hott"], "dataset arith has no 'hott' prompt"),
+    (["--protocol", "hott", "-d", "gsm8k", "--system-prompt", "x"], "raw text without a chat template"),
+    (["--temperature", "nan"], "must be finite numbers"),
+    (["--repetition-penalty", "0"], "--repetition-penalty > 0"),
+    (["--top-k", "-3"], "--top-k must be >= 0"),
 ])
 def test_bad_input_fails_with_one_line(tmp_path, args, message):
     result = kvbench("run", "--model", "tiny-llama", *args, "--store", str(tmp_path / "s"))
@@ -185,3 +191,29 @@ def test_new_methods_run_into_the_store_and_report_device_and_host_bytes_apart(t
     assert all(r["evicted_tokens"] > 0 for name in ("adakv:snapkv-d", "scope") for r in rows[name])
     host = render(str(store), metric="host_kv_mib", fmt="markdown")
     assert "shadowkv" in host and "adakv:snapkv-d" in render(str(store), metric="peak_kv_mib", fmt="markdown")
+
+
+def test_hott_protocol_runs_the_forks_prompt_and_subset(tmp_path):
+    import datasets
+
+    from tests.test_tasks import SHARED_DATA
+
+    if not SHARED_DATA.is_dir():
+        pytest.skip("the local copies live in ../shared/data")
+    store = tmp_path / "store"
+    common = ["--model", "tiny-llama", "-d", "gsm8k", "-n", "2", "--max-new-tokens", "6", "--store", str(store),
+              "--data-dir", str(SHARED_DATA)]
+    for protocol in ("hott", "kvbench"):
+        result = kvbench("run", "--protocol", protocol, *common)
+        assert result.returncode == 0, result.stderr
+        assert f"protocol {protocol}" in result.stdout
+    rows = ResultStore(store).read().to_pylist()
+    hott = [r for r in rows if r["protocol"] == "hott"]
+    ours = [r for r in rows if r["protocol"] == "kvbench"]
+    assert len(hott) == len(ours) == 2 and len({r["run_key"] for r in rows}) == 2
+    drawn = datasets.Dataset.from_dict({"i": list(range(1319))}).shuffle(seed=42).select(range(2))["i"]
+    assert {r["example_id"] for r in hott} == {f"gsm8k-{i}" for i in drawn}
+    assert all("<|im_start|>" not in r["prompt"] and r["prompt"].endswith('"\\boxed{}".') for r in hott)
+    assert all(r["prompt"].startswith("<|im_start|>user") for r in ours)
+    rescored = kvbench("score", str(store))
+    assert rescored.returncode == 0 and "re-scored 4 rows: 0 changed" in rescored.stdout, rescored.stdout

@@ -24,8 +24,16 @@ def run(
                                            "examples (the same for every press and budget)."),
     max_new_tokens: int | None = typer.Option(None, help="Generation limit (default: the dataset's)."),
     seed: int = typer.Option(0, help="Seed for sampling and seeded presses."),
-    temperature: float = typer.Option(0.0, help="0 = greedy."),
-    top_p: float = typer.Option(1.0, help="Nucleus sampling threshold (with --temperature > 0)."),
+    protocol: str = typer.Option("kvbench", help="Everything outside the cache that shapes the numbers: kvbench "
+                                 "(chat template, faithful scorers) or hott / hott-sampling (the paper's harness as "
+                                 "its code ran; see the README's protocol table)."),
+    system_prompt: str | None = typer.Option(None, help="System prompt under the chat template (default: the "
+                                             "model's own, e.g. Nemotron's 'detailed thinking on'; '' = none)."),
+    temperature: float | None = typer.Option(None, help="0 = greedy (default: the protocol's; greedy but "
+                                             "hott-sampling)."),
+    top_p: float | None = typer.Option(None, help="Nucleus sampling threshold (with --temperature > 0)."),
+    top_k: int | None = typer.Option(None, help="Sample among the k most likely tokens (0 = all)."),
+    repetition_penalty: float | None = typer.Option(None, help="transformers' repetition penalty (1 = none)."),
     store: Path = typer.Option(Path("results"), help="Parquet result store directory."),
     dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
     device: str = typer.Option("auto", help="auto (cuda if present), cpu, cuda, cuda:N."),
@@ -56,6 +64,8 @@ def _execute(o: dict, kind: str) -> None:
         budgets=tuple(parse_budget(b) for b in _split(o["budget"])),
         press_args=tuple(o["press_arg"]), dataset=o["dataset"], num_samples=o["num_samples"],
         max_new_tokens=o["max_new_tokens"], seed=o["seed"], temperature=o["temperature"], top_p=o["top_p"],
+        top_k=o["top_k"], repetition_penalty=o["repetition_penalty"], protocol=o["protocol"],
+        system_prompt=o["system_prompt"],
         store=str(o["store"]), dtype=o["dtype"], device=o["device"],
         data_dir=str(o["data_dir"]) if o["data_dir"] else None, batch_size=o["batch_size"],
         stop_on_loop=o["stop_on_loop"], measure=tuple(_split(o["measure"])), kind=kind,

@@ -15,7 +15,7 @@ import torch
 
 from kvbench.engine.attention import use_kvbench_attention
 from kvbench.engine.cache import BudgetCache
-from kvbench.engine.loops import LoopDetector
+from kvbench.engine.loops import LoopDetector, RepetitionStop
 from kvbench.errors import KvbenchError
 from kvbench.presses.base import Press
 
@@ -26,12 +26,19 @@ class GenerationSettings:
     #: 0 = greedy.
     temperature: float = 0.0
     top_p: float = 1.0
+    #: Keep the k most likely tokens before top-p (0 = all), as transformers' ``top_k``.
+    top_k: int = 0
+    #: transformers' repetition penalty: logits of tokens already in the sequence (prompt included) divided by it
+    #: when positive, multiplied when negative (1 = none). Applied to each row's own tokens only.
+    repetition_penalty: float = 1.0
     seed: int = 0
     eos_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     #: End a sequence with finish_reason "loop" once it repeats itself (see ``LoopDetector``).
     stop_on_loop: bool = False
     loop_detector: LoopDetector = LoopDetector()
+    #: End a sequence with finish_reason "repetition" at this rule (the paper's harness's ``StopOnRepetition``).
+    repetition_stop: RepetitionStop | None = None
 
 
 @dataclass
@@ -74,17 +81,37 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _next_tokens(logits: torch.Tensor, settings: GenerationSettings, generators: list[torch.Generator]):
+def _next_tokens(logits: torch.Tensor, settings: GenerationSettings, generators: list[torch.Generator],
+                 seen: torch.Tensor | None = None):
+    """Greedy or seeded sampling from ``sampling_probs``; greedy takes the argmax after the repetition penalty."""
     if settings.temperature <= 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / settings.temperature, dim=-1)
+        return _penalised(logits.float(), settings, seen).argmax(dim=-1)
+    probs = sampling_probs(logits, settings, seen)
+    # One generator per sequence, so a sequence samples the same tokens whatever batch it is in.
+    return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generators)])
+
+
+def _penalised(logits: torch.Tensor, settings: GenerationSettings, seen: torch.Tensor | None) -> torch.Tensor:
+    if seen is None or settings.repetition_penalty == 1.0:
+        return logits
+    penalty = settings.repetition_penalty
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+def sampling_probs(logits: torch.Tensor, settings: GenerationSettings, seen: torch.Tensor | None = None):
+    """[B, V] the distribution sampled from, after transformers' processors in their order: repetition penalty
+    (over ``seen``, [B, V] bool: the tokens already in each row), temperature, top-k, top-p."""
+    logits = _penalised(logits.float(), settings, seen) / settings.temperature
+    if 0 < settings.top_k < logits.shape[-1]:
+        kth = logits.topk(settings.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    probs = torch.softmax(logits, dim=-1)
     if settings.top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs > settings.top_p  # keep the first that crosses
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    # One generator per sequence, so a sequence samples the same tokens whatever batch it is in.
-    return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generators)])
+    return probs
 
 
 def generate(*args, **kwargs) -> list[SequenceOutput]:
@@ -173,6 +200,7 @@ def generation(
         cache.track_critical(critical_positions, settings.max_new_tokens, device)
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     eos = set(settings.eos_token_ids)
+    seen = None  # [B, V] tokens each row has seen, for the repetition penalty
 
     tokens: list[list[int]] = [[] for _ in range(batch)]
     logits_log: list[list[torch.Tensor]] = [[] for _ in range(batch)]
@@ -213,7 +241,9 @@ def generation(
                 chosen = torch.tensor([f[step - 1] if step <= len(f) else pad_token_id for f in forced_tokens],
                                       device=device)
             else:
-                chosen = _next_tokens(logits, settings, generators)
+                if settings.repetition_penalty != 1.0:
+                    seen = _seen_tokens(ids, valid, logits.shape[-1]) if seen is None else seen
+                chosen = _next_tokens(logits, settings, generators, seen)
             chosen_list = chosen.tolist()  # the stopping check: the one synchronisation per step
             now = time.perf_counter()
             for row in range(batch):
@@ -234,6 +264,8 @@ def generation(
                     finish[row] = "stop"
                 elif settings.stop_on_loop and loop_start[row] is not None:
                     finish[row] = "loop"
+                elif settings.repetition_stop is not None and settings.repetition_stop.hit(tokens[row]):
+                    finish[row] = "repetition"
                 elif len(tokens[row]) >= settings.max_new_tokens:
                     finish[row] = "length"
                 if finish[row] is not None:
@@ -244,6 +276,8 @@ def generation(
             if active not in active_masks:
                 active_masks[active] = torch.tensor(active, device=device)
             active_mask = active_masks[active]
+            if seen is not None:
+                seen[torch.arange(batch, device=device), chosen] |= active_mask
             step_ids = torch.where(active_mask, chosen, pad_token_id)[:, None]
             logits = forward(step_ids, next_position[:, None], active_mask[:, None], [int(a) for a in active], step)
             next_position = next_position + active_mask  # not in place: the cache keeps the old tensor
@@ -281,6 +315,14 @@ def generation(
             logits=logits_log[row],
         ))
     return results
+
+
+def _seen_tokens(ids: torch.Tensor, valid: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[B, V]: the tokens of each row's prompt (padding excluded)."""
+    seen = torch.zeros(ids.shape[0], vocab, dtype=torch.bool, device=ids.device)
+    rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
+    seen[rows[valid], ids[valid]] = True
+    return seen
 
 
 def _shadow_cache(model, press: Press, budget: int | None, num_layers: int, max_length: int, batch: int, device,

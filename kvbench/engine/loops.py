@@ -33,3 +33,31 @@ class LoopDetector:
 
     def looped(self, tokens: list[int]) -> bool:
         return self.period(tokens) is not None
+
+
+@dataclass(frozen=True)
+class RepetitionStop:
+    """The paper's harness's stopping rule (its ``StopOnRepetition``, as ``reason/evaluate.py`` configures it).
+
+    Among the last ``window`` generated tokens, some ``n``-gram (``ngram_min <= n <= ngram_max``) appears
+    ``min_repeat`` times back to back. Checked after every token, a repetition appears first at the newest
+    token (the window only drops tokens), so checking the repetitions that end there is the same rule.
+    """
+
+    ngram_min: int = 2
+    ngram_max: int = 10
+    min_repeat: int = 5
+    window: int = 200
+
+    def hit(self, tokens: list[int]) -> bool:
+        if len(tokens) < self.ngram_min * self.min_repeat:
+            return False
+        tail = tokens[-self.window:]
+        for n in range(self.ngram_min, self.ngram_max + 1):
+            span = n * self.min_repeat
+            if span > len(tail):
+                break
+            block = tail[-span:]
+            if all(block[i] == block[i - n] for i in range(n, span)):
+                return True
+        return False

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -20,8 +20,9 @@ import yaml
 from kvbench.errors import ConfigError, DataError
 from kvbench.tasks.arith import GENERATORS
 from kvbench.tasks.critical import critical_spans, render_with_ranges
-from kvbench.tasks.extract import EXTRACTORS, extract
+from kvbench.tasks.extract import EXTRACTORS, extract, opens_thinking
 from kvbench.tasks.fields import LETTERS, TRANSFORMS, resolve_field, spec_transform_names
+from kvbench.tasks.protocols import Protocol
 from kvbench.tasks.score import SCORERS
 
 CONFIG_DIR_ENV = "KVBENCH_DATASETS_CFG"
@@ -62,6 +63,27 @@ class Task:
     generation: dict = field(default_factory=dict)
     answer_type: str = "number"
     description: str = ""
+    #: Per-protocol overrides (``protocols: {hott: {prompt, extractors, scorer, fields: {hub, local}}}``).
+    protocols: dict = field(default_factory=dict)
+    #: The protocol this task was prepared for (``for_protocol``) and whether it strips ``<think>`` blocks.
+    protocol: str = "kvbench"
+    strip_thinking: bool = True
+
+    def for_protocol(self, protocol: Protocol) -> Task:
+        """This task under ``protocol``: its prompt, gold, extractors and scorer from the ``protocols:`` block."""
+        if protocol.prompts is None:
+            return replace(self, protocol=protocol.name, strip_thinking=protocol.strip_thinking)
+        block = self.protocols.get(protocol.prompts)
+        if block is None:
+            raise ConfigError(f"dataset {self.name} has no {protocol.prompts!r} prompt: --protocol {protocol.name} "
+                              f"covers {', '.join(protocol_datasets(protocol.prompts)) or 'no dataset'}")
+        extra = block.get("fields", {})
+        return replace(
+            self, protocol=protocol.name, strip_thinking=protocol.strip_thinking, system=None, prompt=block["prompt"],
+            extractors=tuple(block["extractors"]), scorer=block["scorer"],
+            hub=_with_fields(self.hub, extra.get("hub")), local=_with_fields(self.local, extra.get("local")),
+            builtin=_with_fields(self.builtin, extra.get("builtin")),
+        )
 
     def split(self, data_dir_override: str | None = None) -> str:
         """The split that ``load_examples`` reads with this data directory (local files, the hub, or built-in)."""
@@ -87,6 +109,7 @@ class Task:
         if isinstance(values.get("choices"), list):
             options = values["choices"]
             values["choices"] = "\n".join(f"{LETTERS[i]}. {text}" for i, text in enumerate(options))
+            values["numbered_choices"] = "\n".join(f"{i + 1}. {text}" for i, text in enumerate(options))
             values["labels"] = ", ".join(LETTERS[: len(options)])
         try:
             return render_with_ranges(self.prompt, values)
@@ -98,8 +121,10 @@ class Task:
         content, ranges = self.user_content(example)
         return [(start + a, start + b) for start, stop in ranges for a, b in critical_spans(content[start:stop])]
 
-    def score(self, response: str | None, gold: str) -> Scored:
-        extracted = extract(response or "", list(self.extractors))
+    def score(self, response: str | None, gold: str, prompt: str | None = None) -> Scored:
+        """Extract and score ``response``; ``prompt`` (as rendered) tells whether it starts inside ``<think>``."""
+        extracted = extract(response or "", list(self.extractors), strip=self.strip_thinking,
+                            opened=opens_thinking(prompt))
         if extracted is None:
             return Scored(None, False, {})
         correct, metrics = SCORERS[self.scorer](extracted, gold)
@@ -138,11 +163,42 @@ def load_task(name: str) -> Task:
     for layout in ("hub", "local", "builtin"):
         for spec in (raw.get(layout) or {}).get("fields", {}).values():
             names += [("transform", n, TRANSFORMS) for n in spec_transform_names(spec)]
+    names += _protocol_names(path, raw.get("protocols") or {})
     for kind, name_, registry in names:
         if name_ not in registry:
             raise ConfigError(f"{path}: unknown {kind} {name_!r} (known: {', '.join(registry)})")
     raw["extractors"] = tuple(raw["extractors"])
     return Task(**raw)
+
+
+def _protocol_names(path: Path, blocks: dict) -> list[tuple[str, str, dict]]:
+    """Check each ``protocols:`` block's keys; return its registry names to look up."""
+    if not isinstance(blocks, dict):
+        raise ConfigError(f"{path}: protocols must be a mapping of protocol blocks")
+    names = []
+    for name, block in blocks.items():
+        if not isinstance(block, dict) or {"prompt", "extractors", "scorer"} - set(block):
+            raise ConfigError(f"{path}: protocol block {name!r} needs prompt, extractors and scorer")
+        extra = set(block) - {"prompt", "extractors", "scorer", "fields"}
+        if extra:
+            raise ConfigError(f"{path}: protocol block {name!r}: unknown keys {', '.join(sorted(extra))}")
+        names += [("extractor", n, EXTRACTORS) for n in block["extractors"]] + [("scorer", block["scorer"], SCORERS)]
+        for layout_fields in (block.get("fields") or {}).values():
+            for spec in layout_fields.values():
+                names += [("transform", n, TRANSFORMS) for n in spec_transform_names(spec)]
+    return names
+
+
+def _with_fields(layout: dict | None, extra: dict | None) -> dict | None:
+    """A layout whose field mapping gains (or overrides) ``extra``."""
+    if layout is None or not extra:
+        return layout
+    return {**layout, "fields": {**layout.get("fields", {}), **extra}}
+
+
+def protocol_datasets(block: str) -> list[str]:
+    """The datasets whose configs have a ``block`` protocol block."""
+    return [name for name in available() if block in (load_task(name).protocols or {})]
 
 
 def data_dir(override: str | None = None) -> Path | None:
@@ -151,8 +207,12 @@ def data_dir(override: str | None = None) -> Path | None:
 
 
 def load_examples(task: Task, num_samples: int | None = None, data_dir_override: str | None = None,
-                  subset_seed: int = 0) -> list[Example]:
-    """The task's examples; ``num_samples`` takes a fixed seeded subset, the same for every press and budget."""
+                  subset_seed: int = 0, subset: str = "sample") -> list[Example]:
+    """The task's examples; ``num_samples`` takes a fixed seeded subset, the same for every press and budget.
+
+    ``subset`` "sample": sorted ``random.Random(subset_seed).sample``; "hf-shuffle": the first ``num_samples`` of
+    ``datasets``' ``shuffle(seed=subset_seed)`` permutation (numpy's PCG64 ``permutation``), in that order.
+    """
     if task.builtin:
         count = num_samples if num_samples is not None else int(task.builtin.get("size", 100))
         records = GENERATORS[task.builtin["generator"]](count, int(task.builtin.get("seed", 0)))
@@ -171,10 +231,21 @@ def load_examples(task: Task, num_samples: int | None = None, data_dir_override:
         raise DataError(f"dataset {task.name}: {len(records)} examples, expected {expected} "
                         "(wrong split, another version, or a truncated file?)")
     examples = [_normalise(task, layout, r, i) for i, r in enumerate(records)]
-    if num_samples is not None and num_samples < len(examples):
-        picked = sorted(random.Random(subset_seed).sample(range(len(examples)), num_samples))
-        examples = [examples[i] for i in picked]
-    return examples
+    return [examples[i] for i in subset_indices(len(examples), num_samples, subset, subset_seed)]
+
+
+def subset_indices(size: int, num_samples: int | None, subset: str = "sample", seed: int = 0) -> list[int]:
+    """Indices of the ``num_samples`` examples a protocol's draw takes out of ``size``."""
+    if subset == "hf-shuffle":  # the fork shuffles only when it takes a subset
+        if num_samples is None:
+            return list(range(size))
+        import numpy as np
+
+        order = np.random.default_rng(seed).permutation(size).tolist()
+        return order[:num_samples]
+    if num_samples is None or num_samples >= size:
+        return list(range(size))
+    return sorted(random.Random(seed).sample(range(size), num_samples))
 
 
 def local_files(task: Task, directory: Path) -> list[Path]:

@@ -8,20 +8,35 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from kvbench.tasks.hott import EXTRACTORS as HOTT_EXTRACTORS
+
 _NUMBER = r"-?\$?\s*\d[\d,]*(?:\.\d+)?"
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*[:=]?\s*\**\s*(" + _NUMBER + ")", re.IGNORECASE)
 _HASHES = re.compile(r"####\s*(" + _NUMBER + ")")
 _LAST_NUMBER = re.compile(_NUMBER)
 
 
-def strip_thinking(text: str) -> str:
-    """Drop a reasoning model's ``<think>...</think>`` block (the stored response keeps it).
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
-    An unfinished ``<think>`` (truncated inside the reasoning) leaves no answer to extract.
+
+def opens_thinking(prompt: str | None) -> bool:
+    """True if the rendered prompt ends inside an open think block.
+
+    DeepSeek-R1-Distill chat templates end the prompt with ``<think>\n``: the response then starts inside its
+    reasoning and carries no opening tag of its own. Decided from the stored prompt, so re-scoring agrees.
     """
-    if "</think>" in text:
-        return text.rsplit("</think>", 1)[-1]
-    if "<think>" in text:
+    return bool(prompt) and prompt.rstrip().endswith(THINK_OPEN)
+
+
+def strip_thinking(text: str, opened: bool = False) -> str:
+    """The text after a reasoning model's ``</think>`` (the stored response keeps the reasoning).
+
+    A response still inside its reasoning (a ``<think>`` without ``</think>``, or no ``</think>`` after a prompt
+    that ``opened`` the block) leaves nothing to extract: it is invalid, never scored by what it last wrote.
+    """
+    if THINK_CLOSE in text:
+        return text.rsplit(THINK_CLOSE, 1)[-1]
+    if opened or THINK_OPEN in text:
         return ""
     return text
 
@@ -121,13 +136,14 @@ def last_line(text: str) -> str | None:
 
 EXTRACTORS: dict[str, Callable[[str], str | None]] = {
     "answer_is": answer_is, "boxed": boxed, "last_number": last_number, "choice": choice, "yes_no": yes_no,
-    "folio_label": folio_label, "answer_text": answer_text, "last_line": last_line,
+    "folio_label": folio_label, "answer_text": answer_text, "last_line": last_line, **HOTT_EXTRACTORS,
 }
 
 
-def extract(text: str, chain: list[str]) -> str | None:
-    """First answer found by the extractors of ``chain``, in order, after stripping ``<think>``."""
-    body = strip_thinking(text or "")
+def extract(text: str, chain: list[str], strip: bool = True, opened: bool = False) -> str | None:
+    """First answer found by the extractors of ``chain``, in order, after ``strip_thinking`` (unless ``strip`` is
+    False, as under the ``hott`` protocol, whose harness searched the whole response)."""
+    body = strip_thinking(text or "", opened) if strip else text or ""
     for name in chain:
         found = EXTRACTORS[name](body)
         if found is not None:

@@ -84,9 +84,42 @@ def identity(value):
     return value if isinstance(value, list) else str(value).strip()
 
 
+# --- the paper's harness's golds (the ``hott`` protocol): the text its ``reason/`` formatters build -----------------
+
+def as_text(value) -> str:
+    """``str(value)``, unstripped (a bool becomes ``True``/``False``, as the fork's ``str(example["answer"])``)."""
+    return str(value)
+
+
+def after_hashes_raw(value: str) -> str:
+    """GSM8K as the fork splits it: the text after the last ``####``, stripped, commas kept."""
+    return value.split("####")[-1].strip()
+
+
+def index_plus_one(value) -> str:
+    """A 0-based option index as the fork's 1-based option number."""
+    return str(int(value) + 1)
+
+
+def letter_to_number(value: str) -> str:
+    """An option letter (``a``/``B``) as its 1-based number (the local LogiQA copy stores letters)."""
+    return str(LETTERS.index(str(value).strip().upper()) + 1)
+
+
+def spans_list_text(value: dict) -> str:
+    """Hub DROP ``answers_spans`` as the fork's gold: the text of the Python list of its spans."""
+    return str(list(value["spans"]))
+
+
+def pipe_spans_list_text(value: str) -> str:
+    """simple-evals DROP ``ref_text`` (``|``-joined golds) as the text of a Python list of spans."""
+    return str([alt.strip() for alt in value.split("|")])
+
+
 TRANSFORMS: dict[str, Callable] = {f.__name__: f for f in (
     label_text_choices, columns_choices, index_to_letter, upper_letter, bool_yes_no, after_hashes, join_lines,
-    integer_string, drop_pipe_alternatives, drop_spans, drop_passage, drop_question, identity,
+    integer_string, drop_pipe_alternatives, drop_spans, drop_passage, drop_question, identity, as_text,
+    after_hashes_raw, index_plus_one, letter_to_number, spans_list_text, pipe_spans_list_text,
 )}
 
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from fractions import Fraction
 
 from kvbench.tasks.drop import drop_metrics
+from kvbench.tasks.hott import SCORERS as HOTT_SCORERS
 from kvbench.tasks.mathverify import math_equal, strict_string
 
 
@@ -47,5 +48,5 @@ def drop(extracted: str, gold: str) -> tuple[bool, dict]:
 
 
 SCORERS: dict[str, Callable[[str, str], tuple[bool, dict]]] = {
-    "numeric": numeric, "exact_label": exact_label, "math": math, "drop": drop,
+    "numeric": numeric, "exact_label": exact_label, "math": math, "drop": drop, **HOTT_SCORERS,
 }
