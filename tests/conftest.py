@@ -7,6 +7,12 @@ from kvbench.presses import PRESSES
 ARCHS = ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral", "tiny-phi3")
 #: Every press, and the allocation wrappers composed with scoring presses (and with each other).
 ALL_PRESSES = [*PRESSES, "pyramidkv:snapkv-d", "adakv:snapkv-d", "pyramidkv:adakv:h2o"]
+#: Parameters that let a press act within a short test: buffers that fill, windows below small budgets.
+TEST_ARGS = {
+    "rkv": {"buffer": "4"}, "hott-rkv": {"buffer": "4"}, "hott-rkv-fixed": {"buffer": "4"},
+    "hott-snapkv-d": {"window_size": "4"}, "hott-snapkv-d-fixed": {"window_size": "4"},
+    "shadowkv": {"chunk_size": "2", "local_window": "2", "outlier_chunks": "1"},
+}
 PROMPT = "Tom has 12 apples. He buys 7 more and gives 5 to Ann. How many apples does Tom have now?"
 
 

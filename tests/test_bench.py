@@ -6,11 +6,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from kvbench.engine.generate import GenerationSettings, generate
 from kvbench.presses import make_press
-from tests.conftest import ALL_PRESSES, prompt_ids
+from tests.conftest import ALL_PRESSES, TEST_ARGS, prompt_ids
 from tests.test_cli import kvbench
-
-# R-KV's default buffer (128) never fills in a short test; ShadowKV's defaults need a budget of 63 or more.
-ARGS = {"rkv": {"buffer": "4"}, "shadowkv": {"chunk_size": "2", "local_window": "2", "outlier_chunks": "1"}}
 
 
 @pytest.mark.parametrize("press_name", ALL_PRESSES)
@@ -20,7 +17,7 @@ def test_batched_output_equals_batch_one(tiny, press_name, budget):
     model, tokenizer = tiny
     ids = prompt_ids(tokenizer)
     prompts = [ids[:31], ids[5:14], ids[:22], ids[3:7]]
-    press = make_press(press_name, ARGS.get(press_name))
+    press = make_press(press_name, TEST_ARGS.get(press_name))
     free = [o.tokens for o in generate(model, prompts, press, budget, GenerationSettings(max_new_tokens=30))]
     # An EOS that some sequences meet and others never do: those go on beside frozen rows.
     eos = next(t for t in free[1][5:] if any(t not in other for other in free))
@@ -70,7 +67,7 @@ def allocated_per_step(model, prompt, press, budget, steps):
 def test_memory_per_step_does_not_grow_once_the_cache_is_full(tiny_llama, press_name):
     model, tokenizer = tiny_llama
     prompt = prompt_ids(tokenizer)[:20]
-    press = make_press(press_name, ARGS.get(press_name))
+    press = make_press(press_name, TEST_ARGS.get(press_name))
     per_step = allocated_per_step(model, prompt, press, 24, 130)
     # The cache is full once its slots are all in use: after a few steps for most presses (rkv: its buffer of 4
     # cycles every 4 steps), later when a layer or head may hold more than the budget (PyramidKV, AdaKV).

@@ -7,11 +7,10 @@ import torch
 
 from kvbench.engine.generate import GenerationSettings, generate
 from kvbench.presses import make_press
-from tests.conftest import ALL_PRESSES, prompt_ids
+from tests.conftest import ALL_PRESSES, TEST_ARGS, prompt_ids
 from tests.oracle import masked_logits, masks_from_kept
 
-CASES = [(name, {}) for name in ALL_PRESSES if name not in ("full", "rkv", "shadowkv")] + [
-    ("rkv", {"buffer": "4"}),  # R-KV's default buffer (128) never fills in a short test
+CASES = [(name, TEST_ARGS.get(name, {})) for name in ALL_PRESSES if name not in ("full", "shadowkv")] + [
     ("h2o", {"recent_ratio": "0", "normalize": "true"}),  # the paper's H2O variant
     ("snapkv-d", {"window_size": "4", "pooling": "max", "gqa": "max"}),
     ("tova", {"per_head": "true"}),

@@ -4,16 +4,16 @@ import pytest
 
 from kvbench.presses import PRESSES
 from kvbench.run import RunConfig, execute
-from tests.conftest import fail_on_call
+from tests.conftest import TEST_ARGS, fail_on_call
 
 EVICTING = [p for p in PRESSES if p != "full"]
 COLUMNS = ("fidelity_kl_mean", "fidelity_kl_max", "fidelity_top1", "fidelity_rank_mean", "output_tokens")
 
 
 def replay(tmp_path, budgets, name="s"):
-    shadowkv = ("shadowkv.chunk_size=2", "shadowkv.local_window=2", "shadowkv.outlier_chunks=0")
-    config = RunConfig(model="tiny-llama", presses=tuple(PRESSES), budgets=budgets,
-                       press_args=("rkv.buffer=4", *shadowkv),
+    args = {**TEST_ARGS, "shadowkv": {**TEST_ARGS["shadowkv"], "outlier_chunks": "0"}}
+    press_args = tuple(f"{press}.{key}={value}" for press, kv in args.items() for key, value in kv.items())
+    config = RunConfig(model="tiny-llama", presses=tuple(PRESSES), budgets=budgets, press_args=press_args,
                        num_samples=2, max_new_tokens=16, store=str(tmp_path / name), kind="fidelity")
     _, cells = execute(config)
     return {(c.press.name, c.budget): c.rows for c in cells}

@@ -70,18 +70,25 @@ class SlotView:
     #: [N] prompt tokens of each row's sequence (positions below it are the prompt's).
     prompt_length: torch.Tensor | None = None
     layer_idx: int | None = None
+    #: Layers folded into the rows (row ``l * batch + b``): 1 for a one-layer view.
+    layers: int = 1
     window: QueryWindow | None = None
     #: Overrides ``attention``: the cache's kept window attention, or attention that tests make by hand.
     attention_override: Callable[[str], torch.Tensor] | None = None
 
-    def attention(self, gqa: str = "mean") -> torch.Tensor:
-        """Mean attention [N, H, S] that the recent queries (``press.query_window``) place on the slots."""
-        if self.attention_override is not None:
+    def attention(self, gqa: str = "mean", last: int | None = None) -> torch.Tensor:
+        """Mean attention [N, H, S] that the recent queries (``press.query_window``) place on the slots; ``last``
+        restricts it to each row's ``last`` newest queries."""
+        if self.attention_override is not None and last is None:
             return self.attention_override(gqa)
         if self.window is None:
             raise RuntimeError("this press asked for attention without a query window")
         w = self.window
-        return attention_probs(w.queries, w.positions, w.valid, self.keys, self.positions, self.valid, w.scaling,
+        valid = w.valid
+        if last is not None:
+            newest = w.positions.masked_fill(~w.valid, -1).amax(dim=-1, keepdim=True)
+            valid = valid & (w.positions > newest - last)
+        return attention_probs(w.queries, w.positions, valid, self.keys, self.positions, self.valid, w.scaling,
                                reduce="mean", gqa=gqa)
 
 
@@ -476,7 +483,7 @@ class BudgetCache(DynamicCache):
             state={name: fold(s) for name, s in self.state.items()},
             query_position=self.query_position.repeat(n_layers), budget=self.budget,
             seeds=self.row_seeds.flatten(), step=self.decode_step, prompt_length=self.prompt_length.repeat(n_layers),
-            window=window,
+            layers=n_layers, window=window,
         )
 
     def _compressed(self, row: int, keep: int) -> None:

@@ -21,6 +21,8 @@ def worth_keeping(press: Press, budget: int | None) -> bool:
     """Kept rows cost one query row per step: worth it where compressions come more often than once per window."""
     if budget is None or not press.evicts or not press.query_window or press.allocates:
         return False
+    if not press.reads_whole_window:
+        return False
     keep, trigger = press.cadence(budget)
     return trigger - keep < press.query_window
 

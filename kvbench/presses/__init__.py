@@ -10,6 +10,11 @@ from kvbench.presses.adakv import AdaKVPress
 from kvbench.presses.base import Press
 from kvbench.presses.full import FullPress
 from kvbench.presses.h2o import H2OPress
+from kvbench.presses.hott_fixed import HottH2OFixedPress, HottRKVFixedPress, HottSnapKVDFixedPress
+from kvbench.presses.hott_h2o import HottH2OPress
+from kvbench.presses.hott_rkv import HottRKVPress
+from kvbench.presses.hott_snapkv_d import HottSnapKVDPress
+from kvbench.presses.hott_streaming_llm import HottStreamingLLMPress
 from kvbench.presses.knorm import KNormPress
 from kvbench.presses.pyramidkv import PyramidKVPress
 from kvbench.presses.random import RandomPress
@@ -27,6 +32,9 @@ PRESSES: dict[str, type[Press]] = {
     for cls in (
         FullPress, StreamingLLMPress, H2OPress, SnapKVDecodingPress, KNormPress, RKVPress, RandomPress, TOVAPress,
         RPCPress, SCOPEPress, ShadowKVPress,
+        # the paper's harness: its rules with its defects fixed, and bug-compatible with its code
+        HottH2OFixedPress, HottSnapKVDFixedPress, HottRKVFixedPress,
+        HottH2OPress, HottSnapKVDPress, HottRKVPress, HottStreamingLLMPress,
     )
 }
 #: Allocation wrappers, composed with a scoring press as ``wrapper:press`` (``pyramidkv:adakv:snapkv-d``).

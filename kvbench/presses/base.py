@@ -34,6 +34,8 @@ class Press:
     revision: ClassVar[int] = 1
     #: Names of per-slot float state tensors the engine keeps aligned with the slots (zero for new tokens).
     state_names: ClassVar[tuple[str, ...]] = ()
+    #: False if decoding scores read only the newest query of the window (the engine then keeps no window rows).
+    reads_whole_window: ClassVar[bool] = True
 
     #: Entries added between two compressions: the cache holds at most ``budget + buffer`` entries.
     buffer: int = 1
