@@ -8,15 +8,15 @@ whose dataset version, prompt or data source differ are never pooled: they becom
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import pandas as pd
 
 from kvbench.errors import KvbenchError
+from kvbench.references import RowIdentity, comparable, load_reference, with_reference
 from kvbench.store import ResultStore
+from kvbench.tasks.protocols import DEFAULT_PROTOCOL
 
 #: metric -> (per-row value, higher is better, unit label, format)
 METRICS = {
@@ -59,7 +59,7 @@ CELL_METRICS = {
 
 def _length_ratio(df: pd.DataFrame) -> pd.Series:
     """Each row's output length over the full cache's on the same example (NaN where full is missing)."""
-    keys = ["model", "dataset_label", "example_id"]
+    keys = ["model", "protocol", "dataset_label", "example_id"]
     full = df[df["press"] == FULL].groupby(keys)["output_tokens"].mean()
     reference = full.reindex(pd.MultiIndex.from_frame(df[keys])).to_numpy()
     return pd.Series(df["output_tokens"].to_numpy(dtype=float) / reference, index=df.index)
@@ -80,6 +80,17 @@ FULL = "full"
 AVG, DELTA = "Avg.", "Δ vs full"
 
 
+def row_protocol(label: str) -> str:
+    """The protocol of a row label (``h2o [hott]``; no suffix: the default)."""
+    return label[:-1].rsplit(" [", 1)[1] if label.endswith("]") and " [" in label else DEFAULT_PROTOCOL
+
+
+def full_label(label: str) -> str:
+    """The full cache's row under the same protocol as ``label``: what its Δ and bold compare against."""
+    protocol = row_protocol(label)
+    return FULL if protocol == DEFAULT_PROTOCOL else f"{FULL} [{protocol}]"
+
+
 def load(store: str | Path) -> pd.DataFrame:
     table = ResultStore(store).read()
     if table.num_rows == 0:
@@ -87,27 +98,35 @@ def load(store: str | Path) -> pd.DataFrame:
     df = table.to_pandas()
     df = df[df["sample"] == 0].copy()
     df["kind"] = df["kind"].fillna("generate")
-    df["press_label"] = [_press_label(p, a) for p, a in zip(df["press"], df["press_args"])]
+    df["protocol"] = df["protocol"].fillna(DEFAULT_PROTOCOL)
+    labels = {key: _press_label(*key) for key in set(zip(df["press"], df["press_args"], df["protocol"]))}
+    df["press_label"] = [labels[key][0] for key in zip(df["press"], df["press_args"], df["protocol"])]
+    df.attrs["identities"] = dict(labels.values())  # label -> what the row ran
     df["dataset_label"] = _dataset_labels(df)
     return df
 
 
-def _press_label(press: str, args_json: str) -> str:
-    """The press name, plus the parameters that differ from its defaults (so variants never pool)."""
+def _press_label(press: str, args_json: str, protocol: str) -> tuple[str, RowIdentity]:
+    """The press name, the parameters that differ from its defaults and a protocol other than kvbench's (so
+    variants never pool), with what the row ran."""
     from kvbench.presses import is_press, make_press
 
-    if not is_press(press):
-        return press
-    defaults = make_press(press).params()
-    changed = {k: v for k, v in json.loads(args_json or "{}").items() if defaults.get(k) != v}
-    return press if not changed else f"{press}({', '.join(f'{k}={v}' for k, v in sorted(changed.items()))})"
+    changed = {}
+    if is_press(press):
+        defaults = make_press(press).params()
+        changed = {k: v for k, v in json.loads(args_json or "{}").items() if defaults.get(k) != v}
+    label = press if not changed else f"{press}({', '.join(f'{k}={v}' for k, v in sorted(changed.items()))})"
+    if protocol != DEFAULT_PROTOCOL:
+        label = f"{label} [{protocol}]"
+    return label, RowIdentity(press, not changed, protocol)
 
 
 def _dataset_labels(df: pd.DataFrame) -> list[str]:
+    """The dataset, with its version, prompt and split where one protocol ran several of them."""
     identity = df["dataset_version"].astype(str) + "/" + df["prompt_hash"].astype(str) + "/" + df["split"].astype(str)
-    variants = identity.groupby(df["dataset"]).nunique()
-    return [d if variants[d] == 1 else f"{d}[v{v} {s}]"
-            for d, v, s in zip(df["dataset"], df["dataset_version"], identity.str.split("/", n=1).str[1])]
+    variants = identity.groupby([df["dataset"], df["protocol"]]).nunique()
+    return [d if variants[(d, p)] == 1 else f"{d}[v{v} {s}]" for d, p, v, s in
+            zip(df["dataset"], df["protocol"], df["dataset_version"], identity.str.split("/", n=1).str[1])]
 
 
 @dataclass
@@ -144,7 +163,8 @@ def model_table(long: pd.DataFrame, model: str) -> tuple[pd.DataFrame, pd.DataFr
     part = long[long["model"] == model]
     budgets = sorted({int(b) for b in part["budget"].dropna()})
     datasets = sorted(set(part["dataset_label"]))
-    presses = sorted(set(part["press_label"]), key=lambda p: (p != FULL, p))
+    presses = sorted(set(part["press_label"]), key=lambda p: (row_protocol(p) != DEFAULT_PROTOCOL, row_protocol(p),
+                                                               p != full_label(p), p))
     columns = pd.MultiIndex.from_tuples(
         [(d, b) for d in datasets for b in budgets] + [(AVG, b) for b in budgets] + [(DELTA, b) for b in budgets],
         names=["dataset", "budget"],
@@ -164,24 +184,28 @@ def model_table(long: pd.DataFrame, model: str) -> tuple[pd.DataFrame, pd.DataFr
         means.loc[complete, (AVG, b)] = means.loc[complete, data_cols].mean(axis=1)
         # standard error of a mean of independent cells
         errors.loc[complete, (AVG, b)] = (errors.loc[complete, data_cols] ** 2).sum(axis=1) ** 0.5 / len(datasets)
-        if FULL in means.index and not pd.isna(means.loc[FULL, (AVG, b)]):
-            means[(DELTA, b)] = means[(AVG, b)] - means.loc[FULL, (AVG, b)]
+        for press in presses:  # against the full cache of the same protocol
+            if full_label(press) in means.index:
+                means.loc[press, (DELTA, b)] = means.loc[press, (AVG, b)] - means.loc[full_label(press), (AVG, b)]
     means.attrs["counts"] = counts
     return means, errors
 
 
 def best_mask(means: pd.DataFrame, higher_is_better: bool) -> pd.DataFrame:
-    """True where a press is the best evicting press of its (dataset, budget) column (full excluded)."""
+    """True where a press is the best evicting press of its (dataset, budget) column among the rows of its
+    protocol (full excluded)."""
     mask = pd.DataFrame(False, index=means.index, columns=means.columns)
-    candidates = means.drop(index=[FULL], errors="ignore")
-    for column in means.columns:
-        if column[0] == DELTA:
-            continue
-        values = candidates[column].dropna()
-        if len(values) < 2:
-            continue
-        best = values.max() if higher_is_better else values.min()
-        mask.loc[values[values == best].index, column] = True
+    evicting = [p for p in means.index if p != full_label(p)]
+    for protocol in {row_protocol(p) for p in evicting}:
+        candidates = means.loc[[p for p in evicting if row_protocol(p) == protocol]]
+        for column in means.columns:
+            if column[0] == DELTA:
+                continue
+            values = candidates[column].dropna()
+            if len(values) < 2:
+                continue
+            best = values.max() if higher_is_better else values.min()
+            mask.loc[values[values == best].index, column] = True
     return mask
 
 
@@ -201,33 +225,48 @@ def _header(column: tuple) -> str:
 
 
 def render(store: str | Path, metric: str = "accuracy", fmt: str = "markdown", reference: str | None = None) -> str:
+    if fmt not in RENDERERS and fmt != "csv":
+        raise KvbenchError(f"unknown --format {fmt!r} (terminal, markdown, latex, csv)")
+    ref = load_reference(reference) if reference else None
+    if ref is not None and metric != "accuracy":
+        raise KvbenchError(f"--reference {reference} publishes accuracies: use it with --metric accuracy")
     df = load(store)
+    identities = df.attrs["identities"]
     long = aggregate(df, metric)
     _, higher, unit, number = _metric(metric)
-    ref = load_reference(reference) if reference else None
     if fmt == "csv":
-        if ref is not None:
-            long = long.merge(ref.rename(columns={"accuracy": "reference"}), how="left",
-                              left_on=["model", "press_label", "dataset_label", "budget"],
-                              right_on=["model", "press", "dataset", "budget"]).drop(columns=["press", "dataset"])
-        return long.assign(metric=metric).to_csv(index=False)
+        return _csv(long, metric, ref, identities, reference)
     blocks = []
     for model in sorted(set(long["model"])):
         means, errors = model_table(long, model)
         mask = best_mask(means, higher)
+        notes: list[str] = []
         if ref is not None:
-            means, errors, mask = _with_reference(means, errors, mask, ref, model)
+            means, errors, mask, notes = with_reference(means, errors, mask, ref, model, identities, reference)
         spread = "one value per cell" if metric in CELL_METRICS else "mean ± standard error"
         title = f"{model}: {unit} ({spread}; {_counts_note(means)}; best evicting press in bold)"
-        if fmt == "markdown":
-            blocks.append(_markdown(title, means, errors, mask, number))
-        elif fmt == "latex":
-            blocks.append(_latex(title, means, errors, mask, number))
-        elif fmt == "terminal":
-            blocks.append(_terminal(title, means, errors, mask, number))
-        else:
-            raise KvbenchError(f"unknown --format {fmt!r} (terminal, markdown, latex, csv)")
+        blocks.append(RENDERERS[fmt](title, means, errors, mask, number) + _notes(notes, fmt))
     return "\n\n".join(blocks) + "\n"
+
+
+def _csv(long: pd.DataFrame, metric: str, ref, identities: dict, reference: str | None) -> str:
+    """The long table; with a reference, the published figure beside each row that runs its code."""
+    if ref is not None:
+        papers = {label: comparable(identity, reference) for label, identity in identities.items()}
+        long = long.assign(reference_press=long["press_label"].map(papers))
+        long = long.merge(ref.rename(columns={"accuracy": "reference"}), how="left",
+                          left_on=["model", "reference_press", "dataset_label", "budget"],
+                          right_on=["model", "press", "dataset", "budget"]).drop(columns=["press", "dataset"])
+    return long.assign(metric=metric).to_csv(index=False)
+
+
+def _notes(notes: list[str], fmt: str) -> str:
+    if not notes:
+        return ""
+    if fmt == "latex":
+        return "\n" + "\n".join(f"% {line}" for line in notes)
+    bullet = "- " if fmt == "markdown" else "  "
+    return "\n\nAgainst the published figures:\n" + "\n".join(f"{bullet}{line}" for line in notes)
 
 
 def _markdown(title, means, errors, mask, number) -> str:
@@ -283,142 +322,4 @@ def _terminal(title, means, errors, mask, number) -> str:
     return buffer.getvalue().rstrip()
 
 
-# --- published references -------------------------------------------------------------------------------------
-
-REFERENCES = {"hott": "hott_poster_accuracy.csv"}
-
-
-def load_reference(name: str) -> pd.DataFrame:
-    """Published accuracies (%): model, dataset, press, budget (None for one-value presses), accuracy."""
-    if name not in REFERENCES:
-        raise KvbenchError(f"unknown --reference {name!r} (known: {', '.join(REFERENCES)})")
-    with resources.files("kvbench.data").joinpath(REFERENCES[name]).open() as f:
-        ref = pd.read_csv(f)
-    ref = ref[ref["accuracy"].notna()].copy()
-    ref["accuracy"] = ref["accuracy"].astype(float) * 100
-    ref["budget"] = ref["budget"].astype("Int64")
-    return ref[["model", "dataset", "press", "budget", "accuracy"]]
-
-
-def _with_reference(means, errors, mask, ref, model):
-    """Interleave a "press (paper)" row under each of our presses that the reference has for ``model``."""
-    rows = ref[ref["model"] == model]
-    if rows.empty:
-        return means, errors, mask
-    out_means, out_errors, out_mask = [], [], []
-    for press in means.index:
-        out_means.append(means.loc[[press]])
-        out_errors.append(errors.loc[[press]])
-        out_mask.append(mask.loc[[press]])
-        published = rows[rows["press"] == press]
-        if published.empty:
-            continue
-        line = pd.DataFrame(index=[f"{press} (paper)"], columns=means.columns, dtype=float)
-        for r in published.itertuples():
-            for column in means.columns:
-                if column[0] == r.dataset and (pd.isna(r.budget) or column[1] == r.budget):
-                    line.loc[line.index[0], column] = r.accuracy
-        out_means.append(line)
-        out_errors.append(pd.DataFrame(0.0, index=line.index, columns=means.columns))
-        out_mask.append(pd.DataFrame(False, index=line.index, columns=means.columns))
-    result = pd.concat(out_means)
-    result.attrs = means.attrs
-    return result, pd.concat(out_errors), pd.concat(out_mask)
-
-
-# --- plots -----------------------------------------------------------------------------------------------------
-
-def plot(store: str | Path, directory: str | Path) -> list[Path]:
-    """PNGs per model and dataset: accuracy and output length vs budget, fidelity vs budget, attention-loss heatmaps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-
-    df = load(store)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    written = plot_fidelity(df, directory)
-    generated = df[df["kind"] != "fidelity"]
-    if generated.empty:
-        return written
-    acc, tokens = aggregate(generated, "accuracy"), aggregate(generated, "output_tokens")
-    for (model, dataset), _ in generated.groupby(["model", "dataset_label"]):
-        written.append(_plot_vs_budget(directory / f"{_slug(model)}__{_slug(dataset)}.png", f"{model} on {dataset}",
-                                       [(acc, "accuracy %"), (tokens, "mean output tokens")], model, dataset))
-    return written + plot_attention_loss(generated, directory)
-
-
-def plot_fidelity(df: pd.DataFrame, directory: Path) -> list[Path]:
-    """Per model and dataset: KL(full || press) and top-1 agreement vs budget, one line per press."""
-    replays = df[df["kind"] == "fidelity"]
-    if replays.empty:
-        return []
-    panels = [(aggregate(replays, "kl"), "KL(full || press) per token"),
-              (aggregate(replays, "top1_agreement"), "top-1 agreement %")]
-    return [_plot_vs_budget(directory / f"fidelity__{_slug(model)}__{_slug(dataset)}.png",
-                            f"{model} on {dataset}: teacher-forced fidelity against the full cache", panels, model,
-                            dataset)
-            for (model, dataset), _ in replays.groupby(["model", "dataset_label"])]
-
-
-def _plot_vs_budget(path: Path, title: str, panels: list, model: str, dataset: str) -> Path:
-    """One panel per (long table, label): a line per press against budget; the full cache as a dashed line."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (long, label) in zip(axes[0], panels):
-        part = long[(long["model"] == model) & (long["dataset_label"] == dataset)]
-        for press, rows in part.groupby("press_label"):
-            if rows["budget"].isna().all():
-                ax.axhline(rows["mean"].iloc[0], color="black", linestyle="--", label=press)
-                continue
-            rows = rows[rows["budget"].notna()].sort_values("budget")
-            ax.errorbar(rows["budget"].astype(int), rows["mean"], yerr=rows["se"], marker="o", capsize=3,
-                        label=press)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("budget (KV entries per layer per head)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_attention_loss(df: pd.DataFrame, directory: Path) -> list[Path]:
-    """Per model, dataset and budget: attention-loss heatmaps (layer x decoding step), one panel per press."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    measured = df[df["attention_loss_profile"].notna() & df["budget"].notna()]
-    written = []
-    for (model, dataset, budget), part in measured.groupby(["model", "dataset_label", "budget"]):
-        presses = sorted(set(part["press_label"]))
-        fig, axes = plt.subplots(1, len(presses), figsize=(3.2 * len(presses) + 1, 3.6), squeeze=False)
-        for ax, press in zip(axes[0], presses):
-            profiles = [json.loads(p) for p in part[part["press_label"] == press]["attention_loss_profile"]]
-            grid = np.array([[np.nan if v is None else v for v in layer] for p in profiles for layer in p["heatmap"]],
-                            dtype=float).reshape(len(profiles), len(profiles[0]["heatmap"]), -1)
-            reached = ~np.isnan(grid).all(axis=(0, 1))
-            grid = grid[:, :, : int(reached.nonzero()[0].max()) + 1] if reached.any() else grid[:, :, :1]
-            with np.errstate(all="ignore"), warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # bins some examples never reached
-                mean = np.nanmean(grid, axis=0) * 100
-            image = ax.imshow(mean, aspect="auto", origin="lower", vmin=0, vmax=100, cmap="magma",
-                              extent=(0, grid.shape[2] * profiles[0]["bin_steps"], 0, grid.shape[1]))
-            ax.set_title(press, fontsize=9)
-            ax.set_xlabel("decoding step")
-        axes[0][0].set_ylabel("layer")
-        fig.colorbar(image, ax=axes[0].tolist(), label="attention loss %")
-        fig.suptitle(f"{model} on {dataset}, budget {int(budget)}", fontsize=10)
-        path = directory / f"attention_loss__{_slug(model)}__{_slug(dataset)}__b{int(budget)}.png"
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
-def _slug(text: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)
+RENDERERS = {"markdown": _markdown, "latex": _latex, "terminal": _terminal}

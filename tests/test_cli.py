@@ -134,7 +134,8 @@ def test_batched_run_stores_the_same_rows_as_batch_one(tmp_path):
 def test_run_measures_attention_loss_into_the_store_and_report(tmp_path):
     import json
 
-    from kvbench.report import plot, render
+    from kvbench.plots import plot
+    from kvbench.report import render
 
     config = RunConfig(model="tiny-llama", presses=("full", "h2o"), budgets=(16,), num_samples=2,
                        max_new_tokens=20, store=str(tmp_path / "s"), measure=("attention-loss",))

@@ -137,13 +137,13 @@ def test_hott_snapkv_d_decodes_with_the_current_query_and_protects_the_last_cach
 def test_hott_rkv_keeps_the_most_redundant_keys_where_rkv_keeps_the_least():
     copy, unique, window = [1., 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1]
     keys = torch.tensor([copy, copy, copy, unique, window]).view(1, 1, 5, 4)
-    uniform = torch.full((5,), 0.2)
     args = {"window_size": "1", "buffer": "2"}
     fork = make_press("hott-rkv", args).score(view_of([0, 1, 2, 3, 4], keys=keys, state={STATE: torch.zeros(5)},
-                                                      attention=uniform))
+                                                      attention=torch.full((5,), 0.2)))
     kept = {p for p in range(5) if fork[0, 0, p] > -torch.inf}
     assert 3 not in kept and 4 in kept and len(kept) == 3  # the unique key goes, two copies stay
-    fixed = make_press("hott-rkv-fixed", args).score(view_of([0, 1, 2, 3, 4], keys=keys, attention=uniform))[0, 0]
+    zero_query = QueryWindow(torch.zeros(1, 1, 1, 4), torch.tensor([[4]]), torch.ones(1, 1, dtype=torch.bool), 1.0)
+    fixed = make_press("hott-rkv-fixed", args).score(view_of([0, 1, 2, 3, 4], keys=keys, window=zero_query))[0, 0]
     # R-KV's sign: the unique key outranks the older copies (the latest copy is exempt, as in R-KV)
     assert fixed[3] > fixed[0] and fixed[3] > fixed[1] and fixed[3] >= fixed[2]
 

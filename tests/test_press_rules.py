@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kvbench.engine.cache import SlotView, lowest_slots, rank_slots
+from kvbench.engine.cache import QueryWindow, SlotView, lowest_slots, rank_slots
 from kvbench.presses import make_press
 
 POSITIONS = [5, 0, 7, 2, 1, 6, 3, 4]  # physical slot -> token position
@@ -21,6 +21,9 @@ def view_of(keys=None, attention=None, state=None, budget=5, seed=0):
         state={k: torch.tensor(v, dtype=torch.float32).view(1, 1, s) for k, v in (state or {}).items()},
         query_position=torch.tensor([7]), budget=budget,
         seeds=torch.tensor([seed]),
+        # a query window whose one (zero) query attends uniformly, for presses that compute their own logits
+        window=QueryWindow(torch.zeros(1, 1, 1, keys.shape[-1]), torch.tensor([[7]]), torch.ones(1, 1, dtype=bool),
+                           1.0),
     )
 
 
@@ -44,6 +47,13 @@ def test_knorm_keeps_lowest_key_norms():
     assert kept(make_press("knorm"), view_of(keys=keys)) == {1, 3, 5, 7, 6}
     # with protection, the sink and the newest two are kept first
     assert kept(make_press("knorm", {"n_sink": "1", "recent_window": "2"}), view_of(keys=keys)) == {0, 6, 7, 1, 3}
+
+
+def test_knorm_rounding_is_relative_so_small_norms_stay_apart():
+    norms = {0: 3e-4, 1: 1e-4, 2: 2e-4, 3: 5.0, 4: 5.0 * (1 + 2**-20), 5: 6.0, 6: 7.0, 7: 8.0}
+    keys = by_position({p: [n, 0.0] for p, n in norms.items()})
+    # 1e-4 and 2e-4 both round to 0 at an absolute 2^-12; 5 and 5(1 + 2^-20) are float noise: a tie, newest kept
+    assert kept(make_press("knorm"), view_of(keys=keys), budget=4) == {1, 2, 0, 4}
 
 
 def test_h2o_keeps_heavy_hitters_and_recent_window():
@@ -75,6 +85,34 @@ def test_snapkv_d_pooling_spreads_attention_to_neighbours():
     press = make_press("snapkv-d", {"window_size": "1", "kernel_size": "3", "pooling": "max"})
     # max-pooling with kernel 3 over token order gives positions 2, 3, 4 the peak
     assert kept(press, view_of(attention=attention), budget=4) == {7, 2, 3, 4}
+
+
+def test_snapkv_d_pools_the_scored_prefix_only():
+    """As SnapKV's code: the window's attention does not leak into its neighbours through the pooling."""
+    attention = by_position({0: 0.1, 1: 0.0, 2: 0.05, 3: 0.0, 4: 0.0, 5: 0.9, 6: 0.0, 7: 0.0})
+    press = make_press("snapkv-d", {"window_size": "3", "kernel_size": "3"})
+    # prefix 0-4 pooled with zero padding counted: 0 -> .1/3, 1 -> .15/3, 2 -> .05/3, 3 -> .05/3, 4 -> 0
+    assert kept(press, view_of(attention=attention)) == {5, 6, 7, 1, 0}
+
+
+def test_rkv_importance_follows_rkvs_code():
+    """Group-max logits of each window query, softmax over the keys before the window, mean over the window."""
+    from kvbench.presses.rkv import window_importance
+
+    generator = torch.Generator().manual_seed(3)
+    keys, queries = torch.randn(1, 2, 8, 4, generator=generator), torch.randn(1, 4, 3, 4, generator=generator)
+    positions = torch.tensor(POSITIONS).expand(1, 2, 8)
+    view = SlotView(keys=keys, values=keys, positions=positions, valid=torch.ones(1, 2, 8, dtype=torch.bool),
+                    state={}, query_position=torch.tensor([7]), budget=5,
+                    window=QueryWindow(queries, torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.bool), 0.5))
+    prefix = positions < 5
+    ours = window_importance(view, prefix)
+    for head in range(2):
+        older = [s for s in range(8) if POSITIONS[s] < 5]
+        logits = torch.stack([queries[0, g] @ keys[0, head, older].T * 0.5 for g in (2 * head, 2 * head + 1)])
+        expected = torch.softmax(logits.amax(dim=0), dim=-1).mean(dim=0)  # [window, older] -> [older]
+        torch.testing.assert_close(ours[0, head, older], expected)
+        assert float(ours[0, head, [s for s in range(8) if s not in older]].abs().sum()) == 0.0
 
 
 def test_tova_keeps_most_attended_by_current_query():

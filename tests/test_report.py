@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 
 from kvbench.errors import KvbenchError
-from kvbench.report import aggregate, load, load_reference, plot, render
+from kvbench.plots import plot
+from kvbench.references import load_reference
+from kvbench.report import aggregate, load, render
 from tests.synthetic_store import build, row
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -77,6 +79,33 @@ def test_hott_reference_rows(tmp_path):
     assert "| h2o (paper) |" in text
     with pytest.raises(KvbenchError, match="unknown --reference"):
         render(tmp_path / "r", reference="nope")
+
+
+def test_hott_reference_sits_beside_the_rows_that_run_the_papers_code(tmp_path):
+    from kvbench.store import ResultStore
+
+    model = "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"
+    cases = [("full", None, "hott"), ("full", None, None), ("hott-h2o", 128, "hott"), ("h2o", 128, None),
+             ("hott-h2o-fixed", 128, None), ("hott-h2o", 128, "kvbench"), ("hott-snapkv-d", 128, "hott-sampling")]
+    rows = [row(p, (), b, "gsm8k", i, 1, model=model, protocol=protocol, run_key=f"{p}{b}{protocol}")
+            for p, b, protocol in cases for i in range(2)]
+    ResultStore(tmp_path / "r").append(rows)
+    lines = render(tmp_path / "r", fmt="markdown", reference="hott").splitlines()
+    labels = [line.split("|")[1].strip() for line in lines if line.startswith("| ") and not line.startswith("| press")]
+    assert labels[labels.index("hott-h2o [hott]") + 1] == "h2o (paper)"
+    assert labels[labels.index("full [hott]") + 1] == "full (paper)"
+    # no row runs the fork's SnapKV under its greedy protocol: the published row goes after ours
+    assert labels[labels.index("hott-snapkv-d [hott-sampling]") + 1] != "snapkv-d (paper)"
+    assert "snapkv-d (paper)" in labels[-5:] and "shadowkv (paper)" in labels[-5:]
+    notes = "\n".join(line for line in lines if line.startswith("- "))
+    assert "- hott-h2o [hott]: comparable to h2o (paper)" in notes
+    assert "- h2o: not comparable to h2o (paper): standard H2O" in notes and "kvbench protocol" in notes
+    assert "- hott-h2o-fixed: not comparable" in notes and "defects fixed" in notes
+    assert "hott-snapkv-d [hott-sampling]: not comparable" in notes and "states greedy" in notes
+    csv = render(tmp_path / "r", fmt="csv", reference="hott")
+    assert sum(1 for line in csv.splitlines()[1:] if line.split(",")[-2]) == 2  # full [hott] and hott-h2o [hott]
+    with pytest.raises(KvbenchError, match="publishes accuracies"):
+        render(tmp_path / "r", metric="output_tokens", reference="hott")
 
 
 def test_plots_are_written(store, tmp_path):

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -169,3 +170,26 @@ def test_shipped_grids_validate(monkeypatch):
     runs = read_grid(root / "grids" / "paper.csv")
     assert len(runs) == 4 * 8 * (1 + 5 * 4)
     assert {r.config.max_new_tokens for r in runs} == {2048} and {r.config.num_samples for r in runs} == {100}
+
+
+@pytest.mark.parametrize(("grid", "protocol", "presses"), [
+    ("paper.csv", "kvbench", {"full", "hott-h2o-fixed", "knorm", "hott-rkv-fixed", "hott-snapkv-d-fixed",
+                              "streaming_llm"}),
+    ("paper-hott.csv", "hott", {"full", "hott-h2o", "knorm", "hott-rkv", "hott-snapkv-d", "hott-streaming_llm"}),
+])
+def test_paper_grids_validate(monkeypatch, tmp_path, grid, protocol, presses):
+    """The paper's settings: 4 models x 8 datasets x (full + 5 presses x 4 budgets), 100 questions, 2048 tokens."""
+    from kvbench.references import RowIdentity, comparable
+    from tests.test_tasks import SHARED_DATA
+
+    if not SHARED_DATA.is_dir():
+        pytest.skip("the local copies live in ../shared/data")
+    monkeypatch.setenv("KVBENCH_DATA_DIR", str(SHARED_DATA))
+    runs = read_grid(Path(__file__).parents[1] / "grids" / grid, store=str(tmp_path))
+    configs = [r.config for r in runs]
+    assert len(configs) == 4 * 8 * (1 + 5 * 4) == 672
+    assert {c.protocol for c in configs} == {protocol} and {c.presses[0] for c in configs} == presses
+    assert {(c.num_samples, c.max_new_tokens, c.temperature) for c in configs} == {(100, 2048, None)}
+    matched = {comparable(RowIdentity(p, True, protocol)) for p in presses}
+    papers = {"full", "h2o", "knorm", "rkv", "snapkv-d", "streaming_llm"}
+    assert matched == ({None} if protocol == "kvbench" else papers)

@@ -19,7 +19,8 @@ def report(
                                "--store` (the latest run of each configuration) instead."),
 ) -> None:
     """Tables in the paper's layout (press x dataset x budget, Avg., Δ vs full), and plots."""
-    from kvbench.report import plot, render
+    from kvbench.plots import plot
+    from kvbench.report import render
 
     if bench:
         from kvbench import bench as bench_results

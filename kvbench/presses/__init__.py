@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 
 from kvbench.errors import KvbenchError
@@ -157,6 +158,7 @@ def _convert(press: str, key: str, raw: str, kind: type):
         raise PressError(f"press {press!r}: {key}={raw!r} is not a valid {kind.__name__}") from None
 
 
+@functools.cache
 def _field_docs(cls: type) -> dict[str, str]:
     """Collect ``#:`` comments written above dataclass fields, walking the class hierarchy."""
     import inspect

@@ -94,29 +94,41 @@ class Press:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def recent_positions(view: SlotView, recent: int) -> torch.Tensor:
+    """[N, H, S]: the slots among each row's ``recent`` newest positions (the query's own included)."""
+    return view.positions > view.query_position[:, None, None] - recent
+
+
 def protect(scores: torch.Tensor, view: SlotView, n_sink: int = 0, recent: int = 0) -> torch.Tensor:
     """Give ``+inf`` to the first ``n_sink`` positions and to the ``recent`` most recent positions."""
     keep = torch.zeros_like(view.valid)
     if n_sink > 0:
         keep |= view.positions < n_sink
     if recent > 0:
-        keep |= view.positions > view.query_position[:, None, None] - recent
+        keep |= recent_positions(view, recent)
     return scores.masked_fill(keep, INF)
 
 
-def pool_by_position(scores: torch.Tensor, view: SlotView, kernel_size: int, mode: str = "avg") -> torch.Tensor:
-    """1-D pooling of per-slot scores along token order (slots are stored in arbitrary order)."""
+def pool_by_position(scores: torch.Tensor, view: SlotView, kernel_size: int, mode: str = "avg",
+                     among: torch.Tensor | None = None, count_padding: bool = False) -> torch.Tensor:
+    """1-D pooling of per-slot scores along token order (slots are stored in arbitrary order).
+
+    Pools over the slots ``among`` (default: the valid ones), others counting as zeros beyond the sequence's end.
+    ``count_padding`` averages over the whole kernel, zero padding included (``avg_pool1d``'s default, as in
+    SnapKV's and R-KV's code); otherwise over the positions inside the sequence only.
+    """
     if kernel_size <= 1:
         return scores
-    order = view.positions.masked_fill(~view.valid, torch.iinfo(torch.long).max).argsort(dim=-1)
-    ordered = scores.gather(-1, order).masked_fill(~view.valid.gather(-1, order), 0.0)
+    members = view.valid if among is None else among
+    order = view.positions.masked_fill(~members, torch.iinfo(torch.long).max).argsort(dim=-1)
+    ordered = scores.gather(-1, order).masked_fill(~members.gather(-1, order), 0.0)
     b, h, s = ordered.shape
     flat = ordered.reshape(b * h, 1, s)
     pad = kernel_size // 2
     if mode == "max":
         pooled = F.max_pool1d(flat, kernel_size, stride=1, padding=pad)
     elif mode == "avg":
-        pooled = F.avg_pool1d(flat, kernel_size, stride=1, padding=pad, count_include_pad=False)
+        pooled = F.avg_pool1d(flat, kernel_size, stride=1, padding=pad, count_include_pad=count_padding)
     else:
         raise ValueError(f"pooling must be 'avg' or 'max', got {mode!r}")
     pooled = pooled[..., :s].reshape(b, h, s)

@@ -12,7 +12,7 @@ class KNormPress(Press):
     name = "knorm"
     summary = "lowest key L2 norm"
     source = "Devoto et al. 2024, arXiv 2406.11430"
-    revision = 2  # norms rounded to 2^-12 (batch-invariant ties)
+    revision = 3  # norms rounded to 16 significant bits (2: to an absolute 2^-12, which tied small norms)
 
     #: First tokens always kept. 0 = no protection, as in Devoto et al., kvpress and the paper.
     n_sink: int = 0
@@ -20,7 +20,9 @@ class KNormPress(Press):
     recent_window: int = 0
 
     def score(self, view) -> torch.Tensor:
-        # RoPE preserves norms, so a repeated token's keys tie exactly in the first layer. Rounding to 2^-12 makes
-        # float noise (which differs between batch shapes) a tie too, and ties go to the newest entry.
-        norms = torch.round(view.keys.float().norm(dim=-1) * 4096) / 4096
+        # RoPE preserves norms, so a repeated token's keys tie exactly in the first layer. Rounding to 16 significant
+        # bits makes float noise (which differs between batch shapes) a tie too, and ties go to the newest entry;
+        # a relative quantum keeps small norms, the ones kept, apart.
+        mantissa, exponent = torch.frexp(view.keys.float().norm(dim=-1))
+        norms = torch.ldexp(torch.round(mantissa * 2**16) / 2**16, exponent)
         return protect(-norms, view, n_sink=self.n_sink, recent=self.recent_window)

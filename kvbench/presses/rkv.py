@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.presses.base import Press, pool_by_position, protect
+from kvbench.presses.base import Press, pool_by_position, protect, recent_positions
 
 
 @dataclass
@@ -10,14 +10,19 @@ class RKVPress(Press):
     """R-KV: importance (attention of recent queries) minus redundancy (key cosine similarity), buffered.
 
     score = mix_lambda * importance - (1 - mix_lambda) * redundancy; higher = keep, so the *least*
-    redundant keys survive (the paper's harness had the sign reversed). For each key, the most recent
-    of the keys very similar to it (cosine > ``threshold``) does not count against it, so the latest copy
-    of a repeated pattern is kept.
+    redundant keys survive (the paper's harness had the sign reversed). Importance follows R-KV's code: each
+    window query's logits, the maximum over its GQA group, softmaxed over the keys before the window, averaged
+    over the window and max-pooled along the sequence. For each key, the most recent of the keys very similar
+    to it (cosine > ``threshold``) does not count against it, so the latest copy of a repeated pattern is kept;
+    R-KV's code also zeroes column 0 for a key with no similar key, which this press does not.
     """
 
     name = "rkv"
     summary = "importance - redundancy (key cosine similarity), buffered"
     source = "Cai et al. 2025, arXiv 2505.24133"
+    revision = 2  # importance from group-max logits softmaxed over the pre-window keys (1: max of probabilities)
+    #: Importance is computed from the window's queries here, not from ``view.attention``.
+    reads_whole_window = False
 
     #: Compress every 128 new tokens (R-KV's buffer).
     buffer: int = 128
@@ -36,12 +41,39 @@ class RKVPress(Press):
     def query_window(self) -> int:
         return self.window_size
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.window_size < 1 or self.kernel_size < 1:
+            raise ValueError(f"rkv: window_size and kernel_size must be >= 1, got {self.window_size}, "
+                             f"{self.kernel_size}")
+        if not (0.0 <= self.mix_lambda <= 1.0 and -1.0 <= self.threshold <= 1.0):
+            raise ValueError(f"rkv: mix_lambda must be in [0, 1] and threshold in [-1, 1], got {self.mix_lambda}, "
+                             f"{self.threshold}")
+        if self.gqa not in ("mean", "max"):
+            raise ValueError(f"rkv: gqa must be 'mean' or 'max', got {self.gqa!r}")
+
     def score(self, view) -> torch.Tensor:
-        importance = pool_by_position(view.attention(gqa=self.gqa), view, self.kernel_size, "max")
+        prefix = view.valid & ~recent_positions(view, self.window_size)
+        importance = pool_by_position(window_importance(view, prefix, self.gqa), view, self.kernel_size, "max",
+                                      among=prefix)
         return protect(
             self.mix_lambda * importance - (1 - self.mix_lambda) * redundancy(view, self.threshold),
             view, recent=self.window_size,
         )
+
+
+def window_importance(view, prefix: torch.Tensor, gqa: str = "max") -> torch.Tensor:
+    """[N, H, S]: each window query's logits, reduced over its GQA group, softmaxed over the ``prefix`` keys (all
+    older than every window query, so no causal mask is needed), averaged over the valid window queries."""
+    window = view.window
+    n, hq, w, d = window.queries.shape
+    h = view.keys.shape[1]
+    queries = window.queries.float().view(n, h, hq // h, w, d)
+    logits = torch.einsum("nhgwd,nhsd->nhgws", queries, view.keys.float()) * window.scaling
+    logits = logits.amax(dim=2) if gqa == "max" else logits.mean(dim=2)
+    probs = torch.softmax(logits.masked_fill(~prefix[:, :, None, :], -torch.inf), dim=-1).nan_to_num(0.0)
+    probs = probs * window.valid[:, None, :, None]
+    return probs.sum(dim=2) / window.valid.sum(dim=-1).clamp(min=1)[:, None, None]
 
 
 def redundancy(view, threshold: float) -> torch.Tensor:

@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.presses.base import Press, pool_by_position, protect
+from kvbench.presses.base import Press, pool_by_position, protect, recent_positions
 
 
 @dataclass
@@ -10,15 +10,18 @@ class SnapKVDecodingPress(Press):
     """SnapKV applied at every compression during decoding (the paper's SnapKV-D).
 
     Scores are the mean attention of the last ``window_size`` queries (each kept post-RoPE with its own
-    position), pooled along the sequence; the last ``window_size`` tokens are protected.
+    position), pooled along the sequence over the tokens before the window (zero padding counted, as SnapKV's
+    ``avg_pool1d``); the last ``window_size`` tokens are protected. GQA: the group's mean (kvpress), where
+    SnapKV's code selects per query head.
     """
 
     name = "snapkv-d"
     summary = "attention of a window of recent queries, pooled; window protected"
     source = "Li et al. 2024, arXiv 2404.14469; decoding variant: the paper, arXiv 2512.12008"
+    revision = 2  # pools the scored prefix only, zero padding counted (1: every slot, padding not counted)
 
-    #: Observation window (recent queries) and protected recent tokens. SnapKV's code and kvpress use 64;
-    #: 32 keeps the window a minority of small budgets. Set 64 to match the paper's harness.
+    #: Observation window (recent queries) and protected recent tokens: 32, SnapKV's runtime default
+    #: (``init_snapkv``) and its LongBench configs; its class default and kvpress use 64 (hott-snapkv-d-fixed).
     window_size: int = 32
     #: Pooling kernel over token order (5 in SnapKV's code and kvpress).
     kernel_size: int = 5
@@ -29,13 +32,19 @@ class SnapKVDecodingPress(Press):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.window_size < 1:
-            raise ValueError(f"snapkv-d: window_size must be >= 1, got {self.window_size}")
+        if self.window_size < 1 or self.kernel_size < 1:
+            raise ValueError(f"{self.name}: window_size and kernel_size must be >= 1, got {self.window_size}, "
+                             f"{self.kernel_size}")
+        if self.pooling not in ("avg", "max") or self.gqa not in ("mean", "max"):
+            raise ValueError(f"{self.name}: pooling must be 'avg' or 'max' and gqa 'mean' or 'max', got "
+                             f"{self.pooling!r}, {self.gqa!r}")
 
     @property
     def query_window(self) -> int:
         return self.window_size
 
     def score(self, view) -> torch.Tensor:
-        scores = pool_by_position(view.attention(gqa=self.gqa), view, self.kernel_size, self.pooling)
+        prefix = view.valid & ~recent_positions(view, self.window_size)
+        scores = pool_by_position(view.attention(gqa=self.gqa), view, self.kernel_size, self.pooling, among=prefix,
+                                  count_padding=True)
         return protect(scores, view, recent=self.window_size)
