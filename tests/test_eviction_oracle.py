@@ -16,6 +16,7 @@ CASES = [(name, TEST_ARGS.get(name, {})) for name in ALL_PRESSES if name not in 
     ("tova", {"per_head": "true"}),
     ("knorm", {"n_sink": "2", "recent_window": "3"}),
     ("streaming_llm", {"buffer": "3"}),
+    ("scope", {"scoring": "current", "buffer": "1"}),  # SCOPE's slide
 ]
 
 

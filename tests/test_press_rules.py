@@ -115,6 +115,18 @@ def test_rkv_importance_follows_rkvs_code():
         assert float(ours[0, head, [s for s in range(8) if s not in older]].abs().sum()) == 0.0
 
 
+def test_scope_slide_ranks_generated_tokens_by_the_current_query():
+    """scoring=current (SCOPE's code): the reasoning is re-selected by the current query's attention, whatever
+    was accumulated; the pinned prompt stays and the rest of the prompt goes first."""
+    view = view_of(attention=by_position({0: 0, 1: 0, 2: 0, 3: .5, 4: .1, 5: .3, 6: .2, 7: .0}),
+                   state={"accumulated": by_position({0: 9, 1: 9, 2: 9, 3: 0, 4: 9, 5: 0, 6: 9, 7: 9}),
+                          "pinned": by_position({0: 1, 1: 0, 2: 1, 3: 0, 4: 0, 5: 0, 6: 0, 7: 0})})
+    view.prompt_length, view.step = torch.tensor([3]), 5
+    args = {"prefill_budget": "2", "recent_ratio": "0"}
+    assert kept(make_press("scope", {**args, "scoring": "current"}), view) == {0, 2, 3, 5, 6}
+    assert kept(make_press("scope", args), view) == {0, 2, 4, 6, 7}
+
+
 def test_tova_keeps_most_attended_by_current_query():
     attention = by_position({0: 0.4, 1: 0.0, 2: 0.1, 3: 0.0, 4: 0.2, 5: 0.0, 6: 0.0, 7: 0.3})
     assert kept(make_press("tova"), view_of(attention=attention), budget=3) == {0, 7, 4}

@@ -13,10 +13,13 @@ class SCOPEPress(Press):
     Prefill: the prompt's best ``prefill_budget`` tokens, by the attention the prompt's own queries gave them
     (H2O's prefill, one of SCOPE's prefill methods) with the last ``recent_ratio`` of them protected, are
     pinned for the whole run; the rest of the prompt goes first. Decoding: the generated tokens share what
-    the pinned prompt leaves of the budget, re-selected every ``buffer`` steps by their accumulated
-    attention, the most recent ``recent_ratio`` of the decoding budget protected. ``buffer=1`` is SCOPE's
-    "slide" strategy; a larger one its "discontinuous" one. SCOPE's code scores decoding tokens by the current
-    query's attention; accumulated attention (as in its paper's heavy hitters) is steadier between re-selections.
+    the pinned prompt leaves of the budget, re-selected every ``buffer`` steps, the most recent ``recent_ratio``
+    of the decoding budget protected. SCOPE's code scores decoding tokens by the current query's attention
+    (``scoring=current``; with ``buffer=1`` that is its "slide" strategy, with a larger buffer its
+    "discontinuous" one, whose budget SCOPE also grows, here fixed). The default, ``scoring=accumulated``, ranks
+    by the attention accumulated since each token was written (its paper's heavy hitters): steadier between
+    re-selections, and not SCOPE's code. SCOPE budgets the prompt and the decoding separately (2048 and
+    512-1024 tokens in its scripts); here one budget is split.
     """
 
     name = "scope"
@@ -32,6 +35,8 @@ class SCOPEPress(Press):
     recent_ratio: float = 0.25
     #: How the query heads of a GQA group are combined: mean or max.
     gqa: str = "mean"
+    #: Decoding scores: accumulated attention, or the current query's attention (SCOPE's code).
+    scoring: str = "accumulated"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -39,6 +44,9 @@ class SCOPEPress(Press):
             raise ValueError(f"scope: prefill_budget must be >= 0 (0 = half the budget), got {self.prefill_budget}")
         if not 0.0 <= self.recent_ratio <= 1.0:
             raise ValueError(f"scope: recent_ratio must be in [0, 1], got {self.recent_ratio}")
+        if self.scoring not in ("accumulated", "current") or self.gqa not in ("mean", "max"):
+            raise ValueError(f"scope: scoring must be 'accumulated' or 'current' and gqa 'mean' or 'max', got "
+                             f"{self.scoring!r}, {self.gqa!r}")
 
     def prompt_budget(self, budget: int) -> int:
         return self.prefill_budget or budget // 2
@@ -51,7 +59,11 @@ class SCOPEPress(Press):
 
     @property
     def accumulates_attention(self) -> bool:
-        return True
+        return True  # the prefill's attention pins the prompt
+
+    @property
+    def query_window(self) -> int:
+        return 1 if self.scoring == "current" else 0
 
     def observe(self, view, attention: torch.Tensor) -> None:
         view.state["accumulated"] += attention
@@ -78,5 +90,6 @@ class SCOPEPress(Press):
         decoding_budget = view.budget - self.prompt_budget(view.budget)
         recent = view.positions > view.query_position[:, None, None] - int(self.recent_ratio * decoding_budget)
         generated = view.positions >= view.prompt_length[:, None, None]
-        scores = view.state["accumulated"].masked_fill(generated & recent, INF)
+        ranked = view.state["accumulated"] if self.scoring == "accumulated" else view.attention(gqa=self.gqa)
+        scores = ranked.masked_fill(generated & recent, INF)
         return scores.masked_fill(~generated, -INF).masked_fill(pinned, INF)
