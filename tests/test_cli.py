@@ -68,7 +68,7 @@ def test_execute_returns_scored_cells(tmp_path):
     (["-p", "h2o", "-b", "8", "-d", "nope"], "unknown dataset 'nope'"),
     (["-p", "h2o", "-b", "8", "--model", "not-a-model"], "model 'not-a-model' not found"),
     (["-p", "h2o", "-b", "8", "-n", "0"], "--num-samples must be >= 1"),
-    (["-p", "rpc", "-b", "8", "-a", "buffer=8"], "rpc: buffer 8 must be below the budget 8"),
+    (["-p", "rpc", "-b", "8", "-a", "buffer=8", "-a", "schedule=budget"], "rpc: buffer 8 must be below the budget 8"),
     (["-p", "rpc", "-b", "8", "-a", "pooling=median"], "pooling must be 'avg' or 'max'"),
     (["-p", "scope", "-b", "8", "-a", "prefill_budget=8"], "scope: prefill_budget 8 must be below the budget 8"),
     (["-p", "adakv", "-b", "8"], "'adakv' is a wrapper: adakv:snapkv-d"),

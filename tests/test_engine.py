@@ -209,8 +209,10 @@ def test_multimodal_models_are_refused(tiny_llama):
 
 
 @pytest.mark.parametrize(("args", "interval"), [({"buffer": "4", "window_size": "5"}, 4), ({"window_size": "5"}, 6)])
-def test_rpc_keeps_the_prompt_and_never_holds_more_than_its_budget(tiny_llama, args, interval):
-    """RPC: the prompt and the query window's tokens stay; the cache cycles between budget - buffer and budget."""
+def test_rpc_budget_schedule_keeps_the_prompt_and_never_holds_more_than_its_budget(tiny_llama, args, interval):
+    """RPC, schedule=budget: the prompt and the query window's tokens stay; the cache cycles between budget -
+    buffer and budget."""
+    args = {**args, "schedule": "budget"}
     model, tokenizer = tiny_llama
     prompt = prompt_ids(tokenizer)[:12]
     budget, held = 24, []  # buffer 0 (default) = a quarter of the budget: 6
@@ -230,6 +232,43 @@ def test_rpc_keeps_the_prompt_and_never_holds_more_than_its_budget(tiny_llama, a
     assert out.evicted_tokens > 0
     assert min(held[12:]) == budget - interval and max(held) == budget - 1
     assert out.peak_kv_bytes == budget * 3 * 2 * (16 + 16) * 4
+
+
+def rpc_code_cache_lengths(prompt, steps, period, window, ratio):
+    """RPC's code by hand (qwen2_custom.py): before each decoding step's update, target = cache - prompt -
+    compressions * P/c - R; at target P - 1 the cache becomes prompt + (k + 1) P/c + R, else it grows by one."""
+    cache, compressions, lengths = prompt, 0, []
+    for _ in range(steps):
+        if cache - prompt - compressions * (period // ratio) - window == period - 1:
+            cache = prompt + (compressions + 1) * (period // ratio) + window
+            compressions += 1
+        else:
+            cache += 1
+        lengths.append(cache)
+    return lengths
+
+
+def test_rpc_growth_schedule_grows_the_kept_reasoning_as_its_code_does(tiny_llama):
+    model, tokenizer = tiny_llama
+    prompt = prompt_ids(tokenizer)[:12]
+    period, window, held = 16, 4, []  # P = 16, R = 4, c = 4: P/c = 4 more reasoning tokens per compression
+
+    def check(cache, step):
+        held.append(cache.entries(0))
+        newest = int(cache.query_position[0])
+        for layer_kept in cache.kept_positions(0):
+            for head_kept in layer_kept:
+                assert set(range(12)) | set(range(newest - window + 1, newest + 1)) <= head_kept
+                assert len(head_kept) == held[-1]  # the device holds what the host counts
+
+    out = generate(model, [prompt], make_press("rpc", {"window_size": str(window)}), period,
+                   GenerationSettings(max_new_tokens=90), on_step=check)[0]
+    assert held[1:] == rpc_code_cache_lengths(12, 89, period, window, 4)
+    # by hand: the 20th step brings 12 + 4 + 16 = 32 entries and compresses to 12 + 4 + 4 = 20; then 16 steps later
+    # 36 -> 12 + 8 + 4 = 24, then 40 -> 28: the kept reasoning grows by P/c = 4 at every compression
+    assert (held[19], held[20], held[35], held[36], held[51], held[52]) == (31, 20, 35, 24, 39, 28)
+    compressions = sum(1 for before, after in zip(held, held[1:]) if after < before)
+    assert compressions == 5 and out.evicted_tokens == compressions * (16 - 4)
 
 
 

@@ -17,6 +17,7 @@ CASES = [(name, TEST_ARGS.get(name, {})) for name in ALL_PRESSES if name not in 
     ("knorm", {"n_sink": "2", "recent_window": "3"}),
     ("streaming_llm", {"buffer": "3"}),
     ("scope", {"scoring": "current", "buffer": "1"}),  # SCOPE's slide
+    ("rpc", {"schedule": "budget", "window_size": "5"}),
 ]
 
 
@@ -34,8 +35,9 @@ def run_and_record(model, prompt, press, budget, n_new):
 def test_eviction_equals_masking(tiny, press_name, args, budget):
     model, tokenizer = tiny
     prompt = prompt_ids(tokenizer)[:30]
-    n_new = 36
-    out, kept = run_and_record(model, prompt, make_press(press_name, args), budget, n_new)
+    press = make_press(press_name, args)
+    n_new = budget + press.window_size + 12 if getattr(press, "grows", False) else 36  # RPC: budget = its period
+    out, kept = run_and_record(model, prompt, press, budget, n_new)
     assert out.evicted_tokens > 0, "the case must actually evict"
     tokens = prompt + out.tokens[:-1]
     cfg = model.config

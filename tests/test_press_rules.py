@@ -97,7 +97,7 @@ def test_snapkv_d_pools_the_scored_prefix_only():
 
 def test_rkv_importance_follows_rkvs_code():
     """Group-max logits of each window query, softmax over the keys before the window, mean over the window."""
-    from kvbench.presses.rkv import window_importance
+    from kvbench.presses.base import window_softmax
 
     generator = torch.Generator().manual_seed(3)
     keys, queries = torch.randn(1, 2, 8, 4, generator=generator), torch.randn(1, 4, 3, 4, generator=generator)
@@ -106,7 +106,7 @@ def test_rkv_importance_follows_rkvs_code():
                     state={}, query_position=torch.tensor([7]), budget=5,
                     window=QueryWindow(queries, torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.bool), 0.5))
     prefix = positions < 5
-    ours = window_importance(view, prefix)
+    ours = window_softmax(view, prefix, "max")
     for head in range(2):
         older = [s for s in range(8) if POSITIONS[s] < 5]
         logits = torch.stack([queries[0, g] @ keys[0, head, older].T * 0.5 for g in (2 * head, 2 * head + 1)])

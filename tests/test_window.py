@@ -13,7 +13,7 @@ from tests.conftest import prompt_ids
 
 # Presses whose compressions come more often than once per query window (the kept attention's condition).
 WINDOW_PRESSES = [("snapkv-d", None), ("snapkv-d", {"gqa": "max", "window_size": "4"}), ("rkv", {"buffer": "4"}),
-                  ("rpc", {"buffer": "3", "window_size": "6"})]
+                  ("rpc", {"schedule": "budget", "buffer": "3", "window_size": "6"})]
 
 
 @dataclass

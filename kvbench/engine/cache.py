@@ -320,6 +320,13 @@ class BudgetCache(DynamicCache):
         #: Entries a compression keeps and entries that trigger one (``budget`` and ``budget + buffer`` for most
         #: presses; a press bounded by its budget keeps less).
         self.budget, self.trigger = press.cadence(budget) if press.evicts and budget is not None else (None, None)
+        self.requested_budget = budget
+        #: Per sequence: (entries a compression keeps, entries that trigger one), from ``press.row_cadence``:
+        #: ``(budget, trigger)`` for every press but one whose schedule depends on the prompt and on the
+        #: compressions so far (RPC's growth). Set by the prefill.
+        self.row_keep: list[int | None] = []
+        self.row_trigger: list[int | None] = []
+        self.compressions = [0] * len(seeds)
         #: Entries each layer keeps per KV head on average at a compression; layers or heads keep different
         #: numbers under a press that ``allocates`` (PyramidKV, AdaKV), which then frees slots by rank.
         self.layer_keep = press.layer_budgets(self.budget, num_layers) if self.budget is not None else None
@@ -400,6 +407,9 @@ class BudgetCache(DynamicCache):
         self.query_position = positions[:, -1]
         if self.prompt_length is None:
             self.prompt_length = torch.tensor(valid_counts, device=positions.device)
+            self.prompt_counts = list(valid_counts)
+            for row in range(len(valid_counts)):
+                self._schedule(row)
         n_new = positions.shape[1]
         self.tokens_seen += n_new
         held = max(self.counts)
@@ -424,8 +434,8 @@ class BudgetCache(DynamicCache):
             most = max(max(bound) for bound in self.head_bound) if self.allocates else max(self.counts)
             self.used_after = min(self.capacity, max(self.used, most))
         if self.mode == "overflow":
-            trigger = self.trigger
-            self.keep_n = [self.budget if trigger is not None and c >= trigger else c for c in self.counts]
+            self.keep_n = [k if t is not None and c >= t else c
+                           for c, k, t in zip(self.counts, self.row_keep, self.row_trigger)]
             self.overflow_evicts = self.keep_n != self.counts
             if max(self.keep_n) > self.capacity:
                 raise RuntimeError(f"cache capacity {self.capacity} exceeded ({max(self.keep_n)} entries) "
@@ -457,7 +467,7 @@ class BudgetCache(DynamicCache):
             if self.mode == "slot" and self.kept_window is not None:
                 view = view or self.stacked_view()
                 self._update_kept_window(view)
-            if self.trigger is not None and max(self.counts) >= self.trigger:
+            if self.trigger is not None and any(c >= t for c, t in zip(self.counts, self.row_trigger)):
                 self._evict_in_place(view or self.stacked_view())
         self.used = self.used_after
         if self.retention_log is not None:
@@ -497,17 +507,37 @@ class BudgetCache(DynamicCache):
         else:
             self.evicted[row] += (self.counts[row] - keep) * len(self.layers)
         self.counts[row] = keep
+        self.compressions[row] += 1
+        self._schedule(row)
+
+    def _schedule(self, row: int) -> None:
+        """Sequence ``row``'s next (keep, trigger), after its compressions so far."""
+        if self.budget is None:
+            self.row_keep[row:row + 1], self.row_trigger[row:row + 1] = [None], [None]
+            return
+        keep, trigger = self.press.row_cadence(self.requested_budget, self.prompt_counts[row], self.compressions[row])
+        if row == len(self.row_keep):
+            self.row_keep.append(keep)
+            self.row_trigger.append(trigger)
+        else:
+            self.row_keep[row], self.row_trigger[row] = keep, trigger
 
     def _evict_in_place(self, view: SlotView) -> None:
         """Free the ``count - budget`` lowest-scored slots of each full sequence, per KV head, in every layer."""
-        budget, trigger = self.budget, self.trigger
-        full = tuple(c >= trigger for c in self.counts)
+        full = tuple(c >= t for c, t in zip(self.counts, self.row_trigger))
+        keeps = list(self.row_keep)
         scores = self.press.score(view).float().masked_fill(~view.valid, -torch.inf)
         if self.allocates:
             keep = self._layer_keep_rows(full)
             view.valid &= self.keep_mask(scores, view.positions, keep)
+        elif self.capacity > min(self.row_trigger):  # a growing schedule: sequences at their trigger hold free slots
+            keep = [k if f else self.capacity for k, f in zip(keeps, full)] * len(self.layers)
+            view.valid &= slot_ranks(scores, view.positions) < torch.tensor(keep, device=scores.device)[:, None, None]
         else:
-            n_evict = max(self.counts) - budget
+            surplus = {c - k for c, k, f in zip(self.counts, keeps, full) if f}
+            if len(surplus) != 1:
+                raise RuntimeError(f"sequences at their trigger would evict different numbers of entries: {surplus}")
+            n_evict = surplus.pop()
             lowest = lowest_slots(scores, view.positions, n_evict)  # [L*B, H, n]; full rows hold no free slot
             if all(full):
                 view.valid.scatter_(2, lowest, False)
@@ -518,7 +548,7 @@ class BudgetCache(DynamicCache):
                 self.kept_window.drop(lowest, None if all(full) else self._row_mask(full))
         for i, is_full in enumerate(full):
             if is_full:
-                self._compressed(i, budget)
+                self._compressed(i, keeps[i])
         self.heads_uniform = False
 
     def keep_mask(self, scores: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,11 @@ class Press:
         """(entries kept by a compression, entries held that trigger one) at ``budget``."""
         return budget, budget + self.buffer
 
+    def row_cadence(self, budget: int, prompt_length: int, compressions: int) -> tuple[int, int]:
+        """``cadence`` for a sequence with ``prompt_length`` prompt tokens after ``compressions`` compressions: the
+        same for every press but one whose schedule grows with the sequence (RPC's)."""
+        return self.cadence(budget)
+
     def capacity(self, budget: int, n_layers: int, n_heads: int) -> int:
         """Slots per KV head the cache allocates at ``budget``: the most one head may hold."""
         keep, trigger = self.cadence(budget)
@@ -133,3 +138,20 @@ def pool_by_position(scores: torch.Tensor, view: SlotView, kernel_size: int, mod
         raise ValueError(f"pooling must be 'avg' or 'max', got {mode!r}")
     pooled = pooled[..., :s].reshape(b, h, s)
     return torch.empty_like(scores).scatter_(-1, order, pooled)
+
+
+def window_softmax(view, prefix: torch.Tensor, gqa: str = "max") -> torch.Tensor:
+    """[N, H, S]: the window queries' attention over the ``prefix`` keys only (all older than every window query,
+    so no causal mask is needed), averaged over the valid window queries. ``gqa="max"``: softmax of the maximum
+    of the group's logits (R-KV's code); ``"mean"``: each query head's softmax, averaged over the group (RPC's)."""
+    window = view.window
+    n, hq, w, d = window.queries.shape
+    h = view.keys.shape[1]
+    queries = window.queries.float().view(n, h, hq // h, w, d)
+    logits = torch.einsum("nhgwd,nhsd->nhgws", queries, view.keys.float()) * window.scaling
+    masked = logits.masked_fill(~prefix[:, :, None, None, :], -torch.inf)
+    grouped = masked.amax(dim=2) if gqa == "max" else masked
+    probs = torch.softmax(grouped, dim=-1)
+    probs = probs if gqa == "max" else probs.mean(dim=2)
+    probs = probs.nan_to_num(0.0) * window.valid[:, None, :, None]
+    return probs.sum(dim=2) / window.valid.sum(dim=-1).clamp(min=1)[:, None, None]

@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.presses.base import Press, pool_by_position, protect, recent_positions
+from kvbench.presses.base import Press, pool_by_position, protect, recent_positions, window_softmax
 
 
 @dataclass
@@ -54,26 +54,12 @@ class RKVPress(Press):
 
     def score(self, view) -> torch.Tensor:
         prefix = view.valid & ~recent_positions(view, self.window_size)
-        importance = pool_by_position(window_importance(view, prefix, self.gqa), view, self.kernel_size, "max",
+        importance = pool_by_position(window_softmax(view, prefix, self.gqa), view, self.kernel_size, "max",
                                       among=prefix)
         return protect(
             self.mix_lambda * importance - (1 - self.mix_lambda) * redundancy(view, self.threshold),
             view, recent=self.window_size,
         )
-
-
-def window_importance(view, prefix: torch.Tensor, gqa: str = "max") -> torch.Tensor:
-    """[N, H, S]: each window query's logits, reduced over its GQA group, softmaxed over the ``prefix`` keys (all
-    older than every window query, so no causal mask is needed), averaged over the valid window queries."""
-    window = view.window
-    n, hq, w, d = window.queries.shape
-    h = view.keys.shape[1]
-    queries = window.queries.float().view(n, h, hq // h, w, d)
-    logits = torch.einsum("nhgwd,nhsd->nhgws", queries, view.keys.float()) * window.scaling
-    logits = logits.amax(dim=2) if gqa == "max" else logits.mean(dim=2)
-    probs = torch.softmax(logits.masked_fill(~prefix[:, :, None, :], -torch.inf), dim=-1).nan_to_num(0.0)
-    probs = probs * window.valid[:, None, :, None]
-    return probs.sum(dim=2) / window.valid.sum(dim=-1).clamp(min=1)[:, None, None]
 
 
 def redundancy(view, threshold: float) -> torch.Tensor:

@@ -3,26 +3,41 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.errors import KvbenchError
-from kvbench.presses.base import INF, Press, pool_by_position, protect
+from kvbench.presses.base import INF, Press, pool_by_position, protect, recent_positions, window_softmax
+
+_UNBOUNDED = 2**62
 
 
 @dataclass
 class RPCPress(Press):
     """Reasoning Path Compression: the prompt stays; the reasoning so far is periodically re-selected.
 
-    Every ``buffer`` generated tokens, the generated tokens are scored by the attention of the last
-    ``window_size`` queries (each kept post-RoPE with its own position), pooled along the sequence; the
-    prompt and the window's own tokens are kept. Unlike the other presses the cache is bounded by the budget
-    itself: a compression keeps ``budget - buffer`` entries, so the cache never holds more than ``budget``.
-    The attention is a softmax over every visible slot (RPC's code normalises over the selectable tokens only).
+    The reasoning tokens (after the prompt, before the last ``window_size``) are scored as RPC's code does: each
+    of the last ``window_size`` queries (post-RoPE, at its own position) softmaxed over those tokens only, summed,
+    averaged over all query heads (``aggregation=all``: one selection for every KV head) or over each KV head's
+    group (``group``), then average-pooled along the sequence (``kernel_size``, zero padding counted). The prompt
+    and the window's own tokens are kept.
+
+    ``schedule=growth`` (RPC's published schedule; its code's ``P``, ``R``, ``c``): ``--budget`` is the period
+    ``P``. No compression until ``P + R`` tokens have been generated; then every ``P`` tokens the reasoning is
+    re-selected down to ``(k + 1) * P / ratio`` tokens at the ``k``-th compression (k = 0, 1, ...): the kept
+    reasoning grows with the length, the cache is not bounded by a budget, and the prompt is never compressed.
+    ``schedule=budget`` (a kvbench variant, not RPC's): the cache holds at most ``budget`` entries, prompt
+    included; every ``buffer`` tokens (0 = a quarter of the budget) a compression keeps ``budget - buffer``; a
+    prompt longer than the budget is compressed like SnapKV at the prefill.
     """
 
     name = "rpc"
-    summary = "prompt kept; every `buffer` tokens the reasoning is re-selected by a recent query window"
+    summary = "prompt kept; every P tokens the reasoning is re-selected by the last R queries, growing at ratio 1/c"
     source = "Song et al. 2025, arXiv 2505.13866"
+    revision = 2  # published growth schedule by default; selector softmax over the reasoning tokens only
+    reads_whole_window = False
 
-    #: Generated tokens between two compressions (RPC's P); 0 = a quarter of the budget, so a compression
-    #: keeps three quarters of it.
+    #: growth: RPC's schedule (--budget = its period P); budget: bounded by the budget (a kvbench variant).
+    schedule: str = "growth"
+    #: growth: each compression keeps P / ratio more reasoning tokens than the last (RPC's c = 4).
+    ratio: int = 4
+    #: budget schedule: tokens between two compressions (0 = a quarter of the budget).
     buffer: int = 0
     #: Recent queries that score, and recent tokens kept (RPC's R = 32).
     window_size: int = 32
@@ -35,32 +50,58 @@ class RPCPress(Press):
     aggregation: str = "all"
 
     def __post_init__(self) -> None:
-        if self.buffer < 0:
-            raise ValueError(f"rpc: buffer must be >= 0 (0 = a quarter of the budget), got {self.buffer}")
-        if self.window_size < 1:
-            raise ValueError(f"rpc: window_size must be >= 1, got {self.window_size}")
+        if self.schedule not in ("growth", "budget"):
+            raise ValueError(f"rpc: schedule must be 'growth' or 'budget', got {self.schedule!r}")
+        if self.buffer < 0 or self.ratio < 1:
+            raise ValueError(f"rpc: buffer must be >= 0 and ratio >= 1, got {self.buffer}, {self.ratio}")
+        if self.window_size < 1 or self.kernel_size < 1:
+            raise ValueError(f"rpc: window_size and kernel_size must be >= 1, got {self.window_size}, "
+                             f"{self.kernel_size}")
         if self.pooling not in ("avg", "max"):
             raise ValueError(f"rpc: pooling must be 'avg' or 'max', got {self.pooling!r}")
         if self.aggregation not in ("all", "group"):
             raise ValueError(f"rpc: aggregation must be 'all' or 'group', got {self.aggregation!r}")
 
+    @property
+    def grows(self) -> bool:
+        return self.schedule == "growth"
+
     def cadence(self, budget: int) -> tuple[int, int]:
+        if self.grows:
+            if budget < self.ratio:
+                raise KvbenchError(f"rpc: the period {budget} (--budget) must be at least the ratio {self.ratio}")
+            return budget // self.ratio, budget  # nominal: each sequence follows ``row_cadence``
         interval = self.buffer or max(1, budget // 4)
         if interval >= budget:
             raise KvbenchError(f"rpc: buffer {interval} must be below the budget {budget} (the cache holds at most "
                                "the budget; a compression keeps budget - buffer)")
         return budget - interval, budget
 
+    def row_cadence(self, budget: int, prompt_length: int, compressions: int) -> tuple[int, int]:
+        """RPC's code: the ``k``-th compression comes when the cache holds prompt + k P/c + R + P entries and keeps
+        prompt + (k + 1) P/c + R."""
+        if not self.grows:
+            return self.cadence(budget)
+        kept = budget // self.ratio
+        base = prompt_length + compressions * kept + self.window_size
+        return base + kept, base + budget
+
+    def capacity(self, budget: int, n_layers: int, n_heads: int) -> int:
+        return _UNBOUNDED if self.grows else super().capacity(budget, n_layers, n_heads)
+
     @property
     def query_window(self) -> int:
         return self.window_size
 
     def score(self, view) -> torch.Tensor:
-        attention = view.attention(gqa="mean")
+        recent = recent_positions(view, self.window_size)
+        prompt = view.positions < view.prompt_length[:, None, None]
+        if view.step == 0:  # budget schedule, a prompt longer than the budget: compressed like SnapKV
+            prompt = torch.zeros_like(prompt)
+        reasoning = view.valid & ~prompt & ~recent
+        attention = window_softmax(view, reasoning, gqa="mean")
         if self.aggregation == "all":
             attention = attention.mean(dim=1, keepdim=True).expand_as(attention)
-        scores = protect(pool_by_position(attention, view, self.kernel_size, self.pooling), view,
-                         recent=self.window_size)
-        if view.step == 0:  # a prompt longer than the budget is compressed like SnapKV
-            return scores
-        return scores.masked_fill(view.positions < view.prompt_length[:, None, None], INF)
+        scores = pool_by_position(attention, view, self.kernel_size, self.pooling, among=reasoning,
+                                  count_padding=True)
+        return protect(scores, view, recent=self.window_size).masked_fill(prompt, INF)

@@ -24,6 +24,9 @@ class WrapperPress(Press):
                              "wrapped")
         if not self.inner.evicts:
             raise ValueError(f"{self.name}: the {self.inner.name!r} press does not evict; wrap a scoring press")
+        if getattr(self.inner, "grows", False):
+            raise ValueError(f"{self.name}: {self.inner.name!r} follows a schedule that grows with the sequence; "
+                             "wrap it with -a schedule=budget")
         # Instance attributes: the label, state and revision are the composition's.
         self.name = f"{type(self).name}:{self.inner.name}"
         self.state_names = self.inner.state_names
