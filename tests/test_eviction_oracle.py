@@ -216,15 +216,17 @@ def _attended(cache) -> list[list[set[int]]]:
     return out
 
 
+@pytest.mark.parametrize("generated", ["exact", "projected"])
 @pytest.mark.parametrize("budget", [19, 27])
-def test_shadowkv_attention_over_the_selected_tokens_equals_a_masked_forward(tiny, budget):
+def test_shadowkv_attention_over_the_selected_tokens_equals_a_masked_forward(tiny, budget, generated):
     """At full rank the rebuilt keys are exact: every step's logits equal an independent forward in which each
-    query sees exactly the tokens ShadowKV attended (outliers, selected chunks, local window)."""
+    query sees exactly the tokens ShadowKV attended (outliers, selected chunks, local window; every generated
+    token, as ShadowKV, unless they are projected)."""
     from tests.oracle import KEYS, QUERIES
 
     model, tokenizer = tiny
     prompt = prompt_ids(tokenizer)[:30]
-    press = make_press("shadowkv", SHADOW_ARGS)
+    press = make_press("shadowkv", {**SHADOW_ARGS, "generated": generated})
     attended, ends, caches = [], [], []
 
     def on_step(cache, t):
@@ -243,7 +245,11 @@ def test_shadowkv_attention_over_the_selected_tokens_equals_a_masked_forward(tin
         m[:, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
         for q in range(n, total):
             for h, seen in enumerate(attended[q - n + 1][layer]):
-                assert len(seen) <= budget and q in seen and max(seen) <= q
+                assert q in seen and max(seen) <= q
+                if generated == "exact":  # the budget bounds the prompt; every generated token is attended
+                    assert len({p for p in seen if p < n}) <= budget and set(range(n, q + 1)) <= seen
+                else:
+                    assert len(seen) <= budget
                 m[h, q, sorted(seen)] = True
         masks[layer] = m
     assert any(len(s) < q for q in range(n, total) for s in attended[q - n + 1][0]), "nothing was left out"

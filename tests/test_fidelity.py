@@ -37,8 +37,9 @@ def test_budget_beyond_the_length_is_exact(cells):
 def test_small_budget_has_positive_kl(cells, press):
     rows = cells[(press, 8)]
     assert len(rows) == 2 and all(r["fidelity_kl_mean"] > 0.01 for r in rows)
-    if press == "shadowkv":  # evicts nothing: attends to at most the budget of what it holds
-        assert all(r["mean_cache_len"] <= 8 for r in rows)
+    if press == "shadowkv":  # evicts nothing: attends to at most the budget of the prompt, and every generated token
+        assert all(r["mean_cache_len"] <= 8 + r["output_tokens"] for r in rows)
+        assert all(r["mean_cache_len"] < r["prompt_tokens"] for r in rows)
     else:
         assert all(r["evicted_tokens"] > 0 for r in rows)
     # the replay follows the full cache's tokens, whatever the press would have chosen

@@ -2,7 +2,8 @@
 
 Per layer and sequence, stored by token position: on the device, rank-r coefficients of the pre-RoPE keys
 over a basis from the prompt's SVD, one landmark (mean post-RoPE key) per chunk and KV head, the outlier chunks
-exact, and a ring of the most recent tokens exact; on the host, every chunked token's values. A decoding step
+exact, and the tokens after the last chunk exact (the prompt's tail and every generated token; with
+``generated=projected``, a ring of the most recent ones); on the host, every chunked token's values. A decoding step
 attends to the outliers, the ring and, per KV head, the chunks whose landmark has the highest mean logit over
 the head's query group, rebuilt: keys from the coefficients with RoPE at their positions, values from the host.
 The prefill attends exactly (ShadowKV compresses after the prompt's own attention).
@@ -102,8 +103,8 @@ class ShadowLayer(DynamicLayer):
         n_chunks = length // c
         self.landmarks = keys.new_zeros(b, h, n_chunks, d, dtype=torch.float32)
         self.chunk_valid = torch.zeros(b, h, n_chunks, dtype=torch.bool, device=device)
-        # The ring: the tokens after the last full chunk, exact.
-        ring = press.local_window + c
+        # The ring: the tokens after the last full chunk, exact; with generated tokens exact, every one of them.
+        ring = press.local_window + c if press.generated == "projected" else length
         self.ring_keys = keys.new_zeros(b, h, ring, d)
         self.ring_values = values.new_zeros(b, h, ring, d)
         self.ring_positions = torch.full((b, ring), -1, dtype=torch.long, device=device)
@@ -232,9 +233,10 @@ class ShadowCache(DynamicCache):
         return cos[:length], sin[:length]
 
     def _row_allowed(self, row: int) -> int:
-        """Chunks sequence ``row`` may rebuild this step: its budget less its ring and outliers."""
-        ring = self.lengths[row] - self.chunk_end[row]
-        return (self.budget - ring - self.outlier_tokens[row]) // self.press.chunk_size
+        """Chunks sequence ``row`` may rebuild this step: its budget less its exact tokens (the prompt's, where
+        generated tokens are exact on top) and outliers."""
+        exact = (self.lengths if self.press.generated == "projected" else self.prompt_lengths)[row]
+        return (self.budget - (exact - self.chunk_end[row]) - self.outlier_tokens[row]) // self.press.chunk_size
 
     def chunks_allowed(self) -> torch.Tensor:
         """[B] ``_row_allowed`` of every sequence, on the device (each distinct tuple crosses once)."""
@@ -255,6 +257,7 @@ class ShadowCache(DynamicCache):
         for row, n in enumerate(valid_counts):
             self.lengths[row] += n
         if decode_step == 0:
+            self.prompt_lengths = list(self.lengths)
             c, window = self.press.chunk_size, self.press.local_window
             self.chunk_end = [max(0, (n - window) // c * c) for n in self.lengths]
             self.outlier_tokens = [min(self.press.outlier_chunks, end // c) * c for end in self.chunk_end]
@@ -262,8 +265,9 @@ class ShadowCache(DynamicCache):
     def end_step(self) -> None:
         """Tokens leaving the local window join the chunks; then the bookkeeping."""
         c, window = self.press.chunk_size, self.press.local_window
+        projected = self.press.generated == "projected"
         for row, n in enumerate(self.lengths):
-            if self.decode_step > 0 and n - self.chunk_end[row] >= window + c:
+            if projected and self.decode_step > 0 and n - self.chunk_end[row] >= window + c:
                 for layer in self.layers:
                     layer.chunk_tokens(row, self.chunk_end[row])
                 self.chunk_end[row] += c
