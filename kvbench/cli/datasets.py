@@ -38,11 +38,15 @@ def list_datasets() -> None:
 def show(
     name: str = typer.Argument(..., help="Dataset name."),
     data_dir: str | None = typer.Option(None, help=_DATA_DIR_HELP),
+    protocol: str = typer.Option("kvbench", help="Show the prompt, gold and scorer of this protocol (kvbench, "
+                                 "hott, hott-sampling)."),
 ) -> None:
     """The config, the normalised fields of the first example, the size, and its full prompt."""
     from kvbench.tasks import load_examples, load_task
+    from kvbench.tasks.protocols import get_protocol
 
-    task = load_task(name)
+    chosen = get_protocol(protocol)
+    task = load_task(name).for_protocol(chosen)
     examples = load_examples(task, data_dir_override=data_dir)
     first = examples[0]
     typer.echo(f"{task.name} v{task.version}: {task.description}")
@@ -51,6 +55,9 @@ def show(
                f"{', '.join(task.extractors)}; scorer {task.scorer}; generation {task.generation}")
     typer.echo(f"fields: {', '.join(['id', *first.fields, 'gold'])}")
     typer.echo(f"first example: id={first.id} gold={first.gold!r}")
+    if chosen.raw_text:
+        typer.echo(f"--- raw text (protocol {chosen.name}: no chat template) ---\n{task.user_content(first)[0]}")
+        return
     for message in task.messages(first):
         typer.echo(f"--- {message['role']} ---\n{message['content']}")
 
