@@ -10,6 +10,8 @@ the fork's own ``torch.topk`` on scores laid out in that order, so that ties fal
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 STATE = "fork_index"
@@ -73,6 +75,23 @@ def reorder(view, index: torch.Tensor, kept: list[torch.Tensor | None]) -> torch
         new = new.masked_fill(~view.valid[row], -1)
         view.state[STATE][row] = (new + 1).clamp(min=0).float()
         scores[row] = torch.where(new >= 0, (k - new).float(), -torch.inf)
+    return scores
+
+
+def window_padded(lengths: list[int], window: int, shape: tuple[int, int], device,
+                  prefix_scores: Callable[[list[int], int], torch.Tensor]) -> torch.Tensor:
+    """[N, H, max length] scores in fork order: ``prefix_scores(rows, n)`` ([rows, H, n]) on the entries before
+    each row's last ``window``, and those last entries padded with the row's maximum (the fork's
+    ``F.pad(scores, (0, window), value=scores.max())``, over every head of the layer)."""
+    scores = torch.zeros(*shape, max(lengths), device=device)
+    for length in sorted(set(lengths)):
+        rows = [r for r, n in enumerate(lengths) if n == length]
+        prefix = length - window
+        if prefix <= 0:
+            continue
+        part = prefix_scores(rows, prefix)
+        scores[rows, :, :prefix] = part
+        scores[rows, :, prefix:length] = part.flatten(1).amax(dim=-1)[:, None, None]
     return scores
 
 

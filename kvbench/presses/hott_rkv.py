@@ -4,7 +4,15 @@ import torch
 import torch.nn.functional as F
 
 from kvbench.presses.base import Press
-from kvbench.presses.hott_order import STATE, fork_index, fork_topk, reorder, to_fork_order, valid_lengths
+from kvbench.presses.hott_order import (
+    STATE,
+    fork_index,
+    fork_topk,
+    reorder,
+    to_fork_order,
+    valid_lengths,
+    window_padded,
+)
 
 
 @dataclass
@@ -60,17 +68,13 @@ class HottRKVPress(Press):
         importance = to_fork_order(view.attention(gqa="max"), index, view.valid, width)
         similarity = _redundancy_terms(view, index, torch.tensor(lengths, device=index.device) - self.window_size)
         redundancy = to_fork_order(similarity, index, view.valid, width)
-        scores = torch.zeros_like(importance)
-        for length in set(lengths):
-            rows = [r for r, n in enumerate(lengths) if n == length]
-            prefix = length - self.window_size
-            if prefix <= 0:
-                continue
+
+        def mixed(rows: list[int], prefix: int) -> torch.Tensor:
             pooled = F.max_pool1d(importance[rows, :, :prefix], self.kernel_size, stride=1,
                                   padding=self.kernel_size // 2)
-            mixed = self.mix_lambda * pooled + (1 - self.mix_lambda) * torch.softmax(redundancy[rows, :, :prefix], -1)
-            scores[rows, :, :prefix] = mixed
-            scores[rows, :, prefix:length] = mixed.flatten(1).amax(dim=-1)[:, None, None]
+            return self.mix_lambda * pooled + (1 - self.mix_lambda) * torch.softmax(redundancy[rows, :, :prefix], -1)
+
+        scores = window_padded(lengths, self.window_size, importance.shape[:2], importance.device, mixed)
         return reorder(view, index, fork_topk(scores.to(view.keys.dtype), lengths, keep, trigger))
 
 

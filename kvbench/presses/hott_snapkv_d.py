@@ -5,7 +5,15 @@ import torch.nn.functional as F
 
 from kvbench.errors import KvbenchError
 from kvbench.presses.base import Press
-from kvbench.presses.hott_order import STATE, fork_index, fork_topk, reorder, to_fork_order, valid_lengths
+from kvbench.presses.hott_order import (
+    STATE,
+    fork_index,
+    fork_topk,
+    reorder,
+    to_fork_order,
+    valid_lengths,
+    window_padded,
+)
 
 
 @dataclass
@@ -55,13 +63,9 @@ class HottSnapKVDPress(Press):
         keep, trigger = self.cadence(view.budget)
         attention = view.attention(gqa="mean", last=None if view.step == 0 else 1).to(view.keys.dtype).float()
         ordered = to_fork_order(attention, index, view.valid, max(lengths))
-        scores = torch.zeros_like(ordered)
-        for length in set(lengths):
-            rows = [r for r, n in enumerate(lengths) if n == length]
-            prefix = max(length - self.window_size, 0)
-            pooled = F.avg_pool1d(ordered[rows, :, :prefix], self.kernel_size, stride=1,
-                                  padding=self.kernel_size // 2) if prefix else ordered[rows, :, :0]
-            top = pooled.flatten(1).amax(dim=-1) if prefix else torch.zeros(len(rows), device=ordered.device)
-            scores[rows, :, :prefix] = pooled
-            scores[rows, :, prefix:length] = top[:, None, None]
+
+        def pooled(rows: list[int], prefix: int) -> torch.Tensor:
+            return F.avg_pool1d(ordered[rows, :, :prefix], self.kernel_size, stride=1, padding=self.kernel_size // 2)
+
+        scores = window_padded(lengths, self.window_size, ordered.shape[:2], ordered.device, pooled)
         return reorder(view, index, fork_topk(scores.to(view.keys.dtype), lengths, keep, trigger))

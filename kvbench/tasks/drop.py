@@ -12,7 +12,7 @@ import string
 _PUNCTUATION = set(string.punctuation)
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
     try:
         float(text)
     except ValueError:
@@ -22,9 +22,9 @@ def _is_number(text: str) -> bool:
 
 def _normalize_token(token: str) -> str:
     token = token.lower()
-    if not _is_number(token):
+    if not is_number(token):
         token = "".join(ch for ch in token if ch not in _PUNCTUATION)
-    if _is_number(token):
+    if is_number(token):
         token = str(float(token))
     token = re.sub(r"\b(a|an|the)\b", " ", token)
     return " ".join(token.split())
@@ -48,8 +48,8 @@ def _f1(predicted: set[str], gold: set[str]) -> float:
 
 
 def _numbers_agree(gold: set[str], predicted: set[str]) -> bool:
-    gold_numbers = {w for w in gold if _is_number(w)}
-    return not gold_numbers or bool(gold_numbers & {w for w in predicted if _is_number(w)})
+    gold_numbers = {w for w in gold if is_number(w)}
+    return not gold_numbers or bool(gold_numbers & {w for w in predicted if is_number(w)})
 
 
 def _aligned_f1(predicted: list[set[str]], gold: list[set[str]]) -> float:

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import re
 
+from kvbench.tasks.drop import is_number
+
 _FLAGS = ("final answer is", "correct answer is", "answer should be", "answer is", "answer:")
 _FALLBACK_FLAGS = ("option", "answer", "option:", "answer:", "option.", "answer.", "option is", "correct option is")
 _TEXT = re.compile(r"\\text{(.*?)}")
@@ -56,18 +58,10 @@ def _after_flag(response: str, flags: tuple[str, ...]) -> str | None:
     return None
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 def hott_default(text: str) -> str | None:
     """The fork's ``default_extractor``: ``\\text{}`` inside a box is kept (its unwrapping crashes and is caught)."""
     response = text.strip()
-    if _is_number(response) or response.isalpha():
+    if is_number(response) or response.isalpha():
         return response or None
     if "boxed{" in response:
         boxes = boxed_contents(response)
