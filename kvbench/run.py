@@ -94,8 +94,9 @@ def prepared_task(config: RunConfig) -> Task:
     task = load_task(config.dataset).for_protocol(protocol)
     if protocol.raw_text:  # the fork sent no system prompt (build_cells refuses one)
         return task
-    system = config.system_prompt if config.system_prompt is not None else default_system_prompt(config.model)
-    return replace(task, system=system or task.system)
+    if config.system_prompt is not None:  # given: "" means none
+        return replace(task, system=config.system_prompt or None)
+    return replace(task, system=default_system_prompt(config.model) or task.system)
 
 
 def protocol_examples(config: RunConfig, task: Task) -> list[Example]:

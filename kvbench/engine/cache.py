@@ -512,10 +512,8 @@ class BudgetCache(DynamicCache):
 
     def _schedule(self, row: int) -> None:
         """Sequence ``row``'s next (keep, trigger), after its compressions so far."""
-        if self.budget is None:
-            self.row_keep[row:row + 1], self.row_trigger[row:row + 1] = [None], [None]
-            return
-        keep, trigger = self.press.row_cadence(self.requested_budget, self.prompt_counts[row], self.compressions[row])
+        keep, trigger = (None, None) if self.budget is None else self.press.row_cadence(
+            self.requested_budget, self.prompt_counts[row], self.compressions[row])
         if row == len(self.row_keep):
             self.row_keep.append(keep)
             self.row_trigger.append(trigger)
