@@ -18,13 +18,15 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvbench.bench_results import dtype_name, store_rows
 from kvbench.engine.generate import run_to_end
 from kvbench.engine.window import worth_keeping
 from kvbench.errors import KvbenchError
 from kvbench.models import DEFAULT_MODEL
+from kvbench.session import device_name
 
 
 @dataclass(frozen=True)
@@ -139,17 +141,7 @@ def execute(config: BenchConfig, on_progress: Callable[[str, int, int], None] | 
     except torch.OutOfMemoryError as err:
         kept = f"; {len(rows)} rows measured before it are stored" if config.store and rows else ""
         raise KvbenchError(f"out of memory ({str(err).splitlines()[0]}){kept}; try smaller --batch-size") from None
-    return rows, _dtype_name(loaded.dtype), _device_label(loaded.device)
-
-
-def _dtype_name(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _device_label(device) -> str:
-    from kvbench.session import device_name
-
-    return device_name(device)
+    return rows, dtype_name(loaded.dtype), device_name(loaded.device)
 
 
 def compile_tensor_work(model) -> None:
@@ -349,104 +341,3 @@ class _Bench:
         row.extra = {"estimated_mib_per_sequence": per_seq / 2**20, "fixed_mib": fixed / 2**20,
                      "memory_measured": self.device.type == "cuda"}
         return row
-
-
-# --- the store and the report ---------------------------------------------------------------------------------
-def store_rows(config: BenchConfig, loaded, rows: list[BenchRow], started: dt.datetime) -> Path:
-    """Append the rows, with what was run and where, to ``STORE/bench/`` (one atomic Parquet part per call).
-
-    ``created_at`` is the run's start, the same for all of a run's parts: reports show the latest run whole.
-    """
-    import os
-    import uuid
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import torch
-
-    common = {
-        "created_at": started.isoformat(timespec="seconds"), "model": config.model,
-        "random_weights": config.random_weights, "dtype": _dtype_name(loaded.dtype),
-        "device": _device_label(loaded.device), "prompt_len": config.prompt_len, "gen_len": config.gen_len,
-        "static_shapes": config.static_shapes, "compile": config.compile, "torch_version": torch.__version__,
-        "press_args": " ".join(config.press_args),
-    }
-    records = []
-    for row in rows:
-        record = {**common, **asdict(row)}
-        record["extra"] = str(record["extra"])
-        records.append(record)
-    folder = Path(config.store) / "bench"
-    folder.mkdir(parents=True, exist_ok=True)
-    name = f"part-{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
-    tmp = folder / f".{name}.tmp"
-    pq.write_table(pa.Table.from_pylist(records), tmp)
-    os.replace(tmp, folder / name)
-    return folder / name
-
-
-def load_rows(store: str | Path):
-    """Every stored bench row (a DataFrame), oldest first."""
-    import pandas as pd
-    import pyarrow.parquet as pq
-
-    parts = sorted((Path(store) / "bench").glob("part-*.parquet"))
-    if not parts:
-        raise KvbenchError(f"no benchmark results in {store} (run `kvbench bench --store {store}`)")
-    return pd.concat([pq.read_table(p).to_pandas() for p in parts], ignore_index=True).sort_values("created_at")
-
-
-RUN_COLUMNS = ["model", "random_weights", "device", "dtype", "prompt_len", "gen_len", "static_shapes", "compile",
-               "press_args"]
-
-
-def frame(config: BenchConfig, loaded_dtype: str, device: str, rows: list[BenchRow]):
-    """The rows of one run as the DataFrame ``render`` takes."""
-    import pandas as pd
-
-    common = {"model": config.model, "random_weights": config.random_weights, "device": device,
-              "dtype": loaded_dtype, "prompt_len": config.prompt_len, "gen_len": config.gen_len,
-              "static_shapes": config.static_shapes, "compile": config.compile,
-              "press_args": " ".join(config.press_args)}
-    return pd.DataFrame([{**common, **asdict(r)} for r in rows])
-
-
-def render(df, fmt: str = "markdown") -> str:
-    """One table per run configuration and setting (the latest run of each), as markdown, csv or plain text."""
-    if fmt not in ("markdown", "csv", "terminal"):
-        raise KvbenchError(f"unknown bench format {fmt!r} (markdown, csv, terminal)")
-    out = []
-    if "created_at" in df:
-        latest = df.groupby(RUN_COLUMNS, dropna=False)["created_at"].transform("max")
-        df = df[df["created_at"] == latest]
-    for key, group in df.groupby([*RUN_COLUMNS, "setting"], dropna=False, sort=False):
-        info = dict(zip([*RUN_COLUMNS, "setting"], key))
-        weights = ", random weights" if info["random_weights"] else ""
-        title = (f"{info['model']}{weights}, {info['dtype']} on {info['device']}: prompt {info['prompt_len']} + "
-                 f"{info['gen_len']} generated tokens, {info['setting']}"
-                 + (f", press args: {info['press_args']}" if info["press_args"] else "")
-                 + (", torch.compile" if info["compile"] else ", static shapes" if info["static_shapes"] else ""))
-        host = group["host_kv_mib"].fillna(0.0) if "host_kv_mib" in group else 0.0  # stored before it existed
-        table = group.assign(
-            budget=group["budget"].map(lambda b: "full" if b is None or b != b else str(int(b))),
-            peak_memory_mib=group["peak_memory_mib"].map(lambda m: "n/a" if m is None or m != m else f"{m:.0f}"),
-            host_kv_mib=host,
-        )[["press", "budget", "batch", "tokens_per_s", "ms_per_step", "ratio", "kv_mib", "entries_per_head",
-           "host_kv_mib", "peak_memory_mib"]]
-        headers = ["press", "budget", "batch", "tok/s", "ms/step", "× full", "KV MiB", "KV entries/head",
-                   "host KV MiB", "peak device MiB"]
-        if fmt == "csv":
-            out.append(f"# {title}\n" + table.to_csv(index=False, header=headers, float_format="%.4g"))
-            continue
-        lines = [title, ""] if fmt == "terminal" else [f"**{title}**", ""]
-        cells = [[str(v) if not isinstance(v, float) else f"{v:.3f}" if c == "ratio" else f"{v:.2f}"
-                  for c, v in row.items()] for _, row in table.iterrows()]
-        widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-        lines.append("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |")
-        lines.append("|" + "|".join("-" * (w + 1) + ":" if i else ":" + "-" * (w + 1)
-                                    for i, w in enumerate(widths)) + "|")
-        for r in cells:
-            lines.append("| " + " | ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths)))
-                         + " |")
-        out.append("\n".join(lines) + "\n")
-    return "\n".join(out)

@@ -38,12 +38,12 @@ PRESS_DIFFERS = {
                       "from the defective code (hott-h2o)",
     "rkv": "R-KV as published (least redundant kept, buffer 128, kernel 7); the fork kept the most redundant keys, "
            "every 64 tokens (hott-rkv)",
-    "hott-rkv-fixed": "the fork's R-KV parameters with the right sign; the paper's column came from the reversed "
-                      "sign (hott-rkv)",
-    "snapkv-d": "32 window queries at their own positions; the fork's decoding path scored with the current query "
-                "only, by cache index (hott-snapkv-d)",
-    "hott-snapkv-d-fixed": "the fork's SnapKV parameters with 64 real window queries; its decoding path saw the "
-                           "current query only (hott-snapkv-d)",
+    "hott-rkv-fixed": "the fork's R-KV parameters with the right sign; the fork's code reverses the sign "
+                      "(hott-rkv)",
+    "snapkv-d": "32 window queries at their own positions; the fork's only decoding path that runs scores with the "
+                "current query only, by cache index (hott-snapkv-d)",
+    "hott-snapkv-d-fixed": "the fork's SnapKV parameters with 64 real window queries; the fork's only decoding path "
+                           "that runs saw the current query only (hott-snapkv-d)",
     "streaming_llm": "sinks and recent tokens by position; the fork's index rule over topk's tie order "
                      "(hott-streaming_llm) is the same only where topk keeps tied indices in order",
     "shadowkv": "no ShadowKV implementation exists in the fork: the published value has no code to compare with",
@@ -57,6 +57,13 @@ PROTOCOL_DIFFERS = {
 COMPARABLE_CAVEAT = ("same code path as the paper's harness; still differing: the dataset copy (local files or "
                      "today's hub, StrategyQA's split), model revisions, attention numerics (SDPA against the "
                      "fork's eager or flash attention), topk's tie order on other hardware, and 100-question noise")
+#: What is not known about the code behind a published column, even for the row that runs the fork's rule.
+UNTRACEABLE = {
+    "snapkv-d": "the fork's published SnapKV-D runs only with eager attention, which its harness never asked for "
+                "(by default it raises, or scores NaN in later versions): what produced this column is not known",
+    "rkv": "the fork's published R-KV cannot run on the paper's models (a hard-coded hidden width) and compresses "
+           "only layer 0 while decoding: what produced this column is not known",
+}
 
 
 @dataclass(frozen=True)
@@ -94,7 +101,8 @@ def note(label: str, identity: RowIdentity, reference: str = "hott") -> str | No
     if paper is None:
         return None
     if comparable(identity, reference):
-        return f"{label}: comparable to {paper} (paper)"
+        caveat = f" ({UNTRACEABLE[paper]})" if paper in UNTRACEABLE else ""
+        return f"{label}: comparable to {paper} (paper){caveat}"
     reasons = [PRESS_DIFFERS[identity.press]] if identity.press in PRESS_DIFFERS else []
     if not identity.defaults:
         reasons.append("parameters changed from the fork's")

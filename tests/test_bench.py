@@ -92,9 +92,9 @@ def test_bench_runs_presses_side_by_side_and_stores_them(tmp_path):
                      "--gen-len", "16", "--batch-size", "1,2", "--memory-gib", "0.0006", "--max-batch", "64",
                      "--store", str(store), "-f", "csv")
     assert result.returncode == 0, result.stderr
-    from kvbench import bench
+    from kvbench import bench_results
 
-    df = bench.load_rows(store)
+    df = bench_results.load_rows(store)
     side = df[df["setting"] == "side by side"]
     assert len(side) == 6 and set(side["batch"]) == {1, 2}
     assert (side[side["press"] == "full"]["ratio"] == 1.0).all()
@@ -143,7 +143,7 @@ def test_shape_aliases_have_the_published_kv_shapes():
 
 
 def test_bench_out_of_memory_keeps_what_was_measured(tmp_path, monkeypatch):
-    from kvbench import bench
+    from kvbench import bench, bench_results
     from kvbench.errors import KvbenchError
 
     real = bench._Bench.side_by_side
@@ -158,5 +158,5 @@ def test_bench_out_of_memory_keeps_what_was_measured(tmp_path, monkeypatch):
                                prompt_len=6, gen_len=8, store=str(tmp_path))
     with pytest.raises(KvbenchError, match="out of memory .* 2 rows measured before it are stored"):
         bench.execute(config)
-    stored = bench.load_rows(tmp_path)
+    stored = bench_results.load_rows(tmp_path)
     assert sorted(stored["press"]) == ["full", "h2o"] and set(stored["batch"]) == {1}

@@ -4,8 +4,8 @@ example or against a list-based simulation of the fork's code; the ``-fixed`` pr
 import pytest
 import torch
 
-from kvbench.engine.cache import QueryWindow, SlotView
 from kvbench.engine.generate import GenerationSettings, generate
+from kvbench.engine.view import QueryWindow, SlotView
 from kvbench.presses import make_press
 from kvbench.presses.hott_order import STATE
 from tests.conftest import prompt_ids

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from kvbench.engine.cache import QueryWindow, SlotView, lowest_slots, rank_slots
+from kvbench.engine.view import QueryWindow, SlotView
 from kvbench.presses import make_press
+from kvbench.presses.ranking import lowest_slots, rank_slots
 
 POSITIONS = [5, 0, 7, 2, 1, 6, 3, 4]  # physical slot -> token position
 

@@ -102,6 +102,10 @@ def test_hott_reference_sits_beside_the_rows_that_run_the_papers_code(tmp_path):
     assert "- h2o: not comparable to h2o (paper): standard H2O" in notes and "kvbench protocol" in notes
     assert "- hott-h2o-fixed: not comparable" in notes and "defects fixed" in notes
     assert "hott-snapkv-d [hott-sampling]: not comparable" in notes and "states greedy" in notes
+    from kvbench.references import RowIdentity, note
+
+    fork_snapkv = note("hott-snapkv-d [hott]", RowIdentity("hott-snapkv-d", True, "hott"))
+    assert fork_snapkv.startswith("hott-snapkv-d [hott]: comparable") and "not known" in fork_snapkv
     csv = render(tmp_path / "r", fmt="csv", reference="hott")
     assert sum(1 for line in csv.splitlines()[1:] if line.split(",")[-2]) == 2  # full [hott] and hott-h2o [hott]
     with pytest.raises(KvbenchError, match="publishes accuracies"):

@@ -42,7 +42,8 @@ def bench(
     The cells of a batch size run side by side, one decoding step each in turn, so they share the machine's
     conditions; every step is timed between device synchronisations, after a warm-up.
     """
-    from kvbench.bench import BenchConfig, execute, frame, render, validate
+    from kvbench.bench import BenchConfig, execute, validate
+    from kvbench.bench_results import frame, render
     from kvbench.cli.progress import progress_bar
     from kvbench.errors import KvbenchError
     from kvbench.run import parse_budget

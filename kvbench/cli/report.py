@@ -23,7 +23,7 @@ def report(
     from kvbench.report import render
 
     if bench:
-        from kvbench import bench as bench_results
+        from kvbench import bench_results
 
         text = bench_results.render(bench_results.load_rows(store), fmt=format)
     else:

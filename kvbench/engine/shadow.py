@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from kvbench.engine.view import StepInputs
 from kvbench.errors import KvbenchError
 from kvbench.presses.shadowkv import ShadowKVPress
 
@@ -246,8 +247,6 @@ class ShadowCache(DynamicCache):
         return self._allowed[allowed]
 
     def begin_step(self, positions, valid, valid_counts, decode_step: int = 0) -> None:
-        from kvbench.engine.cache import StepInputs
-
         if decode_step == 0 and positions.shape[1] > 1 and self.tokens_seen:
             raise KvbenchError("shadowkv: one prefill per generation")
         self.step = StepInputs(positions=positions, valid=valid, valid_counts=valid_counts)

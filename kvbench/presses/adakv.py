@@ -3,6 +3,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.presses.base import INF
+from kvbench.presses.ranking import rank_slots, slot_ranks
 from kvbench.presses.wrapper import WrapperPress
 
 
@@ -33,8 +34,6 @@ class AdaKVPress(WrapperPress):
         return n_heads * layer_budget - (n_heads - 1) * int(self.alpha * layer_budget)
 
     def head_counts(self, scores: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        from kvbench.engine.cache import rank_slots, slot_ranks
-
         n, h, s = scores.shape
         guaranteed = (self.alpha * keep).floor().long()[:, None, None]  # [N, 1, 1]
         boosted = scores.masked_fill((slot_ranks(scores, positions) < guaranteed) & (scores > -INF), INF)

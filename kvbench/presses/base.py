@@ -8,15 +8,32 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from kvbench.engine.cache import SlotView
-
 INF = math.inf
+
+
+class View(Protocol):
+    """What a press sees of the cache (the engine's ``View``): slots in physical order, rows = sequences
+    (layers folded in when ``layers`` > 1), and the attention of the recent queries over the slots."""
+
+    keys: torch.Tensor  # [N, H, S, D]
+    values: torch.Tensor
+    positions: torch.Tensor  # [N, H, S] each slot's token position
+    valid: torch.Tensor  # [N, H, S]
+    state: dict[str, torch.Tensor]  # per-slot press state ``state_names``, [N, H, S]
+    query_position: torch.Tensor  # [N] the newest token's position
+    budget: int | None
+    seeds: torch.Tensor | None
+    step: int  # 0 = the prefill
+    prompt_length: torch.Tensor | None  # [N]
+    layers: int
+    window: Any  # the recent queries: ``queries`` [N, H_q, W, D], ``positions``, ``valid`` [N, W], ``scaling``
+
+    def attention(self, gqa: str = "mean", last: int | None = None) -> torch.Tensor: ...
 
 
 @dataclass
@@ -88,10 +105,10 @@ class Press:
         """True if ``observe`` must receive every step's attention (costs one extra q·K per step)."""
         return False
 
-    def observe(self, view: SlotView, attention: torch.Tensor) -> None:
+    def observe(self, view: View, attention: torch.Tensor) -> None:
         """Receive the attention [B, H_kv, S] that this step's queries placed on the visible slots."""
 
-    def score(self, view: SlotView) -> torch.Tensor:
+    def score(self, view: View) -> torch.Tensor:
         """Return [B, H_kv, S] scores over ``view``'s slots; higher = keep. Invalid slots are ignored."""
         raise NotImplementedError
 
@@ -99,12 +116,12 @@ class Press:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def recent_positions(view: SlotView, recent: int) -> torch.Tensor:
+def recent_positions(view: View, recent: int) -> torch.Tensor:
     """[N, H, S]: the slots among each row's ``recent`` newest positions (the query's own included)."""
     return view.positions > view.query_position[:, None, None] - recent
 
 
-def protect(scores: torch.Tensor, view: SlotView, n_sink: int = 0, recent: int = 0) -> torch.Tensor:
+def protect(scores: torch.Tensor, view: View, n_sink: int = 0, recent: int = 0) -> torch.Tensor:
     """Give ``+inf`` to the first ``n_sink`` positions and to the ``recent`` most recent positions."""
     keep = torch.zeros_like(view.valid)
     if n_sink > 0:
@@ -114,7 +131,7 @@ def protect(scores: torch.Tensor, view: SlotView, n_sink: int = 0, recent: int =
     return scores.masked_fill(keep, INF)
 
 
-def pool_by_position(scores: torch.Tensor, view: SlotView, kernel_size: int, mode: str = "avg",
+def pool_by_position(scores: torch.Tensor, view: View, kernel_size: int, mode: str = "avg",
                      among: torch.Tensor | None = None, count_padding: bool = False) -> torch.Tensor:
     """1-D pooling of per-slot scores along token order (slots are stored in arbitrary order).
 

@@ -46,8 +46,8 @@ class HottSnapKVDFixedPress(SnapKVDecodingPress):
 class HottRKVFixedPress(RKVPress):
     """R-KV with the fork's parameters and its defects fixed: the least redundant keys kept (the fork's sign keeps
     the most redundant), importance from the 8 newest queries at their own positions (the fork rebuilt them from
-    another layer's hidden states), compressions every 64 tokens (the fork's ``compress_interval``), max-pool
-    kernel 5, lambda 0.1, the 8 newest protected."""
+    a hidden-state buffer that every layer overwrites), compressions every 64 tokens (the fork's
+    ``compress_interval``), max-pool kernel 5, lambda 0.1, the 8 newest protected."""
 
     name = "hott-rkv-fixed"
     summary = "R-KV with the fork's parameters (interval 64, kernel 5, lambda 0.1) and the right sign"

@@ -60,14 +60,14 @@ class HottH2OPress(Press):
         rows = [slice(layer * batch, (layer + 1) * batch) for layer in range(layers)]
         previous = self._ordered(view, rows[-1])  # what the last layer left at the previous step
         for r in rows:
-            index = fork_index(_rows(view, r))
+            index = fork_index(_Rows(view, r))
             acc, count = (from_fork_order(p, index) for p in previous)
             self._settle(view, r, index, self._round(attention[r] + acc), self._round(count + 1.0))
             previous = self._ordered(view, r)
 
     def _settle(self, view, r: slice, index: torch.Tensor, acc: torch.Tensor, count: torch.Tensor) -> None:
         """Store rows ``r``'s accumulator and count, and compress them as the fork does when they are full."""
-        sub = _rows(view, r)
+        sub = _Rows(view, r)
         sub.state["accumulated"].copy_(acc)
         sub.state["count"].copy_(count)
         lengths = sub.valid[:, 0].sum(dim=-1).tolist()
@@ -79,7 +79,7 @@ class HottH2OPress(Press):
 
     def _ordered(self, view, r: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``r``'s accumulator and count in the fork's order, after their compression."""
-        sub = _rows(view, r)
+        sub = _Rows(view, r)
         kept = sub.valid & (sub.state["keep"] > -torch.inf)  # the slot just evicted is still valid until end_step
         width = int(kept[:, 0].sum(dim=-1).max())
         index = torch.where(kept, fork_index(sub), width)
@@ -96,7 +96,3 @@ class _Rows:
     def __init__(self, view, r: slice):
         self.valid, self.positions = view.valid[r], view.positions[r]
         self.state = {name: s[r] for name, s in view.state.items()}
-
-
-def _rows(view, r: slice) -> _Rows:
-    return _Rows(view, r)

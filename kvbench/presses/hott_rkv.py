@@ -29,9 +29,10 @@ class HottRKVPress(Press):
     Not reproduced, because they cannot be on a working model: the fork's window queries are rebuilt from a
     hidden-state buffer of hard-coded width (5120 on main, which fits none of the paper's four models) that
     every layer overwrites, rotated at the current position and masked so that they see only the first 8 cache
-    entries; here they are the 8 newest queries at their own positions. And the published counter that paces
-    compressions is reset by layer 0 before the other layers read it, so as published only layer 0 compresses
-    while decoding; the paper's low R-KV accuracies suggest its runs compressed every layer, as this press does.
+    entries; here they are the 8 newest queries at their own positions. And the counter that paces compressions
+    is reset by layer 0 before the other layers read it, in every published branch, so as published only layer 0
+    compresses while decoding; the paper's low R-KV accuracies suggest its runs compressed every layer, as this
+    press does.
     A prompt longer than the budget but shorter than ``budget + 65`` is kept whole until the first compression
     (the fork compresses it at the prefill).
     """

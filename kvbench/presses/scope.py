@@ -4,6 +4,7 @@ import torch
 
 from kvbench.errors import KvbenchError
 from kvbench.presses.base import INF, Press
+from kvbench.presses.ranking import rank_slots
 
 
 @dataclass
@@ -72,8 +73,6 @@ class SCOPEPress(Press):
 
     def _pin_prompt(self, view) -> None:
         """Mark the prompt's best ``prefill_budget`` slots per KV head: they are never evicted."""
-        from kvbench.engine.cache import rank_slots
-
         pinned_n = self.prompt_budget(view.budget)
         prompt_length = view.prompt_length[:, None, None]
         in_prompt = view.valid & (view.positions < prompt_length)

@@ -1,0 +1,207 @@
+"""``BudgetLayer``: one model layer's slots in a ``BudgetCache``, the object transformers' attention talks to.
+
+It writes the step's keys and values into free slots (or, when they do not fit, gathers slots and new tokens for
+a prefill compression), records attention loss against a shadow of every key, and hands the step's queries to
+the cache, which scores and evicts for all layers at once after the forward.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from kvbench.engine.attention import attention_probs
+from kvbench.engine.view import QueryWindow, SlotView, StepInputs
+from kvbench.errors import KvbenchError
+from kvbench.presses.ranking import rank_slots
+
+if TYPE_CHECKING:
+    from kvbench.engine.cache import BudgetCache
+
+
+class BudgetLayer(DynamicLayer):
+    """One layer's slots: views into the cache's stacked buffers, returned to attention."""
+
+    def __init__(self, cache: BudgetCache, layer_idx: int):
+        super().__init__()
+        self.cache = cache
+        self.layer_idx = layer_idx
+        self.scaling: float | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        cache, i = self.cache, self.layer_idx
+        if cache.keys is None:
+            cache.allocate(key_states, value_states)
+        if key_states.shape[1:2] + key_states.shape[3:] != cache.keys.shape[2:3] + cache.keys.shape[4:]:
+            raise KvbenchError(f"layer {i}: KV shape {tuple(key_states.shape)} differs from layer 0's; kvbench needs "
+                               "the same KV heads and head size in every layer")
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys, self.values = cache.keys[i], cache.values[i]
+        self.positions, self.valid = cache.positions[i], cache.valid[i]
+        self.state = {name: s[i] for name, s in cache.state.items()}
+        if cache.measure_attention_loss:
+            b, h, _, d = key_states.shape
+            # Shadow of every key at its original position (one spare slot absorbs padding writes).
+            self.shadow_keys = key_states.new_zeros(b, h, cache.max_length + 1, d)
+            self.shadow_written = torch.zeros(b, cache.max_length + 1, dtype=torch.bool, device=self.device)
+            if cache.loss_log is None:
+                cache.loss_log = torch.zeros(b, len(cache.layers), cache.max_new_tokens, h, device=self.device)
+        self.is_initialized = True
+
+    # --- transformers' Cache interface --------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        cache = self.cache
+        step = cache.step
+        b, h, n_new, _ = key_states.shape
+        used = cache.used
+        if cache.measure_attention_loss:
+            self._write_shadow(key_states, step)
+        if cache.mode == "overflow":
+            self._pending = {
+                "keys": torch.cat([self.keys[:, :, :used], key_states], dim=2),
+                "values": torch.cat([self.values[:, :, :used], value_states], dim=2),
+                "positions": torch.cat([self.positions[:, :, :used], step.positions[:, None, :].expand(b, h, n_new)],
+                                       dim=2),
+                "valid": torch.cat([self.valid[:, :, :used], step.valid[:, None, :].expand(b, h, n_new)], dim=2),
+                "state": {n: torch.cat([s[:, :, :used], s.new_zeros(b, h, n_new)], dim=2)
+                          for n, s in self.state.items()},
+            }
+            return self._pending["keys"], self._pending["values"]
+        if cache.mode == "slot":
+            # A free slot per (sequence, head): the first invalid one. Any will do; attention is order-free.
+            # Slot `used` is free if it exists; past the capacity every row has a free slot below it.
+            free = ~self.valid[:, :, : min(used + 1, cache.capacity)]
+            slot = free.to(torch.uint8).argmax(dim=-1, keepdim=True)  # [B, H, 1]
+        else:  # bulk: the first write of several tokens into an empty cache
+            slot = torch.arange(n_new, device=self.device).expand(b, h, n_new)
+        self._write(slot, key_states, value_states, step)
+        n = cache.used_after
+        return self.keys[:, :, :n], self.values[:, :, :n]
+
+    def get_seq_length(self) -> int:
+        return self.cache.tokens_seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cache.used_after if self.is_initialized else query_length, 0
+
+    def get_max_length(self) -> int:
+        return self.cache.capacity
+
+    # --- writes -------------------------------------------------------------------------------------------
+    def _write(self, slot, key_states, value_states, step: StepInputs) -> None:
+        b, h, n_new, _ = key_states.shape
+        self.keys.scatter_(2, slot[..., None].expand(-1, -1, -1, self.keys.shape[-1]), key_states)
+        self.values.scatter_(2, slot[..., None].expand(-1, -1, -1, self.values.shape[-1]), value_states)
+        self.positions.scatter_(2, slot, step.positions[:, None, :].expand(b, h, n_new))
+        self.valid.scatter_(2, slot, step.valid[:, None, :].expand(b, h, n_new))
+        for s in self.state.values():
+            s.scatter_(2, slot, 0.0)
+
+    def _write_shadow(self, key_states: torch.Tensor, step: StepInputs) -> None:
+        spare = self.cache.max_length
+        index = torch.where(step.valid, step.positions, spare)  # [B, L]; padding goes to the spare slot
+        b, h, n_new, d = key_states.shape
+        self.shadow_keys.scatter_(2, index[:, None, :, None].expand(b, h, n_new, d), key_states)
+        self.shadow_written.scatter_(1, index, True)
+        self.shadow_written[:, spare] = False
+
+    def _record_attention_loss(self, query: torch.Tensor, scaling: float) -> None:
+        """The mass the current query puts on evicted entries, under full attention over every key seen.
+
+        Runs before this step's eviction: it is what attention actually missed. Exact, from the shadow keys.
+        """
+        b, hq, _, d = query.shape
+        h = self.keys.shape[1]
+        seen = self.cache.tokens_seen  # > every position so far
+        keys = self.shadow_keys[:, :, :seen].float()
+        logits = torch.matmul(query.float().view(b, h, hq // h, d), keys.transpose(-1, -2)) * scaling
+        q_pos = self.cache.query_position
+        visible = self.shadow_written[:, :seen] & (torch.arange(seen, device=self.device)[None, :] <= q_pos[:, None])
+        probs = torch.softmax(logits.masked_fill(~visible[:, None, None, :], -torch.inf), dim=-1)
+        held = torch.zeros(b, h, seen + 1, dtype=torch.bool, device=self.device)
+        held.scatter_(2, torch.where(self.valid, self.positions, seen).clamp(max=seen), True)
+        missed = (probs * ~held[:, :, None, :seen]).sum(dim=-1).mean(dim=-1)  # [B, H], GQA group averaged
+        self.cache.loss_log[:, self.layer_idx, self.cache.decode_step - 1] = missed
+
+    def visible_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions and validity of the slots attention sees this step (including an overflow's new tokens)."""
+        if self.cache.mode == "overflow":
+            return self._pending["positions"], self._pending["valid"]
+        n = self.cache.used_after
+        return self.positions[:, :, :n], self.valid[:, :, :n]
+
+    def _view(self) -> SlotView:
+        """This layer's slots (multi-token steps)."""
+        cache = self.cache
+        if cache.mode == "overflow":
+            src = self._pending
+        else:
+            n = cache.used_after
+            src = {"keys": self.keys[:, :, :n], "values": self.values[:, :, :n], "positions": self.positions[:, :, :n],
+                   "valid": self.valid[:, :, :n], "state": {k: s[:, :, :n] for k, s in self.state.items()}}
+        window = None
+        if cache.query_buffer is not None:
+            window = QueryWindow(cache.query_buffer[self.layer_idx], cache.query_positions, cache.query_valid,
+                                 self.scaling)
+        return SlotView(
+            keys=src["keys"], values=src["values"], positions=src["positions"], valid=src["valid"],
+            state=src["state"], query_position=cache.query_position, budget=cache.budget,
+            seeds=cache.row_seeds[self.layer_idx], step=cache.decode_step, prompt_length=cache.prompt_length,
+            layer_idx=self.layer_idx, window=window,
+        )
+
+    # --- after attention -------------------------------------------------------------------------------------
+    def after_attention(self, query: torch.Tensor, scaling: float) -> None:
+        cache, press = self.cache, self.cache.press
+        self.scaling = scaling
+        if cache.measure_attention_loss and cache.decode_step > 0:
+            self._record_attention_loss(query, scaling)
+        if press.query_window:
+            cache.push_queries(self.layer_idx, query)
+        if cache.mode == "slot":  # decoding: scoring and eviction happen in end_step, for all layers at once
+            if press.accumulates_attention:
+                cache.step_queries[self.layer_idx] = query
+            return
+        view = self._view()
+        if press.accumulates_attention:
+            step = cache.step
+            press.observe(view, attention_probs(
+                query, step.positions, step.valid, view.keys, view.positions, view.valid, scaling, reduce="sum",
+                gqa=getattr(press, "gqa", "mean"),
+            ))
+        if cache.mode == "overflow":
+            self._compress_overflow(view)
+
+    def _compress_overflow(self, view: SlotView) -> None:
+        """Keep the best ``budget`` of slots + new tokens per KV head (all of them if under the trigger)."""
+        cache = self.cache
+        keep_n = cache.keep_n
+        if cache.overflow_evicts:
+            scores = cache.press.score(view).float().masked_fill(~view.valid, -torch.inf)
+        else:  # nothing to drop: keep every valid slot, newest first
+            scores = view.valid.float().masked_fill(~view.valid, -torch.inf)
+        ranked = rank_slots(scores, view.positions)
+        k = cache.used_after
+        order = ranked[..., :k]  # [B, H, k], best first
+        if cache.allocates and cache.overflow_evicts:  # this layer's share, split among heads by the press
+            full = tuple(keep != count for keep, count in zip(keep_n, cache.counts))
+            keep = cache._layer_keep_rows(full, self.layer_idx)
+            counts = cache.press.head_counts(scores, view.positions, keep)
+            limit = (keep[:, None] if counts is None else counts)[..., None]  # [B, H or 1, 1]
+        else:
+            limit = torch.tensor(keep_n, device=self.device)[:, None, None]
+        rank_ok = torch.arange(k, device=self.device) < limit
+        pending = self._pending
+        self.valid[:, :, :k] = view.valid.gather(2, order) & rank_ok
+        self.valid[:, :, k:] = False
+        for name in ("keys", "values"):
+            src = pending[name]
+            getattr(self, name)[:, :, :k] = src.gather(2, order[..., None].expand(-1, -1, -1, src.shape[-1]))
+        self.positions[:, :, :k] = pending["positions"].gather(2, order)
+        for n, s in self.state.items():
+            s[:, :, :k] = pending["state"][n].gather(2, order)
+        self._pending = None

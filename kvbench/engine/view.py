@@ -1,0 +1,76 @@
+"""What the engine tells a press and the cache about a step: the step's tokens, recent queries, and the slots.
+
+``SlotView`` is the engine's implementation of the view a press scores (``kvbench.presses.base.View``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from kvbench.engine.attention import attention_probs
+
+
+@dataclass
+class StepInputs:
+    """What the decode loop tells the cache about the tokens of the current forward."""
+
+    positions: torch.Tensor  # [B, L] original position of each new token
+    valid: torch.Tensor  # [B, L] False for padding and for frozen (finished) sequences
+    valid_counts: list[int]  # host copy of valid.sum(-1)
+
+
+@dataclass
+class QueryWindow:
+    """Recent queries (post-RoPE) of each row, with their positions: what ``SlotView.attention`` averages."""
+
+    queries: torch.Tensor  # [N, H_q, W, D]
+    positions: torch.Tensor  # [N, W]
+    valid: torch.Tensor  # [N, W]
+    scaling: float
+
+
+@dataclass
+class SlotView:
+    """What a press sees: slots in physical order, and how to get attention over them.
+
+    Rows are sequences; when a view covers every layer (decoding), row ``l * batch + b`` is layer ``l`` of
+    sequence ``b`` and ``layer_idx`` is None.
+    """
+
+    keys: torch.Tensor  # [N, H, S, D]
+    values: torch.Tensor
+    positions: torch.Tensor  # [N, H, S]
+    valid: torch.Tensor  # [N, H, S]
+    state: dict[str, torch.Tensor]  # per-slot press state, [N, H, S]
+    query_position: torch.Tensor  # [N] position of the newest token
+    budget: int | None
+    #: [N] int64 seed of each row (from the sequence's seed and the layer), and the forward's number, for
+    #: presses that draw random numbers: a function of these and a slot's position is batch-invariant.
+    seeds: torch.Tensor | None = None
+    step: int = 0
+    #: [N] prompt tokens of each row's sequence (positions below it are the prompt's).
+    prompt_length: torch.Tensor | None = None
+    layer_idx: int | None = None
+    #: Layers folded into the rows (row ``l * batch + b``): 1 for a one-layer view.
+    layers: int = 1
+    window: QueryWindow | None = None
+    #: Overrides ``attention``: the cache's kept window attention, or attention that tests make by hand.
+    attention_override: Callable[[str], torch.Tensor] | None = None
+
+    def attention(self, gqa: str = "mean", last: int | None = None) -> torch.Tensor:
+        """Mean attention [N, H, S] that the recent queries (``press.query_window``) place on the slots; ``last``
+        restricts it to each row's ``last`` newest queries."""
+        if self.attention_override is not None and last is None:
+            return self.attention_override(gqa)
+        if self.window is None:
+            raise RuntimeError("this press asked for attention without a query window")
+        w = self.window
+        valid = w.valid
+        if last is not None:
+            newest = w.positions.masked_fill(~w.valid, -1).amax(dim=-1, keepdim=True)
+            valid = valid & (w.positions > newest - last)
+        return attention_probs(w.queries, w.positions, valid, self.keys, self.positions, self.valid, w.scaling,
+                               reduce="mean", gqa=gqa)
