@@ -78,6 +78,13 @@ def reorder(view, index: torch.Tensor, kept: list[torch.Tensor | None]) -> torch
     return scores
 
 
+def compress(press, view, index: torch.Tensor, lengths: list[int], ordered: torch.Tensor) -> torch.Tensor:
+    """The fork's compression of ``press`` at its cadence: ``topk`` over ``ordered`` scores in the model's dtype,
+    then the new order; returns the engine's scores (see ``reorder``)."""
+    keep, trigger = press.cadence(view.budget)
+    return reorder(view, index, fork_topk(ordered.to(view.keys.dtype), lengths, keep, trigger))
+
+
 def window_padded(lengths: list[int], window: int, shape: tuple[int, int], device,
                   prefix_scores: Callable[[list[int], int], torch.Tensor]) -> torch.Tensor:
     """[N, H, max length] scores in fork order: ``prefix_scores(rows, n)`` ([rows, H, n]) on the entries before

@@ -6,9 +6,8 @@ import torch.nn.functional as F
 from kvbench.presses.base import Press
 from kvbench.presses.hott_order import (
     STATE,
+    compress,
     fork_index,
-    fork_topk,
-    reorder,
     to_fork_order,
     valid_lengths,
     window_padded,
@@ -64,7 +63,6 @@ class HottRKVPress(Press):
 
     def score(self, view) -> torch.Tensor:
         index, lengths = fork_index(view), valid_lengths(view)
-        keep, trigger = self.cadence(view.budget)
         width = max(lengths)
         importance = to_fork_order(view.attention(gqa="max"), index, view.valid, width)
         similarity = _redundancy_terms(view, index, torch.tensor(lengths, device=index.device) - self.window_size)
@@ -76,7 +74,7 @@ class HottRKVPress(Press):
             return self.mix_lambda * pooled + (1 - self.mix_lambda) * torch.softmax(redundancy[rows, :, :prefix], -1)
 
         scores = window_padded(lengths, self.window_size, importance.shape[:2], importance.device, mixed)
-        return reorder(view, index, fork_topk(scores.to(view.keys.dtype), lengths, keep, trigger))
+        return compress(self, view, index, lengths, scores)
 
 
 def _redundancy_terms(view, index: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,8 @@ from kvbench.errors import KvbenchError
 from kvbench.presses.base import Press
 from kvbench.presses.hott_order import (
     STATE,
+    compress,
     fork_index,
-    fork_topk,
-    reorder,
     to_fork_order,
     valid_lengths,
     window_padded,
@@ -60,7 +59,6 @@ class HottSnapKVDPress(Press):
 
     def score(self, view) -> torch.Tensor:
         index, lengths = fork_index(view), valid_lengths(view)
-        keep, trigger = self.cadence(view.budget)
         attention = view.attention(gqa="mean", last=None if view.step == 0 else 1).to(view.keys.dtype).float()
         ordered = to_fork_order(attention, index, view.valid, max(lengths))
 
@@ -68,4 +66,4 @@ class HottSnapKVDPress(Press):
             return F.avg_pool1d(ordered[rows, :, :prefix], self.kernel_size, stride=1, padding=self.kernel_size // 2)
 
         scores = window_padded(lengths, self.window_size, ordered.shape[:2], ordered.device, pooled)
-        return reorder(view, index, fork_topk(scores.to(view.keys.dtype), lengths, keep, trigger))
+        return compress(self, view, index, lengths, scores)

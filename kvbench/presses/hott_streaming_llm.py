@@ -3,7 +3,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.presses.base import Press
-from kvbench.presses.hott_order import STATE, fork_index, fork_topk, reorder, valid_lengths
+from kvbench.presses.hott_order import STATE, compress, fork_index, valid_lengths
 
 
 @dataclass
@@ -35,12 +35,11 @@ class HottStreamingLLMPress(Press):
 
     def score(self, view) -> torch.Tensor:
         index, lengths = fork_index(view), valid_lengths(view)
-        keep, trigger = self.cadence(view.budget)
+        keep, _ = self.cadence(view.budget)
         length = torch.tensor(lengths, device=view.valid.device)[:, None, None]
         at = torch.arange(max(lengths), device=view.valid.device)[None, None, :]
         if view.step == 0:  # the prefill prunes the entries right after the sinks
             ones = ~((at >= self.n_sink) & (at < self.n_sink + length - keep))
         else:
             ones = (at < self.n_sink) | (at >= length - (keep - self.n_sink))
-        ordered = ones.expand(*view.valid.shape[:2], -1).to(view.keys.dtype)
-        return reorder(view, index, fork_topk(ordered, lengths, keep, trigger))
+        return compress(self, view, index, lengths, ones.expand(*view.valid.shape[:2], -1))
