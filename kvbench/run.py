@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
@@ -51,6 +51,8 @@ class RunConfig:
     dtype: str = "auto"
     device: str = "auto"
     data_dir: str | None = None
+    #: The hub revision (commit, branch or tag) to read; None = the dataset YAML's ``revision`` (else main).
+    dataset_revision: str | None = None
     batch_size: int = 1
     #: End a generation that loops (finish_reason "loop"); loops are measured either way.
     stop_on_loop: bool = False
@@ -103,7 +105,8 @@ def prepared_task(config: RunConfig) -> Task:
 def protocol_examples(config: RunConfig, task: Task) -> list[Example]:
     """The examples a run uses: the protocol draws the ``--num-samples`` subset."""
     protocol = get_protocol(config.protocol)
-    return load_examples(task, config.num_samples, config.data_dir, protocol.subset_seed, protocol.subset)
+    return load_examples(task, config.num_samples, config.data_dir, protocol.subset_seed, protocol.subset,
+                         revision=config.dataset_revision)
 
 
 def decoding(config: RunConfig) -> dict:
@@ -168,8 +171,9 @@ def max_new_tokens(config: RunConfig, task: Task) -> int:
     return config.max_new_tokens or int(task.generation.get("max_new_tokens", 512))
 
 
-def run_key(config: RunConfig, task: Task, cell: Cell, model_revision: str | None) -> str:
-    """Hash of everything that changes the output of a row."""
+def run_key(config: RunConfig, task: Task, cell: Cell, model_revision: str | None,
+            examples: Sequence[Example] = ()) -> str:
+    """Hash of everything that changes the output of a row (the hub commit the examples were read at, too)."""
     sampling = decoding(config)
     payload = {
         "model": config.model, "revision": model_revision, "press": cell.press.name,
@@ -194,6 +198,9 @@ def run_key(config: RunConfig, task: Task, cell: Cell, model_revision: str | Non
         payload["top_k"] = sampling["top_k"]
     if sampling["repetition_penalty"] != 1.0:
         payload["repetition_penalty"] = sampling["repetition_penalty"]
+    hub_sources = sorted({e.source for e in examples if e.source.startswith(("hub:", "mirror:"))})
+    if hub_sources:  # local files keep their keys: a changed file fails the size check or shows in the column
+        payload["data_revision"] = hub_sources
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -284,6 +291,7 @@ def base_row(session: Session, config: RunConfig, task: Task, cell: Cell, exampl
         "press": cell.press.name, "press_args": json.dumps(cell.press.params(), sort_keys=True),
         "budget": cell.budget, "buffer": cell.press.buffer,
         "dataset": task.name, "dataset_version": task.version, "split": task.split(config.data_dir),
+        "dataset_revision": example.source,
         "prompt_hash": task.prompt_hash, "example_id": example.id, "sample": 0, "seed": config.seed,
         "max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature, "top_p": settings.top_p,
         "top_k": settings.top_k, "repetition_penalty": settings.repetition_penalty, "protocol": config.protocol,
@@ -342,7 +350,7 @@ def execute(
     store = ResultStore(config.store)
     session = load_session(config.model, config.dtype, config.device, config.seed)
     for cell in cells:
-        cell.run_key = run_key(config, task, cell, session.revision)
+        cell.run_key = run_key(config, task, cell, session.revision, examples)
     if on_start:
         on_start(sum(len(pending(store, c, examples, retry_failed)) for c in cells))
     for cell in cells:

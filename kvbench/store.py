@@ -32,6 +32,8 @@ SCHEMA = pa.schema([
     ("dataset", pa.string()),
     ("dataset_version", pa.int64()),
     ("split", pa.string()),
+    # where the examples were read: hub:<repo>@<commit>, mirror:<repo>@sha256:.., local:sha256:.., builtin:<name>
+    ("dataset_revision", pa.string()),
     ("prompt_hash", pa.string()),
     ("example_id", pa.string()),
     ("sample", pa.int64()),

@@ -36,6 +36,7 @@ COLUMNS: dict[str, Callable[[str], object]] = {
     "max_new_tokens": int, "seed": int, "batch_size": int, "press_args": str, "temperature": float,
     "top_p": float, "dtype": str, "device": str, "data_dir": str, "stop_on_loop": parse_bool, "measure": str,
     "kind": str, "protocol": str, "system_prompt": str, "top_k": int, "repetition_penalty": float,
+    "dataset_revision": str,
 }
 
 
@@ -149,7 +150,8 @@ def _require_budget(config: RunConfig) -> None:
 def _examples(config: RunConfig) -> tuple[Task, tuple[Example, ...]]:
     """The run's task and examples; each (dataset, subset, protocol, system prompt) is loaded once per sweep."""
     key = RunConfig(model=config.model, dataset=config.dataset, num_samples=config.num_samples,
-                    data_dir=config.data_dir, protocol=config.protocol, system_prompt=config.system_prompt)
+                    data_dir=config.data_dir, protocol=config.protocol, system_prompt=config.system_prompt,
+                    dataset_revision=config.dataset_revision)
     return _examples_of(key)
 
 
@@ -198,7 +200,7 @@ def status(runs: list[PlannedRun], retry_failed: bool = False) -> list[RunStatus
     out = []
     for run in runs:
         task, examples, cell = _plan(run.config)
-        cell.run_key = run_key(run.config, task, cell, cached_revision(resolve(run.config.model)))
+        cell.run_key = run_key(run.config, task, cell, cached_revision(resolve(run.config.model)), examples)
         store = ResultStore(run.config.store)
         ids = {e.id for e in examples}
         stored = sum(1 for e, s in store.done(cell.run_key) if e in ids and s == 0)
@@ -229,7 +231,7 @@ def execute_local(
         session = load_session(first.model, first.dtype, first.device, first.seed)
         for run in group:
             task, examples, cell = _plan(run.config)
-            cell.run_key = run_key(run.config, task, cell, session.revision)
+            cell.run_key = run_key(run.config, task, cell, session.revision, examples)
             if on_run_start:
                 store = ResultStore(run.config.store)
                 on_run_start(run, len(pending(store, cell, examples, retry_failed)))

@@ -5,6 +5,7 @@ import json
 import pyarrow.parquet as pq
 
 from kvbench.store import ResultStore
+from kvbench.tasks.hub import files_digest
 from tests.test_cli import kvbench
 from tests.test_tasks import SHARED_DATA
 
@@ -73,6 +74,8 @@ def test_run_on_a_real_dataset_stores_metrics(tmp_path):
     assert result.returncode == 0, result.stderr
     rows = ResultStore(tmp_path).read().to_pylist()
     assert len(rows) == 2 and all(r["dataset"] == "drop" and r["split"] == "dev" for r in rows)
+    digest = files_digest(SHARED_DATA / "drop" / "dev.jsonl")
+    assert all(r["dataset_revision"] == f"local:sha256:{digest}" for r in rows)
     assert all(json.loads(r["metrics"]) in ({}, {"f1": json.loads(r["metrics"]).get("f1")}) for r in rows)
 
 

@@ -11,7 +11,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from kvbench.engine.generate import GenerationSettings, generate, sampling_probs
+from kvbench.engine.generate import GenerationSettings, cache_argument, generate, sampling_probs
 from kvbench.engine.loops import RepetitionStop
 from kvbench.presses import make_press
 
@@ -43,7 +43,7 @@ def test_greedy_with_repetition_penalty_equals_hf_generate(tiny_llama):
     (ours,) = generate(model, [ids], make_press("full"), None, settings)
     with torch.no_grad():
         theirs = model.generate(torch.tensor([ids]), max_new_tokens=40, min_new_tokens=40, do_sample=False,
-                                repetition_penalty=1.3, past_key_values=DynamicCache(config=model.config))
+                                repetition_penalty=1.3, **{cache_argument(model): DynamicCache(config=model.config)})
     assert ours.tokens == theirs[0, len(ids):].tolist()
     (plain,) = generate(model, [ids], make_press("full"), None, GenerationSettings(max_new_tokens=40))
     assert plain.tokens != ours.tokens  # the penalty changed the output

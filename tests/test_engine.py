@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvbench.engine.generate import GenerationSettings, generate
+from kvbench.engine.generate import GenerationSettings, cache_argument, generate
 from kvbench.presses import make_press
 from tests.conftest import ALL_PRESSES, prompt_ids
 
@@ -14,8 +14,9 @@ N_NEW = 40
 
 
 def hf_greedy(model, prompt, n_new):
+    cache = {cache_argument(model): DynamicCache()}  # the name this transformers' generate takes
     out = model.generate(torch.tensor([prompt]), max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                         past_key_values=DynamicCache(), eos_token_id=None, pad_token_id=0)
+                         eos_token_id=None, pad_token_id=0, **cache)
     return out[0, len(prompt):].tolist()
 
 

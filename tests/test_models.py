@@ -45,3 +45,21 @@ def test_cached_revision_is_the_snapshot_commit(tmp_path, monkeypatch):
     assert cached_revision(ModelSpec(name="org/x", source="hf", path="org/x")) is None
     assert cached_revision(ModelSpec(name="tiny-llama", source="alias", path="tiny-llama")) is None
     assert cached_revision(ModelSpec(name="org/m", source="hf", path="org/m", revision="pinned")) == "pinned"
+
+
+def test_known_models_table():
+    from kvbench.models import known_models, model_settings
+    from tests.test_cli import kvbench
+
+    paper = ["deepseek-ai/DeepSeek-R1-Distill-Llama-8B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
+             "nvidia/Llama-3.1-Nemotron-Nano-8B-v1", "meta-llama/Llama-3.1-8B-Instruct"]
+    keys = {"id", "system_prompt", "opens_think", "dtype", "eos", "recommended", "paper"}
+    assert all(keys <= set(entry) for entry in known_models())
+    for model in paper:
+        assert model_settings(model)["paper"]["max_new_tokens"] == 2048
+        assert model_settings(f"/models/{model.split('/')[1]}/")["id"] == model  # a directory named after it
+    assert model_settings("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B")["opens_think"] is True
+    assert model_settings("smollm2-135m")["id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert model_settings("someone/unknown-model") is None
+    listing = kvbench("models")
+    assert listing.returncode == 0 and all(model in listing.stdout for model in paper)

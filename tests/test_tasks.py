@@ -222,7 +222,7 @@ def test_gated_dataset_names_the_fix(monkeypatch):
         raise ConnectionError("401 Client Error: this dataset is gated, you must be authenticated")
 
     monkeypatch.delenv("KVBENCH_DATA_DIR", raising=False)
-    monkeypatch.setattr(datasets, "load_dataset", gated)
+    monkeypatch.setattr(datasets, "load_dataset_builder", gated)
     with pytest.raises(DataError, match="gated: accept its terms .* HF_TOKEN"):
         load_examples(load_task("folio"))
 
@@ -234,6 +234,8 @@ def test_gated_dataset_names_the_fix(monkeypatch):
      "unknown extractor 'nope'"),
     ("name: x\nversion: 1\nprompt: p\nextractors: [boxed]\nscorer: numeric\nlocal: {}\ncolour: red\n",
      "unknown keys colour"),
+    ("name: x\nversion: 1\nprompt: p\nextractors: [boxed]\nscorer: numeric\n"
+     "hub: {path: a/b, option_order: {field: options, order: [0, 0], rows: [1]}}\n", "option_order needs"),
 ])
 def test_malformed_configs_fail_clearly(tmp_path, monkeypatch, text, message):
     (tmp_path / "x.yaml").write_text(text)

@@ -8,6 +8,7 @@ import typer
 
 from kvbench.cli import bench as bench_cmd
 from kvbench.cli import datasets as datasets_cmd
+from kvbench.cli import models as models_cmd
 from kvbench.cli import presses as presses_cmd
 from kvbench.cli import report as report_cmd
 from kvbench.cli import run as run_cmd
@@ -21,6 +22,7 @@ app = typer.Typer(
 app.command("run")(run_cmd.run)
 app.command("fidelity")(run_cmd.fidelity)
 app.command("presses")(presses_cmd.presses)
+app.command("models")(models_cmd.models)
 app.command("sweep")(sweep_cmd.sweep)
 app.command("score")(score_cmd.score)
 app.command("report")(report_cmd.report)

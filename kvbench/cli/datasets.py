@@ -13,6 +13,8 @@ def _source(layout: dict | None) -> str:
     where = layout.get("path") or layout.get("dir") or layout.get("generator")
     split = layout.get("split") or "+".join(layout.get("splits", [])) or ""
     size = layout.get("size", "?")
+    where += f"[{layout['name']}]" if layout.get("name") else ""
+    where += f"@{layout['revision'][:12]}" if layout.get("revision") else ""
     return f"{where}:{split} ({size})" if split else f"{where} ({size})"
 
 
@@ -20,6 +22,7 @@ def _source(layout: dict | None) -> str:
 def list_datasets() -> None:
     """Every dataset config: version, answer type, scorer, hub and local sources with sizes."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from kvbench.tasks import available, load_task
@@ -29,8 +32,8 @@ def list_datasets() -> None:
         table.add_column(column)
     for name in available():
         task = load_task(name)
-        table.add_row(name, str(task.version), task.answer_type, task.scorer, _source(task.hub),
-                      _source(task.local or task.builtin))
+        table.add_row(name, str(task.version), task.answer_type, task.scorer, escape(_source(task.hub)),
+                      escape(_source(task.local or task.builtin)))
     Console(width=160).print(table)
 
 
@@ -40,6 +43,7 @@ def show(
     data_dir: str | None = typer.Option(None, help=_DATA_DIR_HELP),
     protocol: str = typer.Option("kvbench", help="Show the prompt, gold and scorer of this protocol (kvbench, "
                                  "hott, hott-sampling)."),
+    revision: str | None = typer.Option(None, help="Hub revision to read (default: the config's)."),
 ) -> None:
     """The config, the normalised fields of the first example, the size, and its full prompt."""
     from kvbench.tasks import load_examples, load_task
@@ -47,10 +51,11 @@ def show(
 
     chosen = get_protocol(protocol)
     task = load_task(name).for_protocol(chosen)
-    examples = load_examples(task, data_dir_override=data_dir)
+    examples = load_examples(task, data_dir_override=data_dir, revision=revision)
     first = examples[0]
     typer.echo(f"{task.name} v{task.version}: {task.description}")
     typer.echo(f"hub: {_source(task.hub)}    local: {_source(task.local or task.builtin)}")
+    typer.echo(f"read from {first.source}")
     typer.echo(f"loaded {len(examples)} examples; answer type {task.answer_type}; extractors "
                f"{', '.join(task.extractors)}; scorer {task.scorer}; generation {task.generation}")
     typer.echo(f"fields: {', '.join(['id', *first.fields, 'gold'])}")
@@ -72,7 +77,7 @@ def validate(data_dir: str | None = typer.Option(None, help=_DATA_DIR_HELP)) -> 
     from kvbench.tasks import available, load_examples, load_task
 
     table = Table(title="dataset validation")
-    for column in ("dataset", "status", "examples", "detail"):
+    for column in ("dataset", "status", "examples", "read from / detail"):
         table.add_column(column)
     failed = 0
     for name in available():
@@ -86,7 +91,7 @@ def validate(data_dir: str | None = typer.Option(None, help=_DATA_DIR_HELP)) -> 
             ids = [e.id for e in examples]
             if len(set(ids)) != len(ids):
                 raise KvbenchError("example ids are not unique")
-            table.add_row(name, "[green]ok[/]", str(len(examples)), "")
+            table.add_row(name, "[green]ok[/]", str(len(examples)), examples[0].source if examples else "")
         except KvbenchError as err:
             failed += 1
             table.add_row(name, "[red]failed[/]", "-", str(err))

@@ -39,6 +39,8 @@ def run(
     device: str = typer.Option("auto", help="auto (cuda if present), cpu, cuda, cuda:N."),
     data_dir: Path | None = typer.Option(None, help="Local data <dir>/<name>/<split>.jsonl instead of the hub "
                                          "(default: $KVBENCH_DATA_DIR)."),
+    dataset_revision: str | None = typer.Option(None, help="Hub revision of the dataset (commit, branch or tag; "
+                                                "default: the dataset YAML's). The commit read is stored."),
     batch_size: int = typer.Option(1, help="Sequences decoded together (left-padded, evicted per sequence)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Rerun examples recorded as failed."),
     measure: list[str] = typer.Option([], "--measure", help="Extra measurement, repeatable: attention-loss "
@@ -67,7 +69,8 @@ def _execute(o: dict, kind: str) -> None:
         top_k=o["top_k"], repetition_penalty=o["repetition_penalty"], protocol=o["protocol"],
         system_prompt=o["system_prompt"],
         store=str(o["store"]), dtype=o["dtype"], device=o["device"],
-        data_dir=str(o["data_dir"]) if o["data_dir"] else None, batch_size=o["batch_size"],
+        data_dir=str(o["data_dir"]) if o["data_dir"] else None, dataset_revision=o["dataset_revision"],
+        batch_size=o["batch_size"],
         stop_on_loop=o["stop_on_loop"], measure=tuple(_split(o["measure"])), kind=kind,
     )
     plan(config)  # fail on bad input before any model loads

@@ -7,6 +7,7 @@ counts against the budget. Finished sequences are frozen: they feed an invalid t
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
@@ -68,6 +69,15 @@ class SequenceOutput:
     text: str | None = None
     #: Next-token logits of every step (only with ``record_logits=True``; for tests and analysis).
     logits: list[torch.Tensor] = field(default_factory=list, repr=False)
+
+
+def cache_argument(model) -> str:
+    """The name under which the installed transformers' ``forward`` takes the cache.
+
+    ``cache`` where it exists (``past_key_values`` is deprecated there, to be removed in 5.40), else
+    ``past_key_values`` (transformers 5.0 to the release that renamed it).
+    """
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
 @contextlib.contextmanager
@@ -210,11 +220,13 @@ def generation(
     cache_len_sum = [0.0] * batch
     next_position = torch.tensor(lengths, device=device)
 
+    cache_kwarg = {cache_argument(model): cache}
+
     def forward(input_ids, pos, ok, counts, decode_step=0):
         cache.begin_step(pos, ok, counts, decode_step)
         out = model(
-            input_ids=input_ids, position_ids=pos, past_key_values=cache, use_cache=True,
-            kvbench_cache=cache, logits_to_keep=1,
+            input_ids=input_ids, position_ids=pos, **cache_kwarg, use_cache=True, kvbench_cache=cache,
+            logits_to_keep=1,
         )
         cache.end_step()
         return out.logits[:, -1]

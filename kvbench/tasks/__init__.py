@@ -1,9 +1,11 @@
 """Datasets as declarative YAML configs (``datasets_cfg/<name>.yaml``), loaded into normalised examples.
 
-A config declares a ``hub`` layout (Hugging Face ``datasets``) and/or a ``local`` layout (JSON Lines under
-``--data-dir`` / ``KVBENCH_DATA_DIR``, ``<dir>/<local.dir>/<split>.jsonl``), or a built-in generator; each
-layout maps its own fields to the same normalised example. Prompt template, generation defaults, extractor
-chain and scorer are named, never coded, in the YAML. This package knows nothing about torch.
+A config declares a ``hub`` layout (Hugging Face ``datasets``: path, config name, split, revision, or an offline
+mirror of it, ``kvbench.tasks.hub``) and/or a ``local`` layout (JSON Lines under ``--data-dir`` /
+``KVBENCH_DATA_DIR``, ``<dir>/<local.dir>/<split>.jsonl``), or a built-in generator; each layout maps its own
+fields to the same normalised example, and every example records where it was read. Prompt template,
+generation defaults, extractor chain and scorer are named, never coded, in the YAML. This package knows nothing
+about torch.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ from kvbench.tasks.arith import GENERATORS
 from kvbench.tasks.critical import critical_spans, render_with_ranges
 from kvbench.tasks.extract import EXTRACTORS, extract, opens_thinking
 from kvbench.tasks.fields import LETTERS, TRANSFORMS, resolve_field, spec_transform_names
+from kvbench.tasks.hub import DATA_DIR_ENV, files_digest, read_hub
 from kvbench.tasks.protocols import Protocol
 from kvbench.tasks.score import SCORERS
 
 CONFIG_DIR_ENV = "KVBENCH_DATASETS_CFG"
-DATA_DIR_ENV = "KVBENCH_DATA_DIR"
 _REQUIRED = ("name", "version", "prompt", "extractors", "scorer")
 
 
@@ -35,6 +37,9 @@ class Example:
     id: str
     fields: dict  # what the prompt template may use (choices: a list of option texts)
     gold: str
+    #: Where the data was read: ``hub:<path>@<commit>``, ``mirror:<path>@sha256:..``, ``local:sha256:..``,
+    #: ``builtin:<generator>`` (the ``dataset_revision`` column).
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,8 @@ class Task:
     generation: dict = field(default_factory=dict)
     answer_type: str = "number"
     description: str = ""
-    #: Per-protocol overrides (``protocols: {hott: {prompt, extractors, scorer, fields: {hub, local}}}``).
+    #: Per-protocol overrides (``protocols: {hott: {prompt, extractors, scorer, fields: {hub, local}, hub}}``):
+    #: ``fields`` adds to a layout's field mapping, ``hub`` replaces the hub layout (another repository).
     protocols: dict = field(default_factory=dict)
     #: The protocol this task was prepared for (``for_protocol``) and whether it strips ``<think>`` blocks.
     protocol: str = "kvbench"
@@ -81,7 +87,8 @@ class Task:
         return replace(
             self, protocol=protocol.name, strip_thinking=protocol.strip_thinking, system=None, prompt=block["prompt"],
             extractors=tuple(block["extractors"]), scorer=block["scorer"],
-            hub=_with_fields(self.hub, extra.get("hub")), local=_with_fields(self.local, extra.get("local")),
+            hub=_with_fields(block.get("hub", self.hub), extra.get("hub")),
+            local=_with_fields(self.local, extra.get("local")),
             builtin=_with_fields(self.builtin, extra.get("builtin")),
         )
 
@@ -163,12 +170,26 @@ def load_task(name: str) -> Task:
     for layout in ("hub", "local", "builtin"):
         for spec in (raw.get(layout) or {}).get("fields", {}).values():
             names += [("transform", n, TRANSFORMS) for n in spec_transform_names(spec)]
+    for layout in ("hub", "local"):
+        _check_option_order(path, (raw.get(layout) or {}).get("option_order"))
     names += _protocol_names(path, raw.get("protocols") or {})
     for kind, name_, registry in names:
         if name_ not in registry:
             raise ConfigError(f"{path}: unknown {kind} {name_!r} (known: {', '.join(registry)})")
     raw["extractors"] = tuple(raw["extractors"])
     return Task(**raw)
+
+
+def _check_option_order(path: Path, fix) -> None:
+    if fix is None:
+        return
+    order = fix.get("order") if isinstance(fix, dict) else None
+    rows = fix.get("rows") if isinstance(fix, dict) else None
+    if not (isinstance(fix, dict) and isinstance(fix.get("field"), str) and isinstance(order, list)
+            and sorted(order) == list(range(len(order))) and isinstance(rows, list)
+            and all(isinstance(r, int) and r >= 0 for r in rows)):
+        raise ConfigError(f"{path}: option_order needs field (a column), order (a permutation of 0..n-1) and rows "
+                          "(row indices)")
 
 
 def _protocol_names(path: Path, blocks: dict) -> list[tuple[str, str, dict]]:
@@ -179,11 +200,12 @@ def _protocol_names(path: Path, blocks: dict) -> list[tuple[str, str, dict]]:
     for name, block in blocks.items():
         if not isinstance(block, dict) or {"prompt", "extractors", "scorer"} - set(block):
             raise ConfigError(f"{path}: protocol block {name!r} needs prompt, extractors and scorer")
-        extra = set(block) - {"prompt", "extractors", "scorer", "fields"}
+        extra = set(block) - {"prompt", "extractors", "scorer", "fields", "hub"}
         if extra:
             raise ConfigError(f"{path}: protocol block {name!r}: unknown keys {', '.join(sorted(extra))}")
         names += [("extractor", n, EXTRACTORS) for n in block["extractors"]] + [("scorer", block["scorer"], SCORERS)]
-        for layout_fields in (block.get("fields") or {}).values():
+        layouts = [*(block.get("fields") or {}).values(), (block.get("hub") or {}).get("fields", {})]
+        for layout_fields in layouts:
             for spec in layout_fields.values():
                 names += [("transform", n, TRANSFORMS) for n in spec_transform_names(spec)]
     return names
@@ -207,31 +229,57 @@ def data_dir(override: str | None = None) -> Path | None:
 
 
 def load_examples(task: Task, num_samples: int | None = None, data_dir_override: str | None = None,
-                  subset_seed: int = 0, subset: str = "sample") -> list[Example]:
+                  subset_seed: int = 0, subset: str = "sample", revision: str | None = None,
+                  check_size: bool = True) -> list[Example]:
     """The task's examples; ``num_samples`` takes a fixed seeded subset, the same for every press and budget.
 
     ``subset`` "sample": sorted ``random.Random(subset_seed).sample``; "hf-shuffle": the first ``num_samples`` of
     ``datasets``' ``shuffle(seed=subset_seed)`` permutation (numpy's PCG64 ``permutation``), in that order.
+    ``revision`` overrides the hub layout's; ``check_size`` False accepts a split of another size (fixtures).
     """
     if task.builtin:
+        if revision:
+            raise DataError(f"dataset {task.name} is generated by kvbench: --dataset-revision does not apply")
         count = num_samples if num_samples is not None else int(task.builtin.get("size", 100))
         records = GENERATORS[task.builtin["generator"]](count, int(task.builtin.get("seed", 0)))
-        return [_normalise(task, task.builtin, r, i) for i, r in enumerate(records)]
+        source = f"builtin:{task.builtin['generator']}"
+        return [_normalise(task, task.builtin, r, i, source) for i, r in enumerate(records)]
+    layout, records, source = _read(task, data_dir_override, revision)
+    expected = layout.get("size")
+    if check_size and expected is not None and len(records) != int(expected):
+        raise DataError(f"dataset {task.name}: {len(records)} examples, expected {expected} "
+                        "(wrong split, another version, or a truncated file?)")
+    records = _reordered(layout, records)
+    examples = [_normalise(task, layout, r, i, source) for i, r in enumerate(records)]
+    return [examples[i] for i in subset_indices(len(examples), num_samples, subset, subset_seed)]
+
+
+def _read(task: Task, data_dir_override: str | None, revision: str | None) -> tuple[dict, list[dict], str]:
+    """The layout read (local files if a data directory is set, else the hub), its records and their source."""
     directory = data_dir(data_dir_override)
     if directory is not None:
         if not task.local:
             raise DataError(f"dataset {task.name} has no local layout; unset {DATA_DIR_ENV} to use the hub")
-        layout, records = task.local, _read_local(task, directory)
-    else:
-        if not task.hub:
-            raise DataError(f"dataset {task.name} has no Hugging Face source; set {DATA_DIR_ENV}")
-        layout, records = task.hub, _read_hub(task)
-    expected = layout.get("size")
-    if expected is not None and len(records) != int(expected):
-        raise DataError(f"dataset {task.name}: {len(records)} examples, expected {expected} "
-                        "(wrong split, another version, or a truncated file?)")
-    examples = [_normalise(task, layout, r, i) for i, r in enumerate(records)]
-    return [examples[i] for i in subset_indices(len(examples), num_samples, subset, subset_seed)]
+        if revision:
+            raise DataError(f"--dataset-revision applies to the hub; unset {DATA_DIR_ENV} (local files have none)")
+        records = _read_local(task, directory)
+        return task.local, records, f"local:sha256:{files_digest(*local_files(task, directory))}"
+    if not task.hub:
+        raise DataError(f"dataset {task.name} has no Hugging Face source; set {DATA_DIR_ENV}")
+    records, source = read_hub(task.name, task.hub, revision)
+    return task.hub, records, source
+
+
+def _reordered(layout: dict, records: list[dict]) -> list[dict]:
+    """Apply the layout's ``option_order`` fix: ``rows`` whose ``field`` list is stored in another ``order``."""
+    fix = layout.get("option_order")
+    if not fix:
+        return records
+    records = list(records)
+    for row in (r for r in fix["rows"] if r < len(records)):  # a fixture may hold fewer rows
+        options = records[row][fix["field"]]
+        records[row] = {**records[row], fix["field"]: [options[i] for i in fix["order"]]}
+    return records
 
 
 def subset_indices(size: int, num_samples: int | None, subset: str = "sample", seed: int = 0) -> list[int]:
@@ -269,25 +317,7 @@ def _read_local(task: Task, directory: Path) -> list[dict]:
     return records
 
 
-def _read_hub(task: Task) -> list[dict]:
-    hub = task.hub
-    try:
-        import datasets
-
-        ds = datasets.load_dataset(hub["path"], hub.get("name"), split=hub.get("split", "test"),
-                                   revision=hub.get("revision"))
-    except Exception as err:  # noqa: BLE001 - any hub failure becomes one line naming the fix
-        text = str(err).strip()
-        first = text.splitlines()[0] if text else type(err).__name__
-        fix = f"set {DATA_DIR_ENV}=<dir> with local files"
-        if hub.get("gated") or "gated" in text.lower() or "401" in text:
-            fix = ("the dataset is gated: accept its terms on the Hugging Face hub and log in "
-                   f"(`hf auth login` or HF_TOKEN), or {fix}")
-        raise DataError(f"dataset {task.name}: cannot load {hub['path']} from the hub ({first}); {fix}") from None
-    return [dict(r) for r in ds]
-
-
-def _normalise(task: Task, layout: dict, record: dict, index: int) -> Example:
+def _normalise(task: Task, layout: dict, record: dict, index: int, source: str = "") -> Example:
     specs = dict(layout.get("fields", {}))
     try:
         values = {key: resolve_field(record, spec) for key, spec in specs.items()}
@@ -297,4 +327,4 @@ def _normalise(task: Task, layout: dict, record: dict, index: int) -> Example:
     if gold is None:
         raise DataError(f"dataset {task.name}: the field mapping has no gold")
     example_id = str(values.pop("id", f"{task.name}-{index}"))
-    return Example(id=example_id, fields=values, gold=str(gold))
+    return Example(id=example_id, fields=values, gold=str(gold), source=source)

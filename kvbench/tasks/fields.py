@@ -54,6 +54,7 @@ def after_hashes(value: str) -> str:
 
 
 def join_lines(value) -> str:
+    """A list of lines (FOLIO v0.0's premises) joined, or one text of lines (v2's) as it is."""
     return "\n".join(value) if isinstance(value, list) else str(value)
 
 
@@ -69,6 +70,40 @@ def drop_pipe_alternatives(value: str) -> str:
 def drop_spans(value: dict) -> str:
     """Hub DROP ``answers_spans``: the spans of one multi-span answer -> JSON [[span, ...]]."""
     return json.dumps([list(value["spans"])])
+
+
+def drop_annotations(value: list) -> str:
+    """EleutherAI/drop ``[answer, validated_answers]`` -> JSON [[span, ...], ...]: one alternative per annotation.
+
+    Each annotation is a number, a list of spans (one multi-span answer) or a date ("day month year", as the
+    official evaluator writes it); empty and repeated annotations are dropped, the first annotator's first.
+    """
+    answer, validated = value
+    alternatives: list[list[str]] = []
+    for annotation in [answer, *_annotations(validated)]:
+        spans = _annotation_spans(annotation)
+        if spans and spans not in alternatives:
+            alternatives.append(spans)
+    return json.dumps(alternatives)
+
+
+def _annotations(validated) -> list[dict]:
+    """``validated_answers`` as a list of annotations, whether stored as a list or as a dict of lists."""
+    if isinstance(validated, list):
+        return validated
+    count = len(validated.get("number") or [])
+    return [{key: column[i] for key, column in validated.items()} for i in range(count)]
+
+
+def _annotation_spans(annotation: dict) -> list[str]:
+    if str(annotation.get("number") or "").strip():
+        return [str(annotation["number"]).strip()]
+    spans = [s.strip() for s in annotation.get("spans") or [] if s.strip()]
+    if spans:
+        return spans
+    date = annotation.get("date") or {}
+    text = " ".join(str(date.get(k) or "").strip() for k in ("day", "month", "year"))
+    return [" ".join(text.split())] if text.strip() else []
 
 
 def drop_passage(value: str) -> str:
@@ -118,8 +153,8 @@ def pipe_spans_list_text(value: str) -> str:
 
 TRANSFORMS: dict[str, Callable] = {f.__name__: f for f in (
     label_text_choices, columns_choices, index_to_letter, upper_letter, bool_yes_no, after_hashes, join_lines,
-    integer_string, drop_pipe_alternatives, drop_spans, drop_passage, drop_question, identity, as_text,
-    after_hashes_raw, index_plus_one, letter_to_number, spans_list_text, pipe_spans_list_text,
+    integer_string, drop_pipe_alternatives, drop_spans, drop_annotations, drop_passage, drop_question, identity,
+    as_text, after_hashes_raw, index_plus_one, letter_to_number, spans_list_text, pipe_spans_list_text,
 )}
 
 
