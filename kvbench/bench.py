@@ -102,8 +102,14 @@ def validate(config: BenchConfig) -> None:
                         *(("--batch-size", b) for b in config.batch_sizes), ("--max-batch", config.max_batch)):
         if value < 1:
             raise KvbenchError(f"{name} must be >= 1, got {value}")
-    if config.memory_gib is not None and config.memory_gib <= 0:
-        raise KvbenchError(f"--memory-gib must be > 0, got {config.memory_gib}")
+    if config.warmup < 0:
+        raise KvbenchError(f"--warmup must be >= 0, got {config.warmup}")
+    if config.memory_gib is not None and not (math.isfinite(config.memory_gib) and config.memory_gib > 0):
+        raise KvbenchError(f"--memory-gib must be a finite number > 0, got {config.memory_gib}")
+    if config.store:
+        from kvbench.store import ResultStore
+
+        ResultStore(Path(config.store) / "bench").check_writable(parts=False)  # bench parts have their own schema
 
 
 def execute(config: BenchConfig, on_progress: Callable[[str, int, int], None] | None = None):
@@ -123,7 +129,7 @@ def execute(config: BenchConfig, on_progress: Callable[[str, int, int], None] | 
     if config.compile:
         compile_tensor_work(model)
     bench = _Bench(config, model, loaded.device, build_presses(config), on_progress)
-    started = dt.datetime.now(dt.UTC)
+    started = dt.datetime.now(dt.timezone.utc)
     rows: list[BenchRow] = []
 
     def measured(new_rows: list[BenchRow]) -> None:

@@ -40,7 +40,7 @@ def store_rows(config: BenchConfig, loaded, rows: list[BenchRow], started: dt.da
         records.append(record)
     folder = Path(config.store) / "bench"
     folder.mkdir(parents=True, exist_ok=True)
-    name = f"part-{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
+    name = f"part-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
     tmp = folder / f".{name}.tmp"
     pq.write_table(pa.Table.from_pylist(records), tmp)
     os.replace(tmp, folder / name)

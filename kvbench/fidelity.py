@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.errors import KvbenchError
 from kvbench.presses import make_press
 from kvbench.run import Cell, RunConfig, base_row, generation_settings, pending, record_failures
 from kvbench.session import Session
@@ -32,11 +31,11 @@ def reference(session: Session, config: RunConfig, task: Task, example: Example)
     """The full cache's greedy response and its next-token log-probabilities (cached per session)."""
     from kvbench.engine.generate import generate
 
-    settings = generation_settings(session, config, task)
+    settings = generation_settings(session, config, task)  # seed and sampling included: a reference per setting
     codec = session.codec(task)
-    key = (task.name, task.protocol, task.prompt_hash, example.id, settings)
+    prompt = codec.prompt(example)
+    key = (task.name, task.protocol, example.id, prompt, settings)  # the prompt as rendered, whatever its source
     if key not in session.references:
-        prompt = codec.prompt(example)
         ids = codec.encode(prompt)
         log_probs: list[torch.Tensor] = []
         (out,) = generate(session.loaded.model, [ids], make_press("full"), None, settings,
@@ -81,13 +80,12 @@ def run_fidelity_cell(
     settings = generation_settings(session, config, task)
     written = 0
     with store.lock(cell.run_key):
+        store.clear_stale_failures(cell.run_key)
         for example in pending(store, cell, examples, retry_failed):
             try:
                 ref = reference(session, config, task, example)
                 out, columns = replay(session, config, task, ref, cell.press, cell.budget)
-            except (KeyboardInterrupt, KvbenchError):
-                raise
-            except Exception as err:  # noqa: BLE001 - out of memory on one example: record it, go on
+            except (RuntimeError, MemoryError, OSError) as err:  # out of memory, device or disk: record, go on
                 record_failures(store, config, task, cell, [example], err, on_example)
                 continue
             store.append([{**base_row(session, config, task, cell, example, ref.prompt, out, settings), **columns}])

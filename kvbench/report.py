@@ -96,13 +96,16 @@ def load(store: str | Path) -> pd.DataFrame:
     if table.num_rows == 0:
         raise KvbenchError(f"no results in {store}")
     df = table.to_pandas()
-    df = df[df["sample"] == 0].copy()
+    df = df[df["sample"] == 0]
+    repeated = df.duplicated(["run_key", "example_id", "sample"], keep="last")  # e.g. two stores merged
+    df = df[~repeated].copy()
     df["kind"] = df["kind"].fillna("generate")
     df["protocol"] = df["protocol"].fillna(DEFAULT_PROTOCOL)
     labels = {key: _press_label(*key) for key in set(zip(df["press"], df["press_args"], df["protocol"]))}
     df["press_label"] = [labels[key][0] for key in zip(df["press"], df["press_args"], df["protocol"])]
     df.attrs["identities"] = dict(labels.values())  # label -> what the row ran
-    df["dataset_label"] = _dataset_labels(df)
+    df["dataset_label"] = _dataset_labels(df) + _settings_suffixes(df)
+    df.attrs["repeated_rows"] = int(repeated.sum())
     return df
 
 
@@ -127,6 +130,35 @@ def _dataset_labels(df: pd.DataFrame) -> list[str]:
     variants = identity.groupby([df["dataset"], df["protocol"]]).nunique()
     return [d if variants[(d, p)] == 1 else f"{d}[v{v} {s}]" for d, p, v, s in
             zip(df["dataset"], df["protocol"], df["dataset_version"], identity.str.split("/", n=1).str[1])]
+
+
+#: Run settings besides press, budget and dataset (all in the run key): rows that differ in one are never pooled.
+SETTINGS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop_on_loop", "dtype",
+            "model_source", "model_revision", "hub_revision")
+
+
+def _settings_suffixes(df: pd.DataFrame) -> pd.Series:
+    """`` [max_new_tokens=4 dtype=float32]``: the settings that vary within a (model, dataset, protocol)."""
+    greedy = df["temperature"].fillna(0.0) == 0
+    frame = pd.DataFrame({
+        "model": df["model"], "dataset": df["dataset"], "protocol": df["protocol"],
+        "max_new_tokens": df["max_new_tokens"], "temperature": df["temperature"].fillna(0.0),
+        # as the run key: top-p and top-k do nothing under greedy decoding; older parts lack the newer columns
+        "top_p": df["top_p"].fillna(1.0).where(~greedy, 1.0),
+        "top_k": df["top_k"].fillna(0).astype(int).where(~greedy, 0),
+        "repetition_penalty": df["repetition_penalty"].fillna(1.0), "stop_on_loop": df["stop_on_loop"].fillna(False),
+        "dtype": df["dtype"], "model_source": df["model_source"], "model_revision": df["model_revision"],
+        # local files are not in the run key (their digest is stored, not keyed); hub commits are
+        "hub_revision": df["dataset_revision"].where(df["dataset_revision"].fillna("").str.contains("@"), ""),
+    }, index=df.index).astype({c: str for c in SETTINGS})
+    counts = frame.groupby(["model", "dataset", "protocol"])[list(SETTINGS)].nunique(dropna=False)
+    varying = [c for c in SETTINGS if (counts[c] > 1).any()]
+    if not varying:
+        return pd.Series("", index=df.index)
+    text = frame[varying[0]].radd(f"{varying[0]}=")
+    for column in varying[1:]:
+        text = text + f" {column}=" + frame[column]
+    return " [" + text + "]"
 
 
 @dataclass
@@ -161,7 +193,7 @@ def aggregate(df: pd.DataFrame, metric: str) -> pd.DataFrame:
 def model_table(long: pd.DataFrame, model: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Wide tables (means, standard errors) for one model: index press, columns (dataset, budget)."""
     part = long[long["model"] == model]
-    budgets = sorted({int(b) for b in part["budget"].dropna()})
+    budgets = sorted({int(b) for b in part["budget"].dropna()}) or ["full"]  # only full-cache runs: one column
     datasets = sorted(set(part["dataset_label"]))
     presses = sorted(set(part["press_label"]), key=lambda p: (row_protocol(p) != DEFAULT_PROTOCOL, row_protocol(p),
                                                                p != full_label(p), p))
@@ -215,6 +247,11 @@ def _cell_text(mean: float, se: float, fmt: str) -> str:
     return fmt.format(mean) if not se else f"{fmt.format(mean)} ± {fmt.format(se)}"
 
 
+def _delta_text(value: float, number: str) -> str:
+    """A difference in the metric's own format, signed (``{:.3f}`` -> ``+0.012``)."""
+    return number.replace("{:", "{:+", 1).format(value)
+
+
 def _counts_note(means: pd.DataFrame) -> str:
     counts = set(means.attrs.get("counts", {}).values())
     return f"n = {counts.pop()} per cell" if len(counts) == 1 else f"n per cell from {min(counts)} to {max(counts)}"
@@ -235,7 +272,7 @@ def render(store: str | Path, metric: str = "accuracy", fmt: str = "markdown", r
     long = aggregate(df, metric)
     _, higher, unit, number = _metric(metric)
     if fmt == "csv":
-        return _csv(long, metric, ref, identities, reference)
+        return _csv(_with_paired(long, df, metric), metric, ref, identities, reference)
     blocks = []
     for model in sorted(set(long["model"])):
         means, errors = model_table(long, model)
@@ -244,9 +281,22 @@ def render(store: str | Path, metric: str = "accuracy", fmt: str = "markdown", r
         if ref is not None:
             means, errors, mask, notes = with_reference(means, errors, mask, ref, model, identities, reference)
         spread = "one value per cell" if metric in CELL_METRICS else "mean ± standard error"
-        title = f"{model}: {unit} ({spread}; {_counts_note(means)}; best evicting press in bold)"
+        repeated = df.attrs["repeated_rows"]
+        repeated = f"; {repeated} rows stored twice (same run and example) counted once" if repeated else ""
+        title = f"{model}: {unit} ({spread}; {_counts_note(means)}{repeated}; best evicting press in bold)"
         blocks.append(RENDERERS[fmt](title, means, errors, mask, number) + _notes(notes, fmt))
     return "\n\n".join(blocks) + "\n"
+
+
+def _with_paired(long: pd.DataFrame, df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """``long`` with each press cell's paired difference from the full cache (``kvbench.paired``)."""
+    from kvbench.paired import KEYS, paired_statistics
+
+    if metric not in METRICS:  # a whole-cell ratio has no per-example values to pair
+        return long
+    rows = df[(df["kind"] == "fidelity") == (metric in FIDELITY_METRICS)]
+    paired = paired_statistics(rows, METRICS[metric][0](rows), full_label)
+    return long.merge(paired, how="left", on=KEYS)
 
 
 def _csv(long: pd.DataFrame, metric: str, ref, identities: dict, reference: str | None) -> str:
@@ -277,7 +327,7 @@ def _markdown(title, means, errors, mask, number) -> str:
         for column in means.columns:
             text = _cell_text(means.loc[press, column], errors.loc[press, column] if column[0] != DELTA else 0, number)
             if column[0] == DELTA and not pd.isna(means.loc[press, column]):
-                text = f"{means.loc[press, column]:+.1f}"
+                text = _delta_text(means.loc[press, column], number)
             cells.append(f"**{text}**" if mask.loc[press, column] else text)
         lines.append(f"| {press} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -289,7 +339,7 @@ def _latex(title, means, errors, mask, number) -> str:
         for column in means.columns:
             value = means.loc[press, column]
             if column[0] == DELTA:
-                text.loc[press, column] = "–" if pd.isna(value) else f"{value:+.1f}"
+                text.loc[press, column] = "–" if pd.isna(value) else _delta_text(value, number)
             else:
                 text.loc[press, column] = _cell_text(value, errors.loc[press, column], number).replace("±", "$\\pm$")
     styler = text.style.apply(lambda col: ["font-weight: bold" if b else "" for b in mask[col.name]], axis=0)
@@ -313,7 +363,7 @@ def _terminal(title, means, errors, mask, number) -> str:
         cells = []
         for column in means.columns:
             value = means.loc[press, column]
-            text = (("–" if pd.isna(value) else f"{value:+.1f}") if column[0] == DELTA
+            text = (("–" if pd.isna(value) else _delta_text(value, number)) if column[0] == DELTA
                     else _cell_text(value, errors.loc[press, column], number))
             cells.append(f"[bold]{text}[/]" if mask.loc[press, column] else text)
         table.add_row(press, *cells)

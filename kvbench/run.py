@@ -87,6 +87,7 @@ def parse_budget(text: str) -> int | None:
 def plan(config: RunConfig) -> tuple[Task, list[Example], list[Cell]]:
     """Validate everything and list the cells, without loading the model."""
     cells = build_cells(config)
+    ResultStore(config.store).check_writable()
     task = prepared_task(config)
     return task, protocol_examples(config, task), cells
 
@@ -146,6 +147,8 @@ def build_cells(config: RunConfig) -> list[Cell]:
             raise ConfigError(f"--budget must be >= 1, got {b}")
     resolve(config.model)
     names = list(dict.fromkeys(config.presses))
+    if not names:
+        raise ConfigError("--press: give at least one press (see `kvbench presses`)")
     args = parse_press_args(list(config.press_args), names)
     cells: list[Cell] = []
     for name in names:
@@ -238,6 +241,7 @@ def run_cell(
 
     written = 0
     with store.lock(cell.run_key):
+        store.clear_stale_failures(cell.run_key)
         todo = pending(store, cell, examples, retry_failed)  # re-read under the lock
         for start in range(0, len(todo), config.batch_size):
             batch = todo[start:start + config.batch_size]
@@ -250,9 +254,7 @@ def run_cell(
                                    pad_token_id=tokenizer.pad_token_id,
                                    measure_attention_loss="attention-loss" in config.measure,
                                    critical_positions=critical)
-            except (KeyboardInterrupt, KvbenchError):
-                raise
-            except Exception as err:  # noqa: BLE001 - out of memory or any per-batch failure: record, go on
+            except (RuntimeError, MemoryError, OSError) as err:  # out of memory, device or disk: record, go on
                 record_failures(store, config, task, cell, batch, err, on_example)
                 continue
             for example, prompt, out in zip(batch, prompts, outputs):
@@ -295,6 +297,7 @@ def base_row(session: Session, config: RunConfig, task: Task, cell: Cell, exampl
         "prompt_hash": task.prompt_hash, "example_id": example.id, "sample": 0, "seed": config.seed,
         "max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature, "top_p": settings.top_p,
         "top_k": settings.top_k, "repetition_penalty": settings.repetition_penalty, "protocol": config.protocol,
+        "stop_on_loop": config.stop_on_loop,
         "prompt": prompt, "response": out.text, "gold": example.gold,
         "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens, "output_tokens": out.output_tokens,
         "prefill_s": out.prefill_s, "decode_s": out.decode_s, "tokens_per_s": out.tokens_per_s,
@@ -331,8 +334,8 @@ def collect_rows(store: ResultStore, cells: list[Cell], examples: list[Example])
     by_key = {c.run_key: c for c in cells}
     for cell in cells:
         cell.rows = []
-    for row in store.read().to_pylist():
-        if row["run_key"] in by_key and row["example_id"] in wanted and row["sample"] == 0:
+    for row in store.rows_of(set(by_key)):
+        if row["example_id"] in wanted and row["sample"] == 0:
             by_key[row["run_key"]].rows.append(row)
     order = {e.id: i for i, e in enumerate(examples)}
     for cell in cells:  # in example order, whatever order the parts were written in

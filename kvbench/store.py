@@ -6,6 +6,7 @@ run loses at most the rows in flight and never leaves a half-written part. Re-ru
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -13,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 
 from kvbench.errors import KvbenchError
@@ -44,6 +46,7 @@ SCHEMA = pa.schema([
     ("top_k", pa.int64()),  # 0 = no top-k filter (null in older parts)
     ("repetition_penalty", pa.float64()),  # 1 = none (null in older parts)
     ("protocol", pa.string()),  # kvbench.tasks.protocols (null in older parts = "kvbench")
+    ("stop_on_loop", pa.bool_()),  # --stop-on-loop (null in older parts = false)
     # what came out
     ("prompt", pa.string()),
     ("response", pa.string()),
@@ -85,8 +88,9 @@ SCHEMA = pa.schema([
 ])
 
 
-#: store directory -> (part names indexed, run_key -> {(example_id, sample)}), filled by ``ResultStore.done``
-_KEY_INDEX: dict[Path, tuple[set[str], dict[str, set[tuple[str, int]]]]] = {}
+#: store directory -> (part names indexed, run_key -> {(example_id, sample)}, run_key -> {part names}), filled by
+#: ``ResultStore.done``
+_KEY_INDEX: dict[Path, tuple[set[str], dict[str, set[tuple[str, int]]], dict[str, set[str]]]] = {}
 
 
 class StoreError(KvbenchError):
@@ -113,15 +117,43 @@ class ResultStore:
             table = pq.read_table(part)
         except (pa.ArrowInvalid, OSError) as err:
             raise StoreError(f"{part}: unreadable Parquet part ({err})") from None
+        aside = "move it out of the store directory"
+        if not {"run_key", "example_id", "sample"} <= set(table.column_names):
+            raise StoreError(f"{part}: not a kvbench result part (no run_key, example_id, sample); {aside}")
         for f in SCHEMA:
             if f.name not in table.column_names:
                 table = table.append_column(f, pa.nulls(table.num_rows, f.type))
-        table = table.select(SCHEMA.names).cast(SCHEMA)
+        try:
+            table = table.select(SCHEMA.names).cast(SCHEMA)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as err:
+            raise StoreError(f"{part}: a column does not match kvbench's schema ({str(err).splitlines()[0]}); "
+                             f"{aside}") from None
         return table if columns is None else table.select(columns)
+
+    def _sweep_stale_temp_files(self, older_than_s: float = 3600.0) -> None:
+        """Remove temp files a killed writer left (a live write takes seconds, so an hour-old one is dead)."""
+        import time
+
+        cutoff = time.time() - older_than_s
+        for tmp in [*self.path.glob(".*.tmp"), *self.path.glob("failures/.*.tmp")]:
+            with contextlib.suppress(OSError):
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
+
+    def check_writable(self, parts: bool = True) -> None:
+        """Fail before any work when rows could not be stored: a file in the way, no permission, or (``parts``) a
+        part that is not kvbench's."""
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreError(f"store {self.path} is a file, not a directory: give --store a directory")
+        existing = self.path if self.path.exists() else next(p for p in self.path.parents if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise StoreError(f"store {self.path}: cannot write in {existing}")
+        for part in self.parts() if parts else []:  # a foreign file fails here, not after the work
+            self.read_part(part, ["run_key"])
 
     def replace_part(self, part: Path, rows: list[dict]) -> None:
         """Atomically rewrite one part (``kvbench score``); the old file stays whole until the rename."""
-        tmp = part.with_name(f".{part.name}.tmp")
+        tmp = part.with_name(f".{part.name}.{uuid.uuid4().hex[:8]}.tmp")  # concurrent scorers never share one
         try:
             pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
             os.replace(tmp, part)
@@ -136,20 +168,35 @@ class ResultStore:
     def record_failure(self, run_key: str, example_id: str, sample: int, error: str, context: dict) -> None:
         path = self._failure_path(run_key, example_id, sample)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         payload = {"run_key": run_key, "example_id": example_id, "sample": sample, "error": error, **context}
-        tmp.write_text(json.dumps(payload, default=str))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(payload, default=str))
+            os.replace(tmp, path)
+        except OSError as err:  # e.g. the disk is full: the failure is not recorded, the run goes on
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"cannot record a failure in {path.parent}: {err.strerror or err}") from None
 
     def clear_failure(self, run_key: str, example_id: str, sample: int) -> None:
         self._failure_path(run_key, example_id, sample).unlink(missing_ok=True)
 
     def failures(self, run_key: str | None = None) -> list[dict]:
+        """Recorded failures of examples not stored since (a kill between the two writes leaves such a record)."""
         folder = self.path / "failures"
         if not folder.is_dir():
             return []
         pattern = f"{run_key}-*.json" if run_key else "*.json"
-        return [json.loads(p.read_text()) for p in sorted(folder.glob(pattern))]
+        records = [json.loads(p.read_text()) for p in sorted(folder.glob(pattern))]
+        return [f for f in records if (f["example_id"], f["sample"]) not in self.done(f["run_key"])]
+
+    def clear_stale_failures(self, run_key: str) -> None:
+        """Delete the failure records of ``run_key``'s examples that are stored."""
+        stored = self.done(run_key)
+        folder = self.path / "failures"
+        for path in folder.glob(f"{run_key}-*.json") if folder.is_dir() else []:
+            record = json.loads(path.read_text())
+            if (record["example_id"], record["sample"]) in stored:
+                path.unlink(missing_ok=True)
 
     def lock(self, run_key: str):
         """An inter-process lock for one run: whoever holds it is the only writer of that run's rows."""
@@ -165,14 +212,27 @@ class ResultStore:
         A part's keys never change once written (``kvbench score`` rewrites scores only), so each part is read
         once per process: a sweep asking this for every run stays linear in the number of parts.
         """
-        seen, by_key = _KEY_INDEX.setdefault(self.path.resolve(), (set(), {}))
+        seen, by_key, parts_of = _KEY_INDEX.setdefault(self.path.resolve(), (set(), {}, {}))
         for part in self.parts():
             if part.name not in seen:
                 table = self.read_part(part, ["run_key", "example_id", "sample"])
                 for k, e, n in zip(*(table[c].to_pylist() for c in ("run_key", "example_id", "sample"))):
                     by_key.setdefault(k, set()).add((e, n))
+                    parts_of.setdefault(k, set()).add(part.name)
                 seen.add(part.name)
         return set(by_key.get(run_key, ()))
+
+    def rows_of(self, run_keys: set[str]) -> list[dict]:
+        """The stored rows of ``run_keys``, reading only the parts that hold them (the ``done`` index)."""
+        self.done("")  # brings the index up to date
+        parts_of = _KEY_INDEX[self.path.resolve()][2]
+        names = sorted(set().union(*(parts_of.get(k, set()) for k in run_keys)))
+        rows = []
+        for name in names:
+            table = self.read_part(self.path / name)
+            mask = pa.compute.is_in(table["run_key"], value_set=pa.array(sorted(run_keys), pa.string()))
+            rows += table.filter(mask).to_pylist()
+        return rows
 
     def append(self, rows: list[dict]) -> Path | None:
         if not rows:
@@ -180,6 +240,7 @@ class ResultStore:
         table = pa.Table.from_pylist(rows, schema=SCHEMA)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
+            self._sweep_stale_temp_files()
             name = f"part-{rows[0]['created_at'].strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}.parquet"
             final = self.path / name
             tmp = self.path / f".{name}.tmp"

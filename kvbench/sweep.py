@@ -8,6 +8,7 @@ Resume comes from the store: rows already stored are skipped; per-run locks keep
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,12 +60,15 @@ def read_grid(path: str | Path, store: str = "results") -> list[PlannedRun]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"grid {path} not found")
-    with path.open(newline="", encoding="utf-8") as f:
+    with _open_grid(path) as f:
         reader = csv.DictReader(f)
         header = [h.strip() for h in (reader.fieldnames or [])]
         unknown = [h for h in header if h not in COLUMNS]
         if not header:
             raise ConfigError(f"{path}: empty grid (no header row)")
+        repeated = next((h for i, h in enumerate(header) if h in header[:i]), None)
+        if repeated:
+            raise ConfigError(f"{path}: column {repeated!r} appears twice in the header")
         if unknown:
             raise ConfigError(f"{path}: unknown column {unknown[0]!r} (known: {', '.join(COLUMNS)})")
         for required in ("press", "dataset"):
@@ -78,11 +82,24 @@ def read_grid(path: str | Path, store: str = "results") -> list[PlannedRun]:
             if not any(row.values()):
                 continue
             runs.extend(_expand(path, line, row, store))
+    if not runs:
+        raise ConfigError(f"{path}: the grid has a header but no runs")
+    ResultStore(store).check_writable()
     seen: set[RunConfig] = set()
     unique = [r for r in runs if not (r.config in seen or seen.add(r.config))]  # first occurrence wins
     for run in unique:
         _validate(path, run)
     return unique
+
+
+def _open_grid(path: Path):
+    """The grid as text: UTF-8, with or without the byte-order mark spreadsheets write, or UTF-16 with one."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-16") if data[:2] in (b"\xff\xfe", b"\xfe\xff") else data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 or UTF-16 text ({err.reason} at byte {err.start})") from None
+    return io.StringIO(text, newline="")
 
 
 def _expand(path: Path, line: int, row: dict[str, str], store: str) -> list[PlannedRun]:

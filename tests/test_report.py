@@ -59,8 +59,22 @@ def test_variants_and_versions_are_never_pooled(tmp_path):
 
 def test_csv_is_long_and_complete(store):
     lines = render(store, fmt="csv").splitlines()
-    assert lines[0] == "model,press_label,dataset_label,budget,mean,n,se,metric"
+    assert lines[0] == ("model,press_label,dataset_label,budget,mean,n,se,paired_n,paired_difference,paired_ci_low,"
+                        "paired_ci_high,mcnemar_p,metric")
     assert len(lines) == 1 + 10
+
+
+def test_paired_difference_from_the_full_cache(store):
+    import io
+
+    import pandas as pd
+
+    table = pd.read_csv(io.StringIO(render(store, fmt="csv")))
+    h2o = table[(table.press_label == "h2o") & (table.dataset_label == "gsm8k") & (table.budget == 64)].iloc[0]
+    # full 1,1,1,1 against h2o 1,1,0,0: two pairs lost, none gained; exact McNemar p = 2 x (1/2)^2 = 0.5
+    assert h2o.paired_n == 4 and h2o.paired_difference == -50.0 and h2o.mcnemar_p == pytest.approx(0.5)
+    assert h2o.paired_ci_low <= -50.0 <= h2o.paired_ci_high <= 0.0
+    assert table[table.press_label == "full"]["paired_n"].isna().all()
 
 
 def test_hott_reference_rows(tmp_path):
@@ -126,3 +140,57 @@ def test_terminal_and_errors(store, tmp_path):
         render(store, fmt="html")
     with pytest.raises(KvbenchError, match="no results"):
         render(tmp_path / "empty")
+
+
+def test_runs_that_differ_in_any_setting_are_never_pooled(tmp_path):
+    """Three runs of one press on two examples (max_new_tokens 4, 8, and 4 in float32): three columns of n=2."""
+    from kvbench.store import ResultStore
+
+    settings = [(4, "bfloat16"), (8, "bfloat16"), (4, "float32")]
+    rows = [row("full", (), None, "gsm8k", i, 1, max_new_tokens=n, dtype=dtype, run_key=f"k{n}{dtype}")
+            for n, dtype in settings for i in range(2)]
+    ResultStore(tmp_path / "s").append(rows)
+    long = aggregate(load(tmp_path / "s"), "accuracy")
+    assert sorted(long["n"]) == [2, 2, 2]
+    assert set(long["dataset_label"]) == {"gsm8k [max_new_tokens=4 dtype=bfloat16]",
+                                          "gsm8k [max_new_tokens=8 dtype=bfloat16]",
+                                          "gsm8k [max_new_tokens=4 dtype=float32]"}
+    # seeds are replicates of one run, and a row stored twice counts once
+    rows = [row("full", (), None, "gsm8k", i, 1, seed=s, run_key=f"seed{s}") for s in (0, 1) for i in range(2)]
+    ResultStore(tmp_path / "t").append(rows + rows[:1])
+    frame = load(tmp_path / "t")
+    assert aggregate(frame, "accuracy")["n"].tolist() == [4] and frame.attrs["repeated_rows"] == 1
+    assert "1 rows stored twice" in render(tmp_path / "t", fmt="markdown")
+
+
+def test_delta_uses_the_metrics_own_format(tmp_path):
+    from kvbench.store import ResultStore
+
+    rows = [row("full", (), None, "gsm8k", i, 1, kind="fidelity", fidelity_kl_mean=0.0) for i in range(2)]
+    rows += [row("h2o", (), 64, "gsm8k", i, 1, kind="fidelity", fidelity_kl_mean=kl)
+             for i, kl in enumerate((0.01, 0.014))]
+    ResultStore(tmp_path / "f").append(rows)
+    h2o = next(line for line in render(tmp_path / "f", metric="kl", fmt="markdown").splitlines()
+               if line.startswith("| h2o"))
+    assert h2o.endswith("| +0.012 |")
+
+
+def test_report_scale_benchmark_runs():
+    """The benchmark behind the README's report time, at a small size (nothing asserted about time)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(repo / "benchmarks" / "report_scale.py"), "2000"], cwd=repo,
+                         env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("report of 1344 rows (4 models, 4 full-cache rows): ")  # 2000 // 672 per run
+
+
+def test_exact_mcnemar_against_hand_computed_values():
+    from kvbench.paired import mcnemar_exact
+
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(0, 2) == pytest.approx(0.5)
+    assert mcnemar_exact(1, 9) == pytest.approx(2 * 11 / 1024)  # (C(10,0) + C(10,1)) / 2^10, two-sided
+    assert mcnemar_exact(9, 1) == mcnemar_exact(1, 9)

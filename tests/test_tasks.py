@@ -227,6 +227,9 @@ def test_gated_dataset_names_the_fix(monkeypatch):
         load_examples(load_task("folio"))
 
 
+BASE = "name: x\nversion: 1\nextractors: [boxed]\nscorer: numeric\n"
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("name: x\nversion: [", "malformed YAML"),
     ("name: x\nversion: 1\n", "missing keys"),
@@ -236,9 +239,37 @@ def test_gated_dataset_names_the_fix(monkeypatch):
      "unknown keys colour"),
     ("name: x\nversion: 1\nprompt: p\nextractors: [boxed]\nscorer: numeric\n"
      "hub: {path: a/b, option_order: {field: options, order: [0, 0], rows: [1]}}\n", "option_order needs"),
+    (BASE + "prompt: p\nbuiltin: {generator: nope}\n", "unknown generator 'nope'"),
+    (BASE + "prompt: p\nlocal: {size: many}\n", "local size must be a positive integer"),
+    ("name: x\nversion: one\nextractors: [boxed]\nscorer: numeric\nprompt: p\nlocal: {dir: x}\n",
+     "version must be a positive integer"),
+    ("name: y\nversion: 1\nextractors: [boxed]\nscorer: numeric\nprompt: p\nlocal: {dir: x}\n",
+     "name 'y' is not the file's name 'x'"),
+    (BASE + "prompt: 'Q: {question'\nlocal: {fields: {question: q, gold: a}}\n", "write a literal brace"),
+    (BASE + "prompt: 'Q: {passage}'\nlocal: {fields: {question: q, gold: a}}\n",
+     "uses passage, which the local layout lacks"),
 ])
 def test_malformed_configs_fail_clearly(tmp_path, monkeypatch, text, message):
     (tmp_path / "x.yaml").write_text(text)
     monkeypatch.setenv("KVBENCH_DATASETS_CFG", str(tmp_path))
     with pytest.raises(ConfigError, match=message):
         load_task("x")
+
+
+def test_dataset_names_are_config_names_not_paths():
+    for name in ("../datasets_cfg/gsm8k", "/etc/passwd", "gsm8k/../gsm8k"):
+        with pytest.raises(DataError, match="unknown dataset"):
+            load_task(name)
+
+
+def test_repeated_example_ids_are_refused(tmp_path):
+    (tmp_path / "gsm8k").mkdir()
+    line = '{"question": "q", "answer": "#### 1"}\n'
+    (tmp_path / "gsm8k" / "test.jsonl").write_text(line * 1319)
+    task = load_task("gsm8k")
+    assert len(load_examples(task, data_dir_override=str(tmp_path))) == 1319  # ids from positions: unique
+    from dataclasses import replace
+
+    with_ids = replace(task, local={**task.local, "fields": {**task.local["fields"], "id": "question"}})
+    with pytest.raises(DataError, match="example id 'q' appears 1319 times"):
+        load_examples(with_ids, data_dir_override=str(tmp_path))

@@ -61,6 +61,8 @@ def bench(
         warmup=warmup, memory_gib=memory_gib, max_batch=max_batch, static_shapes=static_shapes, compile=compile,
         profile_dir=str(profile) if profile else None, seed=seed, store=str(store) if store else None,
     )
+    if format not in ("terminal", "markdown", "csv"):
+        raise KvbenchError(f"unknown --format {format!r} (terminal, markdown, csv)")
     validate(config)  # bad input fails before the model loads
     with progress_bar() as progress:
         bar = progress.add_task(f"loading {model}", total=None)

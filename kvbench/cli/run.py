@@ -19,7 +19,8 @@ def run(
                                      "included; repeat for several; 'full' = no eviction."),
     press_arg: list[str] = typer.Option([], "--press-arg", "-a", help="Press parameter key=value (every press "
                                         "that has it) or press.key=value; repeatable."),
-    dataset: str = typer.Option("arith", "--dataset", "-d", help="Dataset config name (datasets_cfg/)."),
+    dataset: str = typer.Option("arith", "--dataset", "-d", help="Dataset config name "
+                           "(`kvbench datasets list`; kvbench/datasets_cfg/)."),
     num_samples: int | None = typer.Option(None, "--num-samples", "-n", help="Use a fixed seeded subset of N "
                                            "examples (the same for every press and budget)."),
     max_new_tokens: int | None = typer.Option(None, help="Generation limit (default: the dataset's)."),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import typing
 
 from kvbench.errors import KvbenchError
@@ -77,7 +78,9 @@ def make_press(name: str, args: dict[str, str] | None = None) -> Press:
         if key not in known:
             raise PressError(f"press {name!r} has no parameter {key!r} (parameters: {', '.join(known)})")
         kwargs[key] = _convert(name, key, raw, known[key])
-    return _build(name, kwargs)
+    press = _build(name, kwargs)
+    _check_shared_fields(press)
+    return press
 
 
 def _build(name: str, kwargs: dict[str, object]) -> Press:
@@ -153,9 +156,30 @@ def parse_bool(text: str) -> bool:
 
 def _convert(press: str, key: str, raw: str, kind: type):
     try:
-        return parse_bool(raw) if kind is bool else kind(raw)
+        value = parse_bool(raw) if kind is bool else kind(raw)
     except ValueError:
         raise PressError(f"press {press!r}: {key}={raw!r} is not a valid {kind.__name__}") from None
+    if kind is float and not math.isfinite(value):
+        raise PressError(f"press {press!r}: {key}={raw!r} must be a finite number")
+    return value
+
+
+#: Rules for parameters several presses share, checked whatever press has them (each press checks its own too).
+CHOICES = {"gqa": ("mean", "max"), "pooling": ("avg", "max")}
+MINIMUMS = {"n_sink": 0, "recent_window": 0, "prefill_budget": 0, "outlier_chunks": 0, "window_size": 1,
+            "kernel_size": 1, "chunk_size": 1, "rank": 1, "local_window": 1, "ratio": 1}
+
+
+def _check_shared_fields(press: Press) -> None:
+    level = press
+    while level is not None:  # a wrapper, the wrappers it wraps, and the scoring press inside
+        for f in dataclasses.fields(level):
+            value = getattr(level, f.name)
+            if f.name in CHOICES and value not in CHOICES[f.name]:
+                raise PressError(f"{level.name}: {f.name} must be one of {', '.join(CHOICES[f.name])}, got {value!r}")
+            if f.name in MINIMUMS and value < MINIMUMS[f.name]:
+                raise PressError(f"{level.name}: {f.name} must be >= {MINIMUMS[f.name]}, got {value}")
+        level = level.__dict__.get("inner")
 
 
 @functools.cache

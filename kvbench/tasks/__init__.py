@@ -1,4 +1,4 @@
-"""Datasets as declarative YAML configs (``datasets_cfg/<name>.yaml``), loaded into normalised examples.
+"""Datasets as declarative YAML configs (``kvbench/datasets_cfg/<name>.yaml``), loaded into normalised examples.
 
 A config declares a ``hub`` layout (Hugging Face ``datasets``: path, config name, split, revision, or an offline
 mirror of it, ``kvbench.tasks.hub``) and/or a ``local`` layout (JSON Lines under ``--data-dir`` /
@@ -11,9 +11,11 @@ about torch.
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
 import os
 import random
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from kvbench.tasks.fields import LETTERS, TRANSFORMS, resolve_field, spec_transf
 from kvbench.tasks.hub import DATA_DIR_ENV, files_digest, read_hub
 from kvbench.tasks.protocols import Protocol
 from kvbench.tasks.score import SCORERS
+from kvbench.tasks.validate import check_option_order, check_values, protocol_names, with_fields
 
 CONFIG_DIR_ENV = "KVBENCH_DATASETS_CFG"
 _REQUIRED = ("name", "version", "prompt", "extractors", "scorer")
@@ -87,9 +90,9 @@ class Task:
         return replace(
             self, protocol=protocol.name, strip_thinking=protocol.strip_thinking, system=None, prompt=block["prompt"],
             extractors=tuple(block["extractors"]), scorer=block["scorer"],
-            hub=_with_fields(block.get("hub", self.hub), extra.get("hub")),
-            local=_with_fields(self.local, extra.get("local")),
-            builtin=_with_fields(self.builtin, extra.get("builtin")),
+            hub=with_fields(block.get("hub", self.hub), extra.get("hub")),
+            local=with_fields(self.local, extra.get("local")),
+            builtin=with_fields(self.builtin, extra.get("builtin")),
         )
 
     def split(self, data_dir_override: str | None = None) -> str:
@@ -141,7 +144,7 @@ class Task:
 def config_dir() -> Path:
     if os.environ.get(CONFIG_DIR_ENV):
         return Path(os.environ[CONFIG_DIR_ENV])
-    return Path(__file__).resolve().parents[2] / "datasets_cfg"
+    return Path(str(importlib.resources.files("kvbench") / "datasets_cfg"))
 
 
 def available() -> list[str]:
@@ -150,7 +153,7 @@ def available() -> list[str]:
 
 def load_task(name: str) -> Task:
     path = config_dir() / f"{name}.yaml"
-    if not path.is_file():
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name) or not path.is_file():
         raise DataError(f"unknown dataset {name!r} (known: {', '.join(available()) or 'none'})")
     try:
         raw = yaml.safe_load(path.read_text())
@@ -166,56 +169,19 @@ def load_task(name: str) -> Task:
         raise ConfigError(f"{path}: unknown keys {', '.join(sorted(extra))}")
     if not (raw.get("hub") or raw.get("local") or raw.get("builtin")):
         raise ConfigError(f"{path}: needs a hub, local or builtin source")
+    check_values(path, raw)
     names = [("extractor", n, EXTRACTORS) for n in raw["extractors"]] + [("scorer", raw["scorer"], SCORERS)]
     for layout in ("hub", "local", "builtin"):
         for spec in (raw.get(layout) or {}).get("fields", {}).values():
             names += [("transform", n, TRANSFORMS) for n in spec_transform_names(spec)]
     for layout in ("hub", "local"):
-        _check_option_order(path, (raw.get(layout) or {}).get("option_order"))
-    names += _protocol_names(path, raw.get("protocols") or {})
+        check_option_order(path, (raw.get(layout) or {}).get("option_order"))
+    names += protocol_names(path, raw.get("protocols") or {})
     for kind, name_, registry in names:
         if name_ not in registry:
             raise ConfigError(f"{path}: unknown {kind} {name_!r} (known: {', '.join(registry)})")
     raw["extractors"] = tuple(raw["extractors"])
     return Task(**raw)
-
-
-def _check_option_order(path: Path, fix) -> None:
-    if fix is None:
-        return
-    order = fix.get("order") if isinstance(fix, dict) else None
-    rows = fix.get("rows") if isinstance(fix, dict) else None
-    if not (isinstance(fix, dict) and isinstance(fix.get("field"), str) and isinstance(order, list)
-            and sorted(order) == list(range(len(order))) and isinstance(rows, list)
-            and all(isinstance(r, int) and r >= 0 for r in rows)):
-        raise ConfigError(f"{path}: option_order needs field (a column), order (a permutation of 0..n-1) and rows "
-                          "(row indices)")
-
-
-def _protocol_names(path: Path, blocks: dict) -> list[tuple[str, str, dict]]:
-    """Check each ``protocols:`` block's keys; return its registry names to look up."""
-    if not isinstance(blocks, dict):
-        raise ConfigError(f"{path}: protocols must be a mapping of protocol blocks")
-    names = []
-    for name, block in blocks.items():
-        if not isinstance(block, dict) or {"prompt", "extractors", "scorer"} - set(block):
-            raise ConfigError(f"{path}: protocol block {name!r} needs prompt, extractors and scorer")
-        extra = set(block) - {"prompt", "extractors", "scorer", "fields", "hub"}
-        if extra:
-            raise ConfigError(f"{path}: protocol block {name!r}: unknown keys {', '.join(sorted(extra))}")
-        names += [("extractor", n, EXTRACTORS) for n in block["extractors"]] + [("scorer", block["scorer"], SCORERS)]
-        layouts = [*(block.get("fields") or {}).values(), (block.get("hub") or {}).get("fields", {})]
-        for layout_fields in layouts:
-            for spec in layout_fields.values():
-                names += [("transform", n, TRANSFORMS) for n in spec_transform_names(spec)]
-    return names
-
-
-def _with_fields(layout: dict | None, extra: dict | None) -> dict | None:
-    """A layout whose field mapping gains (or overrides) ``extra``."""
-    if layout is None or not extra:
-        return layout
-    return {**layout, "fields": {**layout.get("fields", {}), **extra}}
 
 
 def protocol_datasets(block: str) -> list[str]:
@@ -240,7 +206,8 @@ def load_examples(task: Task, num_samples: int | None = None, data_dir_override:
     if task.builtin:
         if revision:
             raise DataError(f"dataset {task.name} is generated by kvbench: --dataset-revision does not apply")
-        count = num_samples if num_samples is not None else int(task.builtin.get("size", 100))
+        size = int(task.builtin.get("size", 100))
+        count = size if num_samples is None else min(num_samples, size)
         records = GENERATORS[task.builtin["generator"]](count, int(task.builtin.get("seed", 0)))
         source = f"builtin:{task.builtin['generator']}"
         return [_normalise(task, task.builtin, r, i, source) for i, r in enumerate(records)]
@@ -251,6 +218,7 @@ def load_examples(task: Task, num_samples: int | None = None, data_dir_override:
                         "(wrong split, another version, or a truncated file?)")
     records = _reordered(layout, records)
     examples = [_normalise(task, layout, r, i, source) for i, r in enumerate(records)]
+    _check_unique_ids(task, examples)
     return [examples[i] for i in subset_indices(len(examples), num_samples, subset, subset_seed)]
 
 
@@ -280,6 +248,17 @@ def _reordered(layout: dict, records: list[dict]) -> list[dict]:
         options = records[row][fix["field"]]
         records[row] = {**records[row], fix["field"]: [options[i] for i in fix["order"]]}
     return records
+
+
+def _check_unique_ids(task: Task, examples: list[Example]) -> None:
+    """Rows are stored per (run, example id): a repeated id would store two answers under one key."""
+    counts: dict[str, int] = {}
+    for example in examples:
+        counts[example.id] = counts.get(example.id, 0) + 1
+    repeated = next(((i, n) for i, n in counts.items() if n > 1), None)
+    if repeated:
+        raise DataError(f"dataset {task.name}: example id {repeated[0]!r} appears {repeated[1]} times; ids must be "
+                        "unique (map another field to id in the YAML)")
 
 
 def subset_indices(size: int, num_samples: int | None, subset: str = "sample", seed: int = 0) -> list[int]:
