@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,10 @@ def resolve(name: str) -> ModelSpec:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"directory {path} has no config.json: not a Hugging Face model directory")
+        try:
+            json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ModelNotFoundError(f"{path / 'config.json'} is not valid JSON ({err})") from None
         return ModelSpec(name=name, source="dir", path=str(path.resolve()))
     if name.count("/") == 1 and not name.startswith((".", "/")):
         return ModelSpec(name=name, source="hf", path=name)
@@ -245,8 +250,6 @@ def _load_pretrained(spec: ModelSpec, torch_dtype):
 
 def model_config(spec: ModelSpec):
     """The transformers configuration of a resolved model, without its weights."""
-    import json
-
     from transformers import AutoConfig
 
     if spec.source == "shape":

@@ -79,8 +79,8 @@ def parse_budget(text: str) -> int | None:
         value = int(text)
     except ValueError:
         raise ConfigError(f"--budget {text!r} is not an integer or 'full'") from None
-    if value < 1:
-        raise ConfigError(f"--budget must be >= 1, got {value}")
+    if not 1 <= value <= 2**31:
+        raise ConfigError(f"--budget must be >= 1 and <= 2^31, got {value}")
     return value
 
 
@@ -146,6 +146,9 @@ def build_cells(config: RunConfig) -> list[Cell]:
         if b is not None and b < 1:
             raise ConfigError(f"--budget must be >= 1, got {b}")
     resolve(config.model)
+    from kvbench.models import resolve_device, resolve_dtype
+
+    resolve_dtype(config.dtype, resolve_device(config.device))  # bad values fail here, not at the model load
     names = list(dict.fromkeys(config.presses))
     if not names:
         raise ConfigError("--press: give at least one press (see `kvbench presses`)")

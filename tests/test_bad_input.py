@@ -31,6 +31,13 @@ CASES = [
     (["run", "-n", "1", "--store", "GRID/foreign"], "not a kvbench result part"),
     (["run", "-n", "1", "--store", "GRID/clash"], "does not match kvbench's schema"),
     (["bench", "--warmup", "-1"], "--warmup must be >= 0"),
+    (["run", "--dtype", "float64"], "unknown --dtype 'float64'"),
+    (["run", "--model", "GRID/broken_model"], "config.json is not valid JSON"),
+    (["run", "--device", "gpu7"], "bad --device 'gpu7'"),
+    (["run", "-p", "h2o", "-b", "99999999999999999999"], "--budget must be >= 1 and <= 2^31"),
+    (["report", "GRID", "--out", "GRID"], "is a directory"),
+    (["report", "GRID", "--plots", "GRID/a_file"], "is a file"),
+    (["score", "GRID/store", "-d", "nosuch"], "unknown dataset 'nosuch'"),
     (["bench", "-f", "bogus"], "unknown --format 'bogus'"),
     (["bench", "--store", "GRID/a_file"], "cannot write in"),
 ]
@@ -42,6 +49,8 @@ def _bad_stores(root):
     import pyarrow.parquet as pq
 
     (root / "a_file").write_text("not a directory")
+    (root / "broken_model").mkdir()
+    (root / "broken_model" / "config.json").write_text("{not json")
     for name, table in (("foreign", pa.table({"x": [1, 2]})),
                         ("clash", pa.table({"run_key": ["k"], "example_id": ["e"], "sample": [0], "budget": ["big"]}))):
         (root / name).mkdir()
@@ -66,7 +75,7 @@ def test_bad_input_is_one_line_and_exit_2(args, phrase, tmp_path, monkeypatch, c
     (store / "README").write_text("kept")
     _bad_stores(tmp_path)
     args = [a.replace("GRID", str(tmp_path)) for a in args]
-    if "--store" not in args:
+    if "--store" not in args and args[0] in {"run", "sweep", "bench"}:
         args += ["--store", str(store)]
     monkeypatch.setattr(sys, "argv", ["kvbench", *args])
     with pytest.raises(SystemExit) as exited:

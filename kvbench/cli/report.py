@@ -19,9 +19,14 @@ def report(
                                "--store` (the latest run of each configuration) instead."),
 ) -> None:
     """Tables in the paper's layout (press x dataset x budget, Avg., Δ vs full), and plots."""
+    from kvbench.errors import KvbenchError
     from kvbench.plots import plot
     from kvbench.report import render
 
+    if out is not None and out.is_dir():
+        raise KvbenchError(f"--out {out} is a directory: give a file name")
+    if plots is not None and plots.exists() and not plots.is_dir():
+        raise KvbenchError(f"--plots {plots} is a file: give a directory")
     if bench:
         from kvbench import bench_results
 

@@ -16,6 +16,10 @@ def score(
 
     from kvbench.rescore import rescore
     from kvbench.store import ResultStore
+    from kvbench.tasks import load_task
+
+    if dataset is not None:
+        load_task(dataset)  # an unknown dataset fails here instead of re-scoring nothing
 
     parts = len(ResultStore(store).parts())
     with Progress(console=Console(stderr=True), transient=True) as progress:
