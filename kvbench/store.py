@@ -149,7 +149,22 @@ class ResultStore:
         if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
             raise StoreError(f"store {self.path}: cannot write in {existing}")
         for part in self.parts() if parts else []:  # a foreign file fails here, not after the work
-            self.read_part(part, ["run_key"])
+            self.check_part(part)
+
+    @staticmethod
+    def check_part(part: Path) -> None:
+        """A part's schema (not its rows) matches kvbench's: its key columns, and no column of another type."""
+        try:
+            schema = pq.read_schema(part)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise StoreError(f"{part}: unreadable Parquet part ({err}); move it out of the store directory") from None
+        if not {"run_key", "example_id", "sample"} <= set(schema.names):
+            raise StoreError(f"{part}: not a kvbench result part (no run_key, example_id, sample); move it out of "
+                             "the store directory")
+        for field in SCHEMA:
+            if field.name in schema.names and schema.field(field.name).type not in (field.type, pa.null()):
+                raise StoreError(f"{part}: column {field.name} is {schema.field(field.name).type}, not "
+                                 f"{field.type}; move it out of the store directory")
 
     def replace_part(self, part: Path, rows: list[dict]) -> None:
         """Atomically rewrite one part (``kvbench score``); the old file stays whole until the rename."""

@@ -29,7 +29,7 @@ CASES = [
     (["sweep", "GRID/not_text.csv"], "not UTF-8 or UTF-16"),
     (["run", "-n", "1", "--store", "GRID/a_file"], "is a file, not a directory"),
     (["run", "-n", "1", "--store", "GRID/foreign"], "not a kvbench result part"),
-    (["run", "-n", "1", "--store", "GRID/clash"], "does not match kvbench's schema"),
+    (["run", "-n", "1", "--store", "GRID/clash"], "column budget is string, not int64"),
     (["bench", "--warmup", "-1"], "--warmup must be >= 0"),
     (["run", "--dtype", "float64"], "unknown --dtype 'float64'"),
     (["run", "--model", "GRID/broken_model"], "config.json is not valid JSON"),
