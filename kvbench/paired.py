@@ -51,8 +51,8 @@ def paired_statistics(frame: pd.DataFrame, values: pd.Series, full_label) -> pd.
         differences = (both["value"] - both["value_full"]).to_numpy(dtype=float)
         low, high = bootstrap_interval(differences)
         binary = set(both["value"]).union(both["value_full"]) <= {0.0, 100.0}
-        gained = int(((both["value"] > both["value_full"])).sum())
-        lost = int(((both["value"] < both["value_full"])).sum())
+        gained = int((both["value"] > both["value_full"]).sum())
+        lost = int((both["value"] < both["value_full"]).sum())
         records.append(dict(zip(KEYS, key), paired_n=len(both), paired_difference=float(differences.mean()),
                             paired_ci_low=low, paired_ci_high=high,
                             mcnemar_p=mcnemar_exact(gained, lost) if binary else float("nan")))

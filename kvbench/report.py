@@ -168,12 +168,16 @@ class Cell:
     n: int
 
 
+def _rows_of_kind(df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Fidelity metrics come from teacher-forced replays, every other metric from free generation."""
+    return df[(df["kind"] == "fidelity") == (metric in FIDELITY_METRICS)]
+
+
 def aggregate(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Long table: model, press_label, dataset_label, budget (None = full), mean, se, n."""
     function = _metric(metric)[0]
     keys = ["model", "press_label", "dataset_label", "budget"]
-    # fidelity metrics come from teacher-forced replays, every other metric from free generation
-    df = df[(df["kind"] == "fidelity") == (metric in FIDELITY_METRICS)]
+    df = _rows_of_kind(df, metric)
     if df.empty:
         raise KvbenchError(f"no rows for --metric {metric} in this store"
                            + (" (run `kvbench fidelity` first)" if metric in FIDELITY_METRICS else ""))
@@ -294,7 +298,7 @@ def _with_paired(long: pd.DataFrame, df: pd.DataFrame, metric: str) -> pd.DataFr
 
     if metric not in METRICS:  # a whole-cell ratio has no per-example values to pair
         return long
-    rows = df[(df["kind"] == "fidelity") == (metric in FIDELITY_METRICS)]
+    rows = _rows_of_kind(df, metric)
     paired = paired_statistics(rows, METRICS[metric][0](rows), full_label)
     return long.merge(paired, how="left", on=KEYS)
 

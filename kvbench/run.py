@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 
 from kvbench.errors import ConfigError, KvbenchError
 from kvbench.measures import attention_loss_columns, critical_token_positions, retention_columns
-from kvbench.models import DEFAULT_MODEL, default_system_prompt, resolve
+from kvbench.models import DEFAULT_MODEL, default_system_prompt, resolve, resolve_device, resolve_dtype
 from kvbench.presses import Press, make_press, parse_press_args
 from kvbench.session import Session, load_session
 from kvbench.store import ResultStore
@@ -146,8 +146,6 @@ def build_cells(config: RunConfig) -> list[Cell]:
         if b is not None and b < 1:
             raise ConfigError(f"--budget must be >= 1, got {b}")
     resolve(config.model)
-    from kvbench.models import resolve_device, resolve_dtype
-
     resolve_dtype(config.dtype, resolve_device(config.device))  # bad values fail here, not at the model load
     names = list(dict.fromkeys(config.presses))
     if not names:

@@ -197,21 +197,22 @@ class ResultStore:
 
     def failures(self, run_key: str | None = None) -> list[dict]:
         """Recorded failures of examples not stored since (a kill between the two writes leaves such a record)."""
-        folder = self.path / "failures"
-        if not folder.is_dir():
-            return []
-        pattern = f"{run_key}-*.json" if run_key else "*.json"
-        records = [json.loads(p.read_text()) for p in sorted(folder.glob(pattern))]
-        return [f for f in records if (f["example_id"], f["sample"]) not in self.done(f["run_key"])]
+        return [record for _, record, stored in self._failure_records(run_key) if not stored]
 
     def clear_stale_failures(self, run_key: str) -> None:
         """Delete the failure records of ``run_key``'s examples that are stored."""
-        stored = self.done(run_key)
-        folder = self.path / "failures"
-        for path in folder.glob(f"{run_key}-*.json") if folder.is_dir() else []:
-            record = json.loads(path.read_text())
-            if (record["example_id"], record["sample"]) in stored:
+        for path, _, stored in self._failure_records(run_key):
+            if stored:
                 path.unlink(missing_ok=True)
+
+    def _failure_records(self, run_key: str | None) -> list[tuple[Path, dict, bool]]:
+        """(file, record, whether the example has been stored since) of each failure record."""
+        folder = self.path / "failures"
+        pattern = f"{run_key}-*.json" if run_key else "*.json"
+        files = sorted(folder.glob(pattern)) if folder.is_dir() else []
+        records = [(path, json.loads(path.read_text())) for path in files]
+        done = {key: self.done(key) for key in {record["run_key"] for _, record in records}}
+        return [(path, r, (r["example_id"], r["sample"]) in done[r["run_key"]]) for path, r in records]
 
     def lock(self, run_key: str):
         """An inter-process lock for one run: whoever holds it is the only writer of that run's rows."""

@@ -89,9 +89,6 @@ def validate(data_dir: str | None = typer.Option(None, help=_DATA_DIR_HELP)) -> 
                 task.messages(example)  # every field the prompt uses exists
                 if not example.gold:
                     raise KvbenchError(f"example {example.id} has an empty gold answer")
-            ids = [e.id for e in examples]
-            if len(set(ids)) != len(ids):
-                raise KvbenchError("example ids are not unique")
             table.add_row(name, "[green]ok[/]", str(len(examples)), examples[0].source if examples else "")
         except KvbenchError as err:
             failed += 1

@@ -16,6 +16,7 @@ import json
 import os
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -252,12 +253,11 @@ def _reordered(layout: dict, records: list[dict]) -> list[dict]:
 
 def _check_unique_ids(task: Task, examples: list[Example]) -> None:
     """Rows are stored per (run, example id): a repeated id would store two answers under one key."""
-    counts: dict[str, int] = {}
-    for example in examples:
-        counts[example.id] = counts.get(example.id, 0) + 1
-    repeated = next(((i, n) for i, n in counts.items() if n > 1), None)
-    if repeated:
-        raise DataError(f"dataset {task.name}: example id {repeated[0]!r} appears {repeated[1]} times; ids must be "
+    if not examples:
+        return
+    example_id, count = Counter(e.id for e in examples).most_common(1)[0]
+    if count > 1:
+        raise DataError(f"dataset {task.name}: example id {example_id!r} appears {count} times; ids must be "
                         "unique (map another field to id in the YAML)")
 
 
