@@ -94,6 +94,14 @@ def build_presses(config: BenchConfig) -> dict:
 
 
 def validate(config: BenchConfig) -> None:
+    from kvbench.checks import bench_parts
+    from kvbench.models import resolve, resolve_device, resolve_dtype
+    from kvbench.store import ResultStore
+
+    spec = resolve(config.model)
+    if spec.source == "shape" and not config.random_weights:
+        raise KvbenchError(f"{config.model!r} is a shape alias (no weights are shipped): use it with --random-weights")
+    resolve_dtype(config.dtype, resolve_device(config.device))
     presses = build_presses(config)
     for name, budget in cells(config):
         if budget is not None and presses[name].evicts:
@@ -107,9 +115,8 @@ def validate(config: BenchConfig) -> None:
     if config.memory_gib is not None and not (math.isfinite(config.memory_gib) and config.memory_gib > 0):
         raise KvbenchError(f"--memory-gib must be a finite number > 0, got {config.memory_gib}")
     if config.store:
-        from kvbench.store import ResultStore
-
-        ResultStore(Path(config.store) / "bench").check_writable(parts=False)  # bench parts have their own schema
+        ResultStore(Path(config.store) / "bench").check_writable(parts=False)  # bench parts: their own schema
+        bench_parts(config.store, required=False)
 
 
 def execute(config: BenchConfig, on_progress: Callable[[str, int, int], None] | None = None):

@@ -50,14 +50,21 @@ def store_rows(config: BenchConfig, loaded, rows: list[BenchRow], started: dt.da
 def load_rows(store: str | Path):
     """Every stored bench row (a DataFrame), oldest first."""
     import pandas as pd
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    parts = sorted((Path(store) / "bench").glob("part-*.parquet"))
-    if not parts:
-        raise KvbenchError(f"no benchmark results in {store} (run `kvbench bench --store {store}`)")
-    return pd.concat([pq.read_table(p).to_pandas() for p in parts], ignore_index=True).sort_values("created_at")
+    from kvbench.checks import MOVE_ASIDE, bench_parts
+
+    frames = []
+    for part in bench_parts(store, required=True):
+        try:
+            frames.append(pq.read_table(part).to_pandas())
+        except (pa.ArrowInvalid, OSError) as err:  # a sound footer over a damaged body
+            raise KvbenchError(f"{part}: unreadable Parquet part ({str(err).splitlines()[0]}); {MOVE_ASIDE}") from None
+    return pd.concat(frames, ignore_index=True).sort_values("created_at")
 
 
+FORMATS = ("terminal", "markdown", "csv")
 RUN_COLUMNS = ["model", "random_weights", "device", "dtype", "prompt_len", "gen_len", "static_shapes", "compile",
                "press_args"]
 
@@ -79,8 +86,9 @@ def _run_columns(config: BenchConfig, dtype: str, device: str) -> dict:
 
 def render(df, fmt: str = "markdown") -> str:
     """One table per run configuration and setting (the latest run of each), as markdown, csv or plain text."""
-    if fmt not in ("markdown", "csv", "terminal"):
-        raise KvbenchError(f"unknown bench format {fmt!r} (markdown, csv, terminal)")
+    from kvbench.checks import choice
+
+    choice("--format", fmt, FORMATS)
     out = []
     if "created_at" in df:
         latest = df.groupby(RUN_COLUMNS, dropna=False)["created_at"].transform("max")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -233,9 +234,14 @@ def _load_pretrained(spec: ModelSpec, torch_dtype):
         kwargs["gguf_file"] = spec.gguf_file
     if spec.revision:
         kwargs["revision"] = spec.revision
+    from kvbench.quiet import no_library_progress_bars
+
+    # a local file's conversion bars say nothing kvbench's own does not; a download's progress is worth showing
+    quiet = no_library_progress_bars() if spec.source in ("gguf", "dir") else contextlib.nullcontext()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(spec.path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch_dtype, **kwargs)
+        with quiet:
+            tokenizer = AutoTokenizer.from_pretrained(spec.path, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch_dtype, **kwargs)
     except OSError as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         hint = ""

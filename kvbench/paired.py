@@ -58,3 +58,43 @@ def paired_statistics(frame: pd.DataFrame, values: pd.Series, full_label) -> pd.
                             mcnemar_p=mcnemar_exact(gained, lost) if binary else float("nan")))
     columns = [*KEYS, "paired_n", "paired_difference", "paired_ci_low", "paired_ci_high", "mcnemar_p"]
     return pd.DataFrame.from_records(records, columns=columns)
+
+
+PAIRED_HEADERS = ["press", "dataset", "budget", "pairs", "Δ vs full", "95% interval", "McNemar p"]
+
+
+def paired_rows(paired: pd.DataFrame, model: str, number: str) -> list[list[str]]:
+    """One model's paired statistics as text, a difference in the metric's own format (``number``)."""
+    signed = number.replace("{:", "{:+", 1)
+    rows = []
+    for r in paired[paired["model"] == model].sort_values(["press_label", "dataset_label", "budget"]).itertuples():
+        interval = ("–" if pd.isna(r.paired_ci_low)
+                    else f"[{signed.format(r.paired_ci_low)}, {signed.format(r.paired_ci_high)}]")
+        rows.append([r.press_label, r.dataset_label, str(r.budget), str(int(r.paired_n)),
+                     signed.format(r.paired_difference), interval,
+                     "–" if pd.isna(r.mcnemar_p) else f"{r.mcnemar_p:.3g}"])
+    return rows
+
+
+def render_paired(title: str, rows: list[list[str]], fmt: str) -> str:
+    """``paired_rows`` as a markdown, LaTeX or terminal table."""
+    if fmt == "markdown":
+        lines = [f"**{title}**", "", "| " + " | ".join(PAIRED_HEADERS) + " |", "|---" * len(PAIRED_HEADERS) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    if fmt == "latex":
+        body = [" & ".join(r).replace("Δ", "$\\Delta$").replace("%", "\\%") + r" \\" for r in [PAIRED_HEADERS, *rows]]
+        return "\n".join([f"% {title}", r"\begin{tabular}{lllrrrr}", r"\toprule", body[0], r"\midrule", *body[1:],
+                          r"\bottomrule", r"\end{tabular}"])
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for i, header in enumerate(PAIRED_HEADERS):
+        table.add_column(header, justify="left" if i < 2 else "right")
+    for r in rows:
+        table.add_row(*r)
+    buffer = StringIO()
+    Console(file=buffer, width=120, force_terminal=False).print(table)
+    return buffer.getvalue().rstrip()

@@ -15,7 +15,6 @@ import pandas as pd
 
 from kvbench.errors import KvbenchError
 from kvbench.references import RowIdentity, comparable, load_reference, with_reference
-from kvbench.store import ResultStore
 from kvbench.tasks.protocols import DEFAULT_PROTOCOL
 
 #: metric -> (per-row value, higher is better, unit label, format)
@@ -92,7 +91,9 @@ def full_label(label: str) -> str:
 
 
 def load(store: str | Path) -> pd.DataFrame:
-    table = ResultStore(store).read()
+    from kvbench.checks import store_to_read
+
+    table = store_to_read(store).read()
     if table.num_rows == 0:
         raise KvbenchError(f"no results in {store}")
     df = table.to_pandas()
@@ -265,9 +266,15 @@ def _header(column: tuple) -> str:
     return f"{column[0]} @{column[1]}"
 
 
-def render(store: str | Path, metric: str = "accuracy", fmt: str = "markdown", reference: str | None = None) -> str:
-    if fmt not in RENDERERS and fmt != "csv":
-        raise KvbenchError(f"unknown --format {fmt!r} (terminal, markdown, latex, csv)")
+def render(store: str | Path, metric: str = "accuracy", fmt: str = "markdown", reference: str | None = None,
+           paired: bool = False) -> str:
+    """The report of ``store``: one table per model; ``paired`` adds each model's paired statistics vs full."""
+    from kvbench.checks import choice
+
+    choice("--format", fmt, FORMATS)
+    _metric(metric)  # every option is checked before the store is read
+    if paired and metric not in METRICS:
+        raise KvbenchError(f"--paired: --metric {metric} is one value per cell, with nothing to pair")
     ref = load_reference(reference) if reference else None
     if ref is not None and metric != "accuracy":
         raise KvbenchError(f"--reference {reference} publishes accuracies: use it with --metric accuracy")
@@ -289,7 +296,18 @@ def render(store: str | Path, metric: str = "accuracy", fmt: str = "markdown", r
         repeated = f"; {repeated} rows stored twice (same run and example) counted once" if repeated else ""
         title = f"{model}: {unit} ({spread}; {_counts_note(means)}{repeated}; best evicting press in bold)"
         blocks.append(RENDERERS[fmt](title, means, errors, mask, number) + _notes(notes, fmt))
+        if paired:
+            blocks.append(_paired_block(long, df, metric, model, number, fmt))
     return "\n\n".join(blocks) + "\n"
+
+
+def _paired_block(long: pd.DataFrame, df: pd.DataFrame, metric: str, model: str, number: str, fmt: str) -> str:
+    from kvbench.paired import paired_rows, render_paired
+
+    rows = paired_rows(_with_paired(long, df, metric).dropna(subset=["paired_n"]), model, number)
+    title = (f"{model}: {metric}, each press against the full cache on the same examples (mean difference, "
+             "bootstrap 95% interval" + (", exact McNemar p" if metric == "accuracy" else "") + ")")
+    return render_paired(title, rows, fmt) if rows else f"{title}: no press shares examples with the full cache"
 
 
 def _with_paired(long: pd.DataFrame, df: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -377,3 +395,4 @@ def _terminal(title, means, errors, mask, number) -> str:
 
 
 RENDERERS = {"markdown": _markdown, "latex": _latex, "terminal": _terminal}
+FORMATS = ("terminal", "markdown", "latex", "csv")

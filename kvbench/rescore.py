@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvbench.errors import KvbenchError
+from kvbench.checks import store_to_read
 from kvbench.store import ResultStore
 from kvbench.tasks import Task, load_task
 from kvbench.tasks.protocols import DEFAULT_PROTOCOL, get_protocol
@@ -21,17 +21,17 @@ class RescoreSummary:
 
 
 def rescore(store_path: str, dataset: str | None = None, dry_run: bool = False,
-            on_part: Callable[[], None] | None = None) -> RescoreSummary:
+            on_part: Callable[[], None] | None = None,
+            tasks: dict[tuple[str, str], Task] | None = None) -> RescoreSummary:
     """Re-apply each row's dataset config under the row's protocol (current extractors and scorer) to its
     stored response; whether the response started inside ``<think>`` is read from the stored prompt.
 
-    Parts whose rows change are rewritten atomically, one at a time; ``dry_run`` only counts.
+    Parts whose rows change are rewritten atomically, one at a time; ``dry_run`` only counts. ``tasks``:
+    ``stored_tasks(store_path, dataset)`` when the caller has checked them already.
     """
+    tasks = stored_tasks(store_path, dataset) if tasks is None else tasks  # all checked before any part changes
     store = ResultStore(store_path)
     parts = store.parts()
-    if not parts:
-        raise KvbenchError(f"no result parts in {store_path}")
-    tasks: dict[tuple[str, str], Task] = {}
     summary = RescoreSummary()
     for part in parts:
         rows = store.read_part(part).to_pylist()
@@ -39,10 +39,8 @@ def rescore(store_path: str, dataset: str | None = None, dry_run: bool = False,
         for row in rows:
             if dataset and row["dataset"] != dataset:
                 continue
-            key = (row["dataset"], row["protocol"] or DEFAULT_PROTOCOL)
-            if key not in tasks:
-                tasks[key] = load_task(key[0]).for_protocol(get_protocol(key[1]))
-            new = tasks[key].score(row["response"], row["gold"], row["prompt"]).columns()
+            task = tasks[(row["dataset"], row["protocol"] or DEFAULT_PROTOCOL)]
+            new = task.score(row["response"], row["gold"], row["prompt"]).columns()
             summary.rows += 1
             if any(row[k] != new[k] for k in new):
                 summary.changed += 1
@@ -56,3 +54,13 @@ def rescore(store_path: str, dataset: str | None = None, dry_run: bool = False,
         if on_part:
             on_part()
     return summary
+
+
+def stored_tasks(store_path: str, dataset: str | None = None) -> dict[tuple[str, str], Task]:
+    """The dataset config of each (dataset, protocol) the store's rows ran (only ``dataset``'s when given), after
+    checking the store's parts and ``dataset``."""
+    if dataset is not None:
+        load_task(dataset)  # an unknown dataset fails here instead of re-scoring nothing
+    table = store_to_read(store_path).read(["dataset", "protocol"])
+    pairs = {(d, p or DEFAULT_PROTOCOL) for d, p in zip(table["dataset"].to_pylist(), table["protocol"].to_pylist())}
+    return {(d, p): load_task(d).for_protocol(get_protocol(p)) for d, p in sorted(pairs) if dataset in (None, d)}

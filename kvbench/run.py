@@ -86,8 +86,10 @@ def parse_budget(text: str) -> int | None:
 
 def plan(config: RunConfig) -> tuple[Task, list[Example], list[Cell]]:
     """Validate everything and list the cells, without loading the model."""
+    from kvbench.checks import store_to_write
+
     cells = build_cells(config)
-    ResultStore(config.store).check_writable()
+    store_to_write(config.store)
     task = prepared_task(config)
     return task, protocol_examples(config, task), cells
 
@@ -348,9 +350,13 @@ def execute(
     on_start: Callable[[int], None] | None = None,
     on_example: Callable[[Cell, Example], None] | None = None,
     retry_failed: bool = False,
+    planned: tuple[Task, list[Example], list[Cell]] | None = None,
 ) -> tuple[Task, list[Cell]]:
-    """Run every cell on every example not already stored; return cells with all their rows (stored ones too)."""
-    task, examples, cells = plan(config)
+    """Run every cell on every example not already stored; return cells with all their rows (stored ones too).
+
+    ``planned`` is ``plan(config)``'s result when the caller has validated already (the data is read once).
+    """
+    task, examples, cells = planned or plan(config)
     store = ResultStore(config.store)
     session = load_session(config.model, config.dtype, config.device, config.seed)
     for cell in cells:

@@ -140,13 +140,13 @@ class ResultStore:
                 if tmp.stat().st_mtime < cutoff:
                     tmp.unlink()
 
-    def check_writable(self, parts: bool = True) -> None:
-        """Fail before any work when rows could not be stored: a file in the way, no permission, or (``parts``) a
-        part that is not kvbench's."""
+    def check_writable(self, parts: bool = True, write: bool = True) -> None:
+        """Fail before any work when rows could not be stored: a file in the way, no permission (``write``), or
+        (``parts``) a part that is not kvbench's. ``write=False`` checks a store that will only be read."""
         if self.path.exists() and not self.path.is_dir():
             raise StoreError(f"store {self.path} is a file, not a directory: give --store a directory")
         existing = self.path if self.path.exists() else next(p for p in self.path.parents if p.exists())
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        if write and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
             raise StoreError(f"store {self.path}: cannot write in {existing}")
         for part in self.parts() if parts else []:  # a foreign file fails here, not after the work
             self.check_part(part)

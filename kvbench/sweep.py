@@ -55,8 +55,9 @@ class PlannedRun:
         return f"{c.model} {c.presses[0]}@{budget} {c.dataset}"
 
 
-def read_grid(path: str | Path, store: str = "results") -> list[PlannedRun]:
-    """Parse, expand and validate a grid; errors name the CSV line and column."""
+def read_grid(path: str | Path, store: str = "results", write: bool = True) -> list[PlannedRun]:
+    """Parse, expand and validate a grid; errors name the CSV line and column. ``write=False`` (a dry run) needs
+    a readable store only."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"grid {path} not found")
@@ -84,7 +85,7 @@ def read_grid(path: str | Path, store: str = "results") -> list[PlannedRun]:
             runs.extend(_expand(path, line, row, store))
     if not runs:
         raise ConfigError(f"{path}: the grid has a header but no runs")
-    ResultStore(store).check_writable()
+    ResultStore(store).check_writable(write=write)
     seen: set[RunConfig] = set()
     unique = [r for r in runs if not (r.config in seen or seen.add(r.config))]  # first occurrence wins
     for run in unique:

@@ -1,6 +1,7 @@
 """Bad input, table-driven: exit 2, exactly one line on stderr, no model loaded, and the store left as it was."""
 
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,23 @@ GRIDS = {
     "repeated_column.csv": "model,press,press,dataset\ntiny-llama,full,h2o,arith\n",
     "header_only.csv": "model,press,dataset,budget\n",
     "not_text.csv": b"model,press,dataset\n\xff\xfe\xfa,full,arith\n",
+    "bad_dtype.csv": "model,press,dataset,dtype\ntiny-llama,full,arith,float32|float64\n",
+    "bad_device.csv": "model,press,dataset,device\ntiny-llama,full,arith,gpu7\n",
+    "bad_value.csv": "model,press,dataset,budget,press_args\ntiny-llama,h2o,arith,64,gqa=bogus\n",
+}
+
+ARITH = (Path(__file__).parents[1] / "kvbench" / "datasets_cfg" / "arith.yaml").read_text()
+#: dataset configs, each malformed in one way (written under $KVBENCH_DATASETS_CFG beside a good arith.yaml)
+CONFIGS = {
+    "badgen": ARITH.replace("name: arith", "name: badgen").replace("generator: arith", "generator: nosuch"),
+    "badsize": ARITH.replace("name: arith", "name: badsize").replace("size: 200", "size: ten"),
+    "badbrace": ARITH.replace("name: arith", "name: badbrace").replace("{question}", "{question"),
+    "badversion": ARITH.replace("name: arith", "name: badversion").replace("version: 1", "version: one"),
+    "badname": ARITH,  # says name: arith
+    "badfield": ARITH.replace("name: arith", "name: badfield").replace("{question}", "{passage}"),
+    "repeated": ARITH.replace("name: arith", "name: repeated").replace(
+        "builtin: {generator: arith, seed: 0, size: 200, fields: {id: id, question: question, gold: answer}}",
+        "local: {dir: repeated, split: test, fields: {id: id, question: question, gold: answer}}"),
 }
 
 CASES = [
@@ -40,6 +58,51 @@ CASES = [
     (["score", "GRID/store", "-d", "nosuch"], "unknown dataset 'nosuch'"),
     (["bench", "-f", "bogus"], "unknown --format 'bogus'"),
     (["bench", "--store", "GRID/a_file"], "cannot write in"),
+    # press values
+    (["run", "-p", "snapkv-d", "-b", "64", "-a", "pooling=bogus"], "pooling must be"),
+    (["run", "-p", "rkv", "-b", "64", "-a", "window_size=0"], "window_size and kernel_size must be >= 1"),
+    (["run", "-p", "rkv", "-b", "64", "-a", "mix_lambda=nan"], "must be a finite number"),
+    (["fidelity", "-p", "h2o", "-b", "64", "-a", "gqa=bogus"], "gqa must be one of mean, max"),
+    # generation settings
+    (["run", "--top-p", "0"], "--top-p in (0, 1]"),
+    (["run", "--top-k", "-1"], "--top-k must be >= 0"),
+    (["run", "--repetition-penalty", "0"], "--repetition-penalty > 0"),
+    (["run", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["run", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["run", "--measure", "bogus"], "--measure 'bogus' is unknown"),
+    (["run", "--protocol", "hott", "--system-prompt", "be brief"], "--system-prompt does not apply"),
+    # grids: settings checked for every run before the first
+    (["sweep", "GRID/bad_dtype.csv"], "unknown --dtype 'float64'"),
+    (["sweep", "GRID/bad_device.csv"], "bad --device 'gpu7'"),
+    (["sweep", "GRID/bad_value.csv"], "column 'press_args'"),
+    (["sweep", "GRID/header_only.csv", "--dry-run"], "no runs"),
+    (["sweep", "GRID/bad_dtype.csv", "--store", "GRID/clash"], "column budget is string"),
+    # dataset configs
+    (["run", "-d", "badgen"], "unknown generator 'nosuch'"),
+    (["run", "-d", "badsize"], "size must be a positive integer"),
+    (["run", "-d", "badbrace"], "write a literal brace"),
+    (["run", "-d", "badversion"], "version must be a positive integer"),
+    (["run", "-d", "badname"], "is not the file's name"),
+    (["run", "-d", "badfield"], "uses passage, which the builtin layout lacks"),
+    (["run", "-d", "repeated", "--data-dir", "GRID/data"], "example id 'a' appears 2 times"),
+    (["datasets", "show", "badgen"], "unknown generator 'nosuch'"),
+    (["score", "GRID/store", "-d", "badversion"], "version must be a positive integer"),
+    # stores and outputs
+    (["score", "GRID/foreign"], "not a kvbench result part"),
+    (["report", "GRID/clash"], "column budget is string"),
+    (["report", "GRID/store", "-f", "bogus"], "bogus"),
+    (["report", "GRID/store", "-m", "bogus"], "bogus"),
+    (["report", "GRID/store", "--reference", "bogus"], "bogus"),
+    (["report", "GRID/bench_corrupt", "--bench"], "unreadable Parquet part"),
+    (["bench", "--store", "GRID/bench_corrupt"], "unreadable Parquet part"),
+    (["bench", "--store", "GRID/bench_foreign"], "not a kvbench bench part"),
+    (["run", "-n", "1", "--store", "GRID/truncated"], "unreadable Parquet part"),
+    (["bench", "-p", "nosuch"], "unknown press 'nosuch'"),
+    (["bench", "--batch-size", "0"], "--batch-size"),
+    (["bench", "--dtype", "float64"], "unknown --dtype 'float64'"),
+    (["bench", "--model", "r1-qwen-7b"], "use it with --random-weights"),
+    (["report", "GRID/bench_corrupt", "--bench", "-f", "bogus"], "unknown --format 'bogus'"),
+    (["score", "GRID/store"], "no results in"),
 ]
 
 
@@ -55,6 +118,21 @@ def _bad_stores(root):
                         ("clash", pa.table({"run_key": ["k"], "example_id": ["e"], "sample": [0], "budget": ["big"]}))):
         (root / name).mkdir()
         pq.write_table(table, root / name / "part-0.parquet")
+    (root / "truncated").mkdir()
+    pq.write_table(pa.table({"run_key": ["k"], "example_id": ["e"], "sample": [0]}), root / "part.parquet")
+    (root / "truncated" / "part-0.parquet").write_bytes((root / "part.parquet").read_bytes()[:-20])
+    for name, data in (("bench_corrupt", b"PAR1 not really"), ("bench_foreign", None)):
+        (root / name / "bench").mkdir(parents=True)
+        part = root / name / "bench" / "part-0.parquet"
+        part.write_bytes(data) if data else pq.write_table(pa.table({"x": [1]}), part)
+    config_dir = root / "cfg"
+    config_dir.mkdir()
+    (config_dir / "arith.yaml").write_text(ARITH)
+    for name, text in CONFIGS.items():
+        (config_dir / f"{name}.yaml").write_text(text)
+    (root / "data" / "repeated").mkdir(parents=True)
+    (root / "data" / "repeated" / "test.jsonl").write_text(
+        '{"id": "a", "question": "1+1?", "answer": "2"}\n{"id": "a", "question": "2+2?", "answer": "4"}\n')
 
 
 @pytest.fixture
@@ -74,6 +152,10 @@ def test_bad_input_is_one_line_and_exit_2(args, phrase, tmp_path, monkeypatch, c
     store.mkdir()
     (store / "README").write_text("kept")
     _bad_stores(tmp_path)
+    monkeypatch.setenv("KVBENCH_DATASETS_CFG", str(tmp_path / "cfg"))
+    for variable in ("TRANSFORMERS_VERBOSITY", "DATASETS_VERBOSITY", "HF_HUB_VERBOSITY",
+                     "TRANSFORMERS_NO_ADVISORY_WARNINGS"):
+        monkeypatch.setenv(variable, "error")  # main() defaults them: restored for the tests that follow
     args = [a.replace("GRID", str(tmp_path)) for a in args]
     if "--store" not in args and args[0] in {"run", "sweep", "bench"}:
         args += ["--store", str(store)]
@@ -84,7 +166,8 @@ def test_bad_input_is_one_line_and_exit_2(args, phrase, tmp_path, monkeypatch, c
     assert exited.value.code == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and phrase in err, err
     assert sorted(p.name for p in store.iterdir()) == ["README"]
-    assert all([p.name for p in (tmp_path / name).iterdir()] == ["part-0.parquet"] for name in ("foreign", "clash"))
+    for name in ("foreign", "clash", "truncated"):
+        assert [p.name for p in (tmp_path / name).iterdir()] == ["part-0.parquet"]
 
 
 def test_spreadsheet_grids_read_like_plain_utf8(tmp_path):
@@ -119,3 +202,58 @@ def test_stale_failure_records_and_temp_files_are_cleared(tmp_path):
     os.utime(old, (time.time() - 7200, time.time() - 7200))
     store.append([row("full", (), None, "gsm8k", 1, 1, run_key="k")])
     assert not old.exists() and fresh.exists()  # a write in flight elsewhere is left alone
+
+
+LIBRARY_CHATTER = """
+import sys, warnings
+if sys.argv[1] == "quiet":
+    from kvbench.quiet import quiet_libraries
+    quiet_libraries()
+from huggingface_hub.utils import logging as hub_logging
+from transformers.utils import logging as transformers_logging
+transformers_logging.get_logger("transformers.models").warning("deprecated argument")
+hub_logging.get_logger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+warnings.warn("`torch_dtype` is deprecated", FutureWarning)
+"""
+
+
+@pytest.mark.parametrize("mode", ["quiet", "loud"])
+def test_library_warnings_stay_off_stderr(mode):
+    """What the CLI does first: the libraries' warnings (and hub retries) do not reach stderr; the control shows
+    that they would."""
+    import os
+    import subprocess
+
+    clean = {k: v for k, v in os.environ.items() if not k.endswith("VERBOSITY") and "ADVISORY" not in k}
+    result = subprocess.run([sys.executable, "-c", LIBRARY_CHATTER, mode], capture_output=True, text=True,
+                            timeout=120, env=clean)
+    assert result.returncode == 0, result.stderr
+    if mode == "quiet":
+        assert result.stderr == ""
+    else:
+        assert all(s in result.stderr for s in ("deprecated argument", "Retrying", "torch_dtype")), result.stderr
+
+
+def test_num_samples_beyond_a_generator_is_capped_at_its_size():
+    """``-n 1000000000`` on the built-in generator used to hang generating: it takes the declared size."""
+    from kvbench.tasks import load_examples, load_task
+
+    task = load_task("arith")
+    examples = load_examples(task, 10**9)
+    assert len(examples) == task.builtin["size"] == 200
+    assert [e.id for e in examples] == [e.id for e in load_examples(task)]
+
+
+def test_a_dry_run_reads_a_store_it_may_not_write(tmp_path, monkeypatch):
+    """``sweep --dry-run`` only reads the store: a read-only store is refused for a sweep, not for a dry run."""
+    import os
+
+    from kvbench.errors import KvbenchError
+    from kvbench.sweep import read_grid
+
+    (tmp_path / "grid.csv").write_text("model,press,dataset,num_samples\ntiny-llama,full,arith,2\n")
+    (tmp_path / "store").mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # no write permission (the tests run as root)
+    assert len(read_grid(tmp_path / "grid.csv", str(tmp_path / "store"), write=False)) == 1
+    with pytest.raises(KvbenchError, match="cannot write in"):
+        read_grid(tmp_path / "grid.csv", str(tmp_path / "store"))

@@ -39,7 +39,7 @@ def test_score_rescores_stored_rows_and_counts_changes(tmp_path):
 
 def test_score_on_an_empty_store_fails_clearly(tmp_path):
     result = kvbench("score", str(tmp_path))
-    assert result.returncode == 2 and "no result parts" in result.stderr
+    assert result.returncode == 2 and "no results in" in result.stderr
 
 
 def test_datasets_list_show_validate():

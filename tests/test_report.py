@@ -77,6 +77,22 @@ def test_paired_difference_from_the_full_cache(store):
     assert table[table.press_label == "full"]["paired_n"].isna().all()
 
 
+@pytest.mark.parametrize("fmt", ["markdown", "terminal", "latex"])
+def test_paired_table_option(store, fmt):
+    """``--paired``: the same numbers as the csv columns, under each model's table, in the metric's format."""
+    text = render(store, fmt=fmt, paired=True)
+    line = next(ln for ln in text.splitlines() if ln.lstrip("|│ ").startswith("h2o") and "gsm8k" in ln and "64" in ln)
+    cells = [c.strip() for c in line.replace("│", "|").replace("&", "|").strip("|\\ ").split("|")]
+    # full 1,1,1,1 against h2o 1,1,0,0: -50.0 points over 4 pairs, exact McNemar p 0.5
+    assert cells[:5] == ["h2o", "gsm8k", "64", "4", "-50.0"] and cells[6] == "0.5", cells
+    assert "bootstrap 95" in text and render(store, fmt=fmt).count("h2o") < text.count("h2o")
+
+
+def test_paired_table_refuses_a_whole_cell_metric(store):
+    with pytest.raises(KvbenchError, match="nothing to pair"):
+        render(store, metric="tokens_per_correct", fmt="markdown", paired=True)
+
+
 def test_hott_reference_rows(tmp_path):
     ref = load_reference("hott")
     assert {"gsm8k", "math500", "drop", "folio"} <= set(ref["dataset"])

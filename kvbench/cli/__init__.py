@@ -32,7 +32,9 @@ app.add_typer(datasets_cmd.app, name="datasets")
 
 def main() -> None:
     from kvbench.errors import KvbenchError
+    from kvbench.quiet import quiet_libraries
 
+    quiet_libraries()
     try:
         app()
     except KvbenchError as err:

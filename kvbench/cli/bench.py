@@ -43,7 +43,8 @@ def bench(
     conditions; every step is timed between device synchronisations, after a warm-up.
     """
     from kvbench.bench import BenchConfig, execute, validate
-    from kvbench.bench_results import frame, render
+    from kvbench.bench_results import FORMATS, frame, render
+    from kvbench.checks import choice
     from kvbench.cli.progress import progress_bar
     from kvbench.errors import KvbenchError
     from kvbench.run import parse_budget
@@ -61,8 +62,7 @@ def bench(
         warmup=warmup, memory_gib=memory_gib, max_batch=max_batch, static_shapes=static_shapes, compile=compile,
         profile_dir=str(profile) if profile else None, seed=seed, store=str(store) if store else None,
     )
-    if format not in ("terminal", "markdown", "csv"):
-        raise KvbenchError(f"unknown --format {format!r} (terminal, markdown, csv)")
+    choice("--format", format, FORMATS)
     validate(config)  # bad input fails before the model loads
     with progress_bar() as progress:
         bar = progress.add_task(f"loading {model}", total=None)

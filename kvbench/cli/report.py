@@ -15,24 +15,26 @@ def report(
                                       "vs budget, per model and dataset) to this directory."),
     reference: str | None = typer.Option(None, "--reference", help="Show published figures beside ours: hott "
                                          "(the paper's accuracies)."),
+    paired: bool = typer.Option(False, "--paired", help="Under each table, every press against the full cache on "
+                                "the same examples: mean difference, bootstrap 95% interval and (accuracy) exact "
+                                "McNemar p. The csv output always has these columns."),
     bench: bool = typer.Option(False, "--bench", help="The speed and memory tables stored by `kvbench bench "
                                "--store` (the latest run of each configuration) instead."),
 ) -> None:
     """Tables in the paper's layout (press x dataset x budget, Avg., Δ vs full), and plots."""
-    from kvbench.errors import KvbenchError
+    from kvbench.checks import choice, output_dir, output_file
     from kvbench.plots import plot
     from kvbench.report import render
 
-    if out is not None and out.is_dir():
-        raise KvbenchError(f"--out {out} is a directory: give a file name")
-    if plots is not None and plots.exists() and not plots.is_dir():
-        raise KvbenchError(f"--plots {plots} is a file: give a directory")
+    output_file("--out", out)
+    output_dir("--plots", plots)
     if bench:
         from kvbench import bench_results
 
+        choice("--format", format, bench_results.FORMATS)
         text = bench_results.render(bench_results.load_rows(store), fmt=format)
     else:
-        text = render(store, metric=metric, fmt=format, reference=reference)
+        text = render(store, metric=metric, fmt=format, reference=reference, paired=paired)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)

@@ -74,7 +74,7 @@ def _execute(o: dict, kind: str) -> None:
         batch_size=o["batch_size"],
         stop_on_loop=o["stop_on_loop"], measure=tuple(_split(o["measure"])), kind=kind,
     )
-    plan(config)  # fail on bad input before any model loads
+    planned = plan(config)  # fail on bad input before any model loads
     verb = "replaying" if kind == "fidelity" else "generating"
     with progress_bar() as progress:
         bar = progress.add_task(f"loading {config.model}", total=None)
@@ -86,7 +86,8 @@ def _execute(o: dict, kind: str) -> None:
             label = cell.press.name if cell.budget is None else f"{cell.press.name}@{cell.budget}"
             progress.update(bar, advance=1, description=f"{verb} {label}")
 
-        task, cells = execute(config, on_start=on_start, on_example=on_example, retry_failed=o["retry_failed"])
+        task, cells = execute(config, on_start=on_start, on_example=on_example, retry_failed=o["retry_failed"],
+                              planned=planned)
     Console(width=max(Console().width, 120)).print(result_table(task, cells, config))
 
 

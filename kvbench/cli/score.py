@@ -14,17 +14,15 @@ def score(
     from rich.console import Console
     from rich.progress import Progress
 
-    from kvbench.rescore import rescore
+    from kvbench.rescore import rescore, stored_tasks
     from kvbench.store import ResultStore
-    from kvbench.tasks import load_task
 
-    if dataset is not None:
-        load_task(dataset)  # an unknown dataset fails here instead of re-scoring nothing
-
+    tasks = stored_tasks(str(store), dataset)  # the store's parts and every config checked before any work
     parts = len(ResultStore(store).parts())
     with Progress(console=Console(stderr=True), transient=True) as progress:
         bar = progress.add_task("re-scoring", total=parts)
-        summary = rescore(str(store), dataset, dry_run, on_part=lambda: progress.advance(bar))
+        summary = rescore(str(store), dataset, dry_run, on_part=lambda: progress.advance(bar),
+                          tasks=tasks)
     verb = "would change" if dry_run else "changed"
     typer.echo(f"re-scored {summary.rows} rows: {summary.changed} {verb} "
                f"({summary.newly_correct} now correct, {summary.newly_wrong} now wrong), "

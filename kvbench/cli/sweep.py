@@ -25,7 +25,7 @@ def sweep(
 
     if executor not in ("local", "ray"):
         raise ConfigError(f"--executor {executor!r}: use local or ray")
-    runs = read_grid(grid, store=str(store))
+    runs = read_grid(grid, store=str(store), write=not dry_run)
     if shard_spec:
         runs = shard(runs, *parse_shard(shard_spec))
     states = status(runs, retry_failed)

@@ -1,0 +1,72 @@
+"""The checks every command makes before its work, in one place: whichever command meets a bad value, store or
+output path, it says so in the same one line, and no model loads and nothing is written before.
+
+Press fields are checked by the presses themselves (``kvbench.presses``), generation settings by ``run.build_cells``
+and dataset configs as they load (``kvbench.tasks.validate``); the commands reach them through ``run.plan``,
+``sweep.read_grid``, ``bench.validate``, ``rescore`` and ``report.render``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from kvbench.errors import ConfigError
+from kvbench.store import ResultStore, StoreError
+
+#: what every part under ``STORE/bench/`` has (``kvbench.bench.BenchRow`` and the run's columns)
+BENCH_COLUMNS = ("created_at", "model", "press", "budget", "batch", "tokens_per_s")
+MOVE_ASIDE = "move it out of the store directory"
+
+
+def choice(flag: str, value: str, known: Iterable[str]) -> str:
+    known = list(known)
+    if value not in known:
+        raise ConfigError(f"unknown {flag} {value!r} (known: {', '.join(known)})")
+    return value
+
+
+def output_file(flag: str, path: Path | None) -> None:
+    if path is not None and path.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory: give a file name")
+
+
+def output_dir(flag: str, path: Path | None) -> None:
+    if path is not None and path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is a file: give a directory")
+
+
+def store_to_write(path: str | Path) -> ResultStore:
+    """A store rows can be added to: a directory (or creatable) that kvbench may write, holding only its parts."""
+    store = ResultStore(path)
+    store.check_writable()
+    return store
+
+
+def store_to_read(path: str | Path) -> ResultStore:
+    """A store that holds results, every part of them kvbench's (checked by schema, before any row is read)."""
+    store = ResultStore(path)
+    store.check_writable(write=False)
+    if not store.parts():
+        raise StoreError(f"no results in {path}")
+    return store
+
+
+def bench_parts(store: str | Path, required: bool) -> list[Path]:
+    """``STORE/bench/``'s parts, each a readable Parquet file with the bench columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = Path(store) / "bench"
+    parts = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+    if required and not parts:
+        raise StoreError(f"no benchmark results in {store} (run `kvbench bench --store {store}`)")
+    for part in parts:
+        try:
+            names = pq.read_schema(part).names
+        except (pa.ArrowInvalid, OSError) as err:
+            raise StoreError(f"{part}: unreadable Parquet part ({str(err).splitlines()[0]}); {MOVE_ASIDE}") from None
+        missing = [c for c in BENCH_COLUMNS if c not in names]
+        if missing:
+            raise StoreError(f"{part}: not a kvbench bench part (no {', '.join(missing)}); {MOVE_ASIDE}")
+    return parts

@@ -1,0 +1,46 @@
+"""Library chatter kept off stderr, so that what kvbench writes there is its own (an error is one line).
+
+transformers, datasets and huggingface_hub log warnings (deprecations, retries of an unreachable hub) and raise
+``FutureWarning``s that say nothing about the numbers. A user's own setting wins: each verbosity variable is only
+defaulted, and ``PYTHONWARNINGS`` (or ``-W``) keeps Python's warnings as the user set them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import warnings
+
+#: each library's verbosity variable, read when the library first configures its logger
+_VERBOSITY = {"transformers": "TRANSFORMERS_VERBOSITY", "datasets": "DATASETS_VERBOSITY",
+              "huggingface_hub": "HF_HUB_VERBOSITY"}
+
+
+def quiet_libraries() -> None:
+    """Errors only from the libraries' loggers; their deprecation and future warnings ignored."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for library, variable in _VERBOSITY.items():
+        level = os.environ.setdefault(variable, "error")
+        if library in sys.modules:  # imported already (e.g. under pytest): its logger was configured then
+            logging.getLogger(library).setLevel(getattr(logging, level.upper(), logging.ERROR))
+    if not sys.warnoptions:
+        for category in (FutureWarning, DeprecationWarning, UserWarning):
+            warnings.filterwarnings("ignore", category=category, module=r"(transformers|datasets|huggingface_hub"
+                                    r"|torch|accelerate|gguf)(\.|$)")
+        warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations attributed to the caller
+
+
+@contextlib.contextmanager
+def no_library_progress_bars():
+    """transformers' own bars (GGUF de-quantisation, weight loading) off while kvbench shows its own."""
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
