@@ -21,7 +21,8 @@ def test_run_writes_rows_with_schema_and_resumes(tmp_path):
     result = kvbench("run", "--model", "tiny-llama", "-p", "full,h2o", "-b", "24", "-n", "2",
                      "--max-new-tokens", "12", "--store", str(store))
     assert result.returncode == 0, result.stderr
-    assert result.stderr == ""  # no library warnings: an error would be the only line
+    chatter = [ln for ln in result.stderr.splitlines() if ln.strip() and not ln.startswith(("loading", "generating"))]
+    assert chatter == []  # kvbench's progress bar only, no library warnings: an error would be the only line
     assert "h2o" in result.stdout and "accuracy" in result.stdout
     parts = sorted(store.glob("part-*.parquet"))
     assert len(parts) == 4  # one atomic part per (cell, example)
