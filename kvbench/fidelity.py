@@ -9,14 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from kvbench.presses import make_press
-from kvbench.run import Cell, RunConfig, base_row, generation_settings, pending, record_failures
+from kvbench.runner import Cell, base_row, generation_settings, store_cell
 from kvbench.session import Session
 from kvbench.store import ResultStore
 from kvbench.tasks import Example, Task
+
+if TYPE_CHECKING:
+    from kvbench.run import RunConfig
 
 
 @dataclass
@@ -76,21 +80,15 @@ def run_fidelity_cell(
     retry_failed: bool = False, on_example: Callable[[Cell, Example], None] | None = None,
 ) -> int:
     """Replay every pending example of one cell; store one row each (kind "fidelity"); return rows written."""
-    store = ResultStore(config.store)
     settings = generation_settings(session, config, task)
-    written = 0
-    with store.lock(cell.run_key):
-        store.clear_stale_failures(cell.run_key)
-        for example in pending(store, cell, examples, retry_failed):
-            try:
-                ref = reference(session, config, task, example)
-                out, columns = replay(session, config, task, ref, cell.press, cell.budget)
-            except (RuntimeError, MemoryError, OSError) as err:  # out of memory, device or disk: record, go on
-                record_failures(store, config, task, cell, [example], err, on_example)
-                continue
-            store.append([{**base_row(session, config, task, cell, example, ref.prompt, out, settings), **columns}])
-            store.clear_failure(cell.run_key, example.id, 0)
-            written += 1
-            if on_example:
-                on_example(cell, example)
-    return written
+
+    def produce(batch: list[Example]) -> list[tuple[Reference, object, dict]]:
+        ref = reference(session, config, task, batch[0])
+        return [(ref, *replay(session, config, task, ref, cell.press, cell.budget))]
+
+    def row_of(example: Example, output: tuple[Reference, object, dict]) -> dict:
+        ref, out, columns = output
+        return {**base_row(session, config, task, cell, example, ref.prompt, out, settings), **columns}
+
+    return store_cell(ResultStore(config.store), config, task, examples, cell, produce, row_of, 1, retry_failed,
+                      on_example)

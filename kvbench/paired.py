@@ -85,16 +85,6 @@ def render_paired(title: str, rows: list[list[str]], fmt: str) -> str:
         body = [" & ".join(r).replace("Δ", "$\\Delta$").replace("%", "\\%") + r" \\" for r in [PAIRED_HEADERS, *rows]]
         return "\n".join([f"% {title}", r"\begin{tabular}{lllrrrr}", r"\toprule", body[0], r"\midrule", *body[1:],
                           r"\bottomrule", r"\end{tabular}"])
-    from io import StringIO
+    from kvbench.text_table import text_table
 
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for i, header in enumerate(PAIRED_HEADERS):
-        table.add_column(header, justify="left" if i < 2 else "right")
-    for r in rows:
-        table.add_row(*r)
-    buffer = StringIO()
-    Console(file=buffer, width=120, force_terminal=False).print(table)
-    return buffer.getvalue().rstrip()
+    return text_table(title, PAIRED_HEADERS, rows, left=2)

@@ -14,68 +14,10 @@ from pathlib import Path
 import pandas as pd
 
 from kvbench.errors import KvbenchError
+from kvbench.metrics import FULL, Metric, get_metric
 from kvbench.references import RowIdentity, comparable, load_reference, with_reference
 from kvbench.tasks.protocols import DEFAULT_PROTOCOL
 
-#: metric -> (per-row value, higher is better, unit label, format)
-METRICS = {
-    "accuracy": (lambda d: d["correct"].astype(float) * 100, True, "accuracy %", "{:.1f}"),
-    "output_tokens": (lambda d: d["output_tokens"].astype(float), False, "output tokens", "{:.0f}"),
-    "tokens_per_s": (lambda d: d["tokens_per_s"].astype(float), True, "tokens/s", "{:.1f}"),
-    "peak_kv_mib": (lambda d: d["peak_kv_bytes"].astype(float) / 2**20, False, "peak KV MiB", "{:.2f}"),
-    "host_kv_mib": (lambda d: d["host_kv_bytes"].astype(float) / 2**20, False, "peak host KV MiB (offloaded)",
-                    "{:.2f}"),
-    "truncated": (lambda d: (d["finish_reason"] == "length").astype(float) * 100, False, "truncated %", "{:.1f}"),
-    "invalid": (lambda d: d["extracted"].isna().astype(float) * 100, False, "invalid %", "{:.1f}"),
-    # rows stored before loops were measured have no value (NaN), not "did not loop"
-    "looping": (lambda d: d["looped"].map({True: 100.0, False: 0.0}).astype(float), False, "looping %", "{:.1f}"),
-    "length_ratio": (lambda d: _length_ratio(d), False, "output length / full cache's (same examples)", "{:.2f}"),
-    "kv_footprint": (lambda d: d["kv_byte_steps"].astype(float) / 2**30, False, "KV footprint GiB x steps",
-                     "{:.3f}"),
-    "attention_loss": (lambda d: d["attention_loss_mean"].astype(float) * 100, False,
-                       "attention loss % (mass on evicted entries)", "{:.1f}"),
-    "retention": (lambda d: d["retention_mean"].astype(float) * 100, True,
-                  "critical prompt tokens held % (mean over steps)", "{:.1f}"),
-    "retention_end": (lambda d: d["retention_end"].astype(float) * 100, True,
-                      "critical prompt tokens held % (at the end)", "{:.1f}"),
-    # teacher-forced fidelity rows (kvbench fidelity)
-    "kl": (lambda d: d["fidelity_kl_mean"].astype(float), False, "KL(full || press) per token", "{:.3f}"),
-    "top1_agreement": (lambda d: d["fidelity_top1"].astype(float) * 100, True, "top-1 agreement with full %",
-                       "{:.1f}"),
-    "token_rank": (lambda d: d["fidelity_rank_mean"].astype(float), False, "rank of the full cache's token",
-                   "{:.2f}"),
-}
-FIDELITY_METRICS = ("kl", "top1_agreement", "token_rank")
-#: metric -> (value of a whole cell, higher is better, unit, format): ratios of sums, without standard errors
-CELL_METRICS = {
-    "median_output_tokens": (lambda g: g["output_tokens"].median(), False, "median output tokens", "{:.0f}"),
-    "tokens_per_correct": (lambda g: _per_correct(g, g["output_tokens"]), False, "output tokens per correct answer",
-                           "{:.0f}"),
-    "seconds_per_correct": (lambda g: _per_correct(g, g["prefill_s"] + g["decode_s"]), False,
-                            "seconds per correct answer", "{:.1f}"),
-}
-
-
-def _length_ratio(df: pd.DataFrame) -> pd.Series:
-    """Each row's output length over the full cache's on the same example (NaN where full is missing)."""
-    keys = ["model", "protocol", "dataset_label", "example_id"]
-    full = df[df["press"] == FULL].groupby(keys)["output_tokens"].mean()
-    reference = full.reindex(pd.MultiIndex.from_frame(df[keys])).to_numpy()
-    return pd.Series(df["output_tokens"].to_numpy(dtype=float) / reference, index=df.index)
-
-
-def _per_correct(group: pd.DataFrame, cost: pd.Series) -> float:
-    correct = group["correct"].sum()
-    return float(cost.sum() / correct) if correct else float("nan")
-
-
-def _metric(name: str) -> tuple:
-    if name in METRICS:
-        return METRICS[name]
-    if name in CELL_METRICS:
-        return CELL_METRICS[name]
-    raise KvbenchError(f"unknown --metric {name!r} (known: {', '.join([*METRICS, *CELL_METRICS])})")
-FULL = "full"
 AVG, DELTA = "Avg.", "Δ vs full"
 
 
@@ -169,21 +111,22 @@ class Cell:
     n: int
 
 
-def _rows_of_kind(df: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Fidelity metrics come from teacher-forced replays, every other metric from free generation."""
-    return df[(df["kind"] == "fidelity") == (metric in FIDELITY_METRICS)]
+def _rows_of_kind(df: pd.DataFrame, metric: Metric) -> pd.DataFrame:
+    """The rows a metric reads: teacher-forced replays or free generations."""
+    return df[df["kind"] == metric.rows]
 
 
 def aggregate(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Long table: model, press_label, dataset_label, budget (None = full), mean, se, n."""
-    function = _metric(metric)[0]
+    definition = get_metric(metric)
+    function = definition.value
     keys = ["model", "press_label", "dataset_label", "budget"]
-    df = _rows_of_kind(df, metric)
+    df = _rows_of_kind(df, definition)
     if df.empty:
         raise KvbenchError(f"no rows for --metric {metric} in this store"
-                           + (" (run `kvbench fidelity` first)" if metric in FIDELITY_METRICS else ""))
+                           + (" (run `kvbench fidelity` first)" if definition.rows == "fidelity" else ""))
     frame = df.assign(budget=df["budget"].astype("Int64"))
-    if metric in CELL_METRICS:
+    if definition.per_cell:
         records = [dict(zip(keys, key), mean=function(group), n=len(group), sd=float("nan"))
                    for key, group in frame.groupby(keys, dropna=False)]
         out = pd.DataFrame.from_records(records, columns=[*keys, "mean", "n", "sd"])
@@ -272,16 +215,16 @@ def render(store: str | Path, metric: str = "accuracy", fmt: str = "markdown", r
     from kvbench.checks import choice
 
     choice("--format", fmt, FORMATS)
-    _metric(metric)  # every option is checked before the store is read
-    if paired and metric not in METRICS:
+    definition = get_metric(metric)  # every option is checked before the store is read
+    if paired and definition.per_cell:
         raise KvbenchError(f"--paired: --metric {metric} is one value per cell, with nothing to pair")
     ref = load_reference(reference) if reference else None
-    if ref is not None and metric != "accuracy":
+    if ref is not None and not definition.published:
         raise KvbenchError(f"--reference {reference} publishes accuracies: use it with --metric accuracy")
     df = load(store)
     identities = df.attrs["identities"]
     long = aggregate(df, metric)
-    _, higher, unit, number = _metric(metric)
+    higher, unit, number = definition.higher_is_better, definition.unit, definition.number
     if fmt == "csv":
         return _csv(_with_paired(long, df, metric), metric, ref, identities, reference)
     blocks = []
@@ -291,10 +234,11 @@ def render(store: str | Path, metric: str = "accuracy", fmt: str = "markdown", r
         notes: list[str] = []
         if ref is not None:
             means, errors, mask, notes = with_reference(means, errors, mask, ref, model, identities, reference)
-        spread = "one value per cell" if metric in CELL_METRICS else "mean ± standard error"
+        spread = "one value per cell" if definition.per_cell else "mean ± standard error"
         repeated = df.attrs["repeated_rows"]
         repeated = f"; {repeated} rows stored twice (same run and example) counted once" if repeated else ""
-        title = f"{model}: {unit} ({spread}; {_counts_note(means)}{repeated}; best evicting press in bold)"
+        best = "starred" if fmt == "terminal" else "in bold"
+        title = f"{model}: {unit} ({spread}; {_counts_note(means)}{repeated}; best evicting press {best})"
         blocks.append(RENDERERS[fmt](title, means, errors, mask, number) + _notes(notes, fmt))
         if paired:
             blocks.append(_paired_block(long, df, metric, model, number, fmt))
@@ -314,10 +258,11 @@ def _with_paired(long: pd.DataFrame, df: pd.DataFrame, metric: str) -> pd.DataFr
     """``long`` with each press cell's paired difference from the full cache (``kvbench.paired``)."""
     from kvbench.paired import KEYS, paired_statistics
 
-    if metric not in METRICS:  # a whole-cell ratio has no per-example values to pair
+    definition = get_metric(metric)
+    if definition.per_cell:  # a whole-cell ratio has no per-example values to pair
         return long
-    rows = _rows_of_kind(df, metric)
-    paired = paired_statistics(rows, METRICS[metric][0](rows), full_label)
+    rows = _rows_of_kind(df, definition)
+    paired = paired_statistics(rows, definition.value(rows), full_label)
     return long.merge(paired, how="left", on=KEYS)
 
 
@@ -372,26 +317,18 @@ def _latex(title, means, errors, mask, number) -> str:
 
 
 def _terminal(title, means, errors, mask, number) -> str:
-    from io import StringIO
+    from kvbench.text_table import text_table
 
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    table.add_column("press")
-    for column in means.columns:
-        table.add_column(_header(column), justify="right")
+    rows = []
     for press in means.index:
         cells = []
         for column in means.columns:
             value = means.loc[press, column]
             text = (("–" if pd.isna(value) else _delta_text(value, number)) if column[0] == DELTA
                     else _cell_text(value, errors.loc[press, column], number))
-            cells.append(f"[bold]{text}[/]" if mask.loc[press, column] else text)
-        table.add_row(press, *cells)
-    buffer = StringIO()
-    Console(file=buffer, width=max(120, 14 * (len(means.columns) + 1)), force_terminal=False).print(table)
-    return buffer.getvalue().rstrip()
+            cells.append(f"*{text}*" if mask.loc[press, column] else text)  # best: starred (no bold in text)
+        rows.append([press, *cells])
+    return text_table(title, ["press", *(_header(c) for c in means.columns)], rows)
 
 
 RENDERERS = {"markdown": _markdown, "latex": _latex, "terminal": _terminal}

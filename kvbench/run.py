@@ -1,25 +1,28 @@
 """``kvbench run``'s core: every (press, budget) cell of one model on one dataset, scored and stored.
 
-Everything is validated before the model loads, so bad input fails in a second, not after a download.
+Everything is validated before the model loads, so bad input fails in a second, not after a download. The cells
+run through ``kvbench.runner`` (``Cell``, ``decoding`` and ``pending`` are re-exported from it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from dataclasses import dataclass, replace
 
 from kvbench.errors import ConfigError, KvbenchError
-from kvbench.measures import attention_loss_columns, critical_token_positions, retention_columns
+from kvbench.fidelity import run_fidelity_cell
 from kvbench.models import DEFAULT_MODEL, default_system_prompt, resolve, resolve_device, resolve_dtype
-from kvbench.presses import Press, make_press, parse_press_args
-from kvbench.session import Session, load_session
+from kvbench.presses import make_press, parse_press_args
+from kvbench.runner import Cell, decoding, max_new_tokens, pending, run_cell
+from kvbench.session import load_session
 from kvbench.store import ResultStore
 from kvbench.tasks import Example, Task, load_examples, load_task
 from kvbench.tasks.protocols import DEFAULT_PROTOCOL, get_protocol
+
+__all__ = ["Cell", "RunConfig", "build_cells", "decoding", "execute", "parse_budget", "pending", "plan", "run_key",
+           "summarize"]
 
 MEASUREMENTS = ("attention-loss", "retention")
 KINDS = ("generate", "fidelity")
@@ -62,16 +65,6 @@ class RunConfig:
     kind: str = "generate"
 
 
-@dataclass
-class Cell:
-    """One (press, budget) combination and the rows it produced."""
-
-    press: Press
-    budget: int | None
-    run_key: str = ""
-    rows: list[dict] = field(default_factory=list)
-
-
 def parse_budget(text: str) -> int | None:
     if text.strip().lower() in {"full", "none"}:
         return None
@@ -110,20 +103,6 @@ def protocol_examples(config: RunConfig, task: Task) -> list[Example]:
     protocol = get_protocol(config.protocol)
     return load_examples(task, config.num_samples, config.data_dir, protocol.subset_seed, protocol.subset,
                          revision=config.dataset_revision)
-
-
-def decoding(config: RunConfig) -> dict:
-    """Temperature, top-p, top-k and repetition penalty: the options given, else the protocol's."""
-    protocol = get_protocol(config.protocol)
-    values = {name: getattr(config, name) if getattr(config, name) is not None else getattr(protocol, name)
-              for name in ("temperature", "top_p", "top_k", "repetition_penalty")}
-    if not all(math.isfinite(v) for v in values.values()):
-        raise ConfigError("--temperature, --top-p and --repetition-penalty must be finite numbers")
-    if values["temperature"] < 0 or not 0.0 < values["top_p"] <= 1.0:
-        raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
-    if values["top_k"] < 0 or values["repetition_penalty"] <= 0:
-        raise ConfigError("--top-k must be >= 0 and --repetition-penalty > 0")
-    return values
 
 
 def build_cells(config: RunConfig) -> list[Cell]:
@@ -173,10 +152,6 @@ def build_cells(config: RunConfig) -> list[Cell]:
     return cells
 
 
-def max_new_tokens(config: RunConfig, task: Task) -> int:
-    return config.max_new_tokens or int(task.generation.get("max_new_tokens", 512))
-
-
 def run_key(config: RunConfig, task: Task, cell: Cell, model_revision: str | None,
             examples: Sequence[Example] = ()) -> str:
     """Hash of everything that changes the output of a row (the hub commit the examples were read at, too)."""
@@ -218,117 +193,11 @@ def data_source(config: RunConfig, task: Task) -> str:
     return f"{kind}:{task.split(config.data_dir)}"
 
 
-def pending(store: ResultStore, cell: Cell, examples: list[Example], retry_failed: bool = False) -> list[Example]:
-    """Examples of ``cell`` not yet stored (nor recorded as failed, unless retrying failures)."""
-    skip = store.done(cell.run_key)
-    if not retry_failed:
-        skip |= {(f["example_id"], f["sample"]) for f in store.failures(cell.run_key)}
-    return [e for e in examples if (e.id, 0) not in skip]
-
-
-def run_cell(
-    session: Session, config: RunConfig, task: Task, examples: list[Example], cell: Cell,
-    retry_failed: bool = False, on_example: Callable[[Cell, Example], None] | None = None,
-) -> int:
-    """Generate, score and store every pending example of one cell; return how many rows were written.
-
-    The cell's lock makes this process its only writer, so concurrent sweeps never duplicate a row; a
-    failing batch (e.g. out of memory) is recorded as a failure and the cell goes on.
-    """
-    from kvbench.engine.generate import generate
-
-    store = ResultStore(config.store)
-    tokenizer = session.loaded.tokenizer
-    codec = session.codec(task)
-    settings = generation_settings(session, config, task)
-
-    written = 0
-    with store.lock(cell.run_key):
-        store.clear_stale_failures(cell.run_key)
-        todo = pending(store, cell, examples, retry_failed)  # re-read under the lock
-        for start in range(0, len(todo), config.batch_size):
-            batch = todo[start:start + config.batch_size]
-            prompts = [codec.prompt(e) for e in batch]
-            try:
-                ids = [codec.encode(p) for p in prompts]
-                critical = ([critical_token_positions(tokenizer, task, e, p) for e, p in zip(batch, prompts)]
-                            if "retention" in config.measure else None)
-                outputs = generate(session.loaded.model, ids, cell.press, cell.budget, settings, decode=codec.decode,
-                                   pad_token_id=tokenizer.pad_token_id,
-                                   measure_attention_loss="attention-loss" in config.measure,
-                                   critical_positions=critical)
-            except (RuntimeError, MemoryError, OSError) as err:  # out of memory, device or disk: record, go on
-                record_failures(store, config, task, cell, batch, err, on_example)
-                continue
-            for example, prompt, out in zip(batch, prompts, outputs):
-                row = {
-                    **base_row(session, config, task, cell, example, prompt, out, settings),
-                    **task.score(out.text, example.gold, prompt).columns(),
-                    **attention_loss_columns(out.attention_loss, settings.max_new_tokens),
-                    **retention_columns(out.retention),
-                }
-                store.append([row])  # one atomic part per example: a kill loses at most the batch in flight
-                store.clear_failure(cell.run_key, example.id, 0)
-                written += 1
-                if on_example:
-                    on_example(cell, example)
-    return written
-
-
-def generation_settings(session: Session, config: RunConfig, task: Task):
-    from kvbench.engine.generate import GenerationSettings
-    from kvbench.engine.loops import RepetitionStop
-
-    protocol = get_protocol(config.protocol)
-    return GenerationSettings(
-        max_new_tokens=max_new_tokens(config, task), **decoding(config), seed=config.seed,
-        eos_token_ids=session.codec(task).eos, stop_strings=tuple(task.generation.get("stop", ())),
-        stop_on_loop=config.stop_on_loop, repetition_stop=RepetitionStop() if protocol.repetition_stop else None,
-    )
-
-
-def base_row(session: Session, config: RunConfig, task: Task, cell: Cell, example: Example, prompt: str, out,
-             settings) -> dict:
-    """The columns every stored row has: what was run, the output's telemetry, and provenance."""
-    return {
-        "run_key": cell.run_key, "kind": config.kind, "created_at": datetime.now(timezone.utc),
-        "model": config.model, "model_source": session.loaded.spec.source, "model_revision": session.revision,
-        "press": cell.press.name, "press_args": json.dumps(cell.press.params(), sort_keys=True),
-        "budget": cell.budget, "buffer": cell.press.buffer,
-        "dataset": task.name, "dataset_version": task.version, "split": task.split(config.data_dir),
-        "dataset_revision": example.source,
-        "prompt_hash": task.prompt_hash, "example_id": example.id, "sample": 0, "seed": config.seed,
-        "max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature, "top_p": settings.top_p,
-        "top_k": settings.top_k, "repetition_penalty": settings.repetition_penalty, "protocol": config.protocol,
-        "stop_on_loop": config.stop_on_loop,
-        "prompt": prompt, "response": out.text, "gold": example.gold,
-        "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens, "output_tokens": out.output_tokens,
-        "prefill_s": out.prefill_s, "decode_s": out.decode_s, "tokens_per_s": out.tokens_per_s,
-        "peak_kv_bytes": out.peak_kv_bytes, "host_kv_bytes": out.host_kv_bytes, "evicted_tokens": out.evicted_tokens,
-        "mean_cache_len": out.mean_cache_len, "looped": out.looped, "loop_start": out.loop_start,
-        "kv_byte_steps": out.kv_byte_steps, **session.provenance,
-    }
-
-
 def run_any_cell(session, config, task, examples, cell, retry_failed=False, on_example=None) -> int:
     """``run_cell`` or, for ``kind="fidelity"``, its teacher-forced counterpart."""
     if config.kind == "fidelity":
-        from kvbench.fidelity import run_fidelity_cell
-
         return run_fidelity_cell(session, config, task, examples, cell, retry_failed, on_example)
     return run_cell(session, config, task, examples, cell, retry_failed, on_example)
-
-
-def record_failures(store: ResultStore, config: RunConfig, task: Task, cell: Cell, examples: list[Example],
-                    err: Exception, on_example: Callable[[Cell, Example], None] | None = None) -> None:
-    """Record that ``examples`` failed with ``err`` (e.g. out of memory), so the run can go on."""
-    _release_memory()
-    message = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
-    for example in examples:
-        store.record_failure(cell.run_key, example.id, 0, message, {"press": cell.press.name, "budget": cell.budget,
-                                                                    "dataset": task.name, "model": config.model})
-        if on_example:
-            on_example(cell, example)
 
 
 def collect_rows(store: ResultStore, cells: list[Cell], examples: list[Example]) -> None:
@@ -385,10 +254,3 @@ def summarize(cell: Cell) -> dict:
         "output_tokens": mean("output_tokens"), "tokens_per_s": mean("tokens_per_s"),
         "peak_kv_mib": mean("peak_kv_bytes") / 2**20,
     }
-
-
-def _release_memory() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

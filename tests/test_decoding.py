@@ -61,7 +61,7 @@ def test_sampling_with_penalty_and_top_k_batched_equals_batch_one(tiny_llama, pr
 
 
 def test_repetition_stop_ends_a_loop_at_the_forks_token(tiny_llama, monkeypatch):
-    import kvbench.engine.generate as engine
+    import kvbench.engine.decode as engine
 
     model, tokenizer = tiny_llama
     script = [3, 4, 5, 6, 7, 8] + [5, 9] * 40
@@ -71,7 +71,7 @@ def test_repetition_stop_ends_a_loop_at_the_forks_token(tiny_llama, monkeypatch)
         state["t"] += 1
         return torch.tensor([script[state["t"] - 1]])
 
-    monkeypatch.setattr(engine, "_next_tokens", scripted)
+    monkeypatch.setattr(engine, "next_tokens", scripted)
     settings = GenerationSettings(max_new_tokens=80, repetition_stop=RepetitionStop())
     (out,) = generate(model, [prompt_ids(tokenizer)], make_press("full"), None, settings)
     assert out.finish_reason == "repetition" and out.tokens == script[:16]  # "5 9" five times back to back

@@ -5,8 +5,8 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from kvbench.engine.attention import attention_probs
 from kvbench.engine.generate import GenerationSettings, generate
+from kvbench.engine.scores import attention_probs
 from kvbench.presses import make_press
 from kvbench.presses.snapkv_d import SnapKVDecodingPress
 from tests.conftest import prompt_ids
@@ -91,7 +91,7 @@ def test_cache_keeps_window_attention_only_when_asked_and_worth_it(tiny_llama):
 @pytest.mark.parametrize("gqa", ["mean", "max"])
 def test_attention_probs_chunked_over_rows_equals_one_chunk(monkeypatch, gqa):
     """The score tensor's bound over rows (for large GPU batches) does not change the attention."""
-    from kvbench.engine import attention
+    from kvbench.engine import scores as attention
 
     generator = torch.Generator().manual_seed(0)
     rows, hq, h, w, s, d = 7, 4, 2, 5, 11, 8

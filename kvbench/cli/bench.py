@@ -42,26 +42,12 @@ def bench(
     The cells of a batch size run side by side, one decoding step each in turn, so they share the machine's
     conditions; every step is timed between device synchronisations, after a warm-up.
     """
-    from kvbench.bench import BenchConfig, execute, validate
+    from kvbench.bench import execute, validate
     from kvbench.bench_results import FORMATS, frame, render
     from kvbench.checks import choice
     from kvbench.cli.progress import progress_bar
-    from kvbench.errors import KvbenchError
-    from kvbench.run import parse_budget
 
-    budgets = tuple(parse_budget(b) for b in _split(budget))
-    if None in budgets:
-        raise KvbenchError("bench budgets are numbers (the full cache always runs as the reference)")
-    try:
-        batches = tuple(int(b) for b in _split(batch_size))
-    except ValueError:
-        raise KvbenchError(f"--batch-size takes integers, got {batch_size}") from None
-    config = BenchConfig(
-        model=model, presses=tuple(_split(press)), budgets=budgets, batch_sizes=batches, prompt_len=prompt_len,
-        gen_len=gen_len, press_args=tuple(press_arg), random_weights=random_weights, dtype=dtype, device=device,
-        warmup=warmup, memory_gib=memory_gib, max_batch=max_batch, static_shapes=static_shapes, compile=compile,
-        profile_dir=str(profile) if profile else None, seed=seed, store=str(store) if store else None,
-    )
+    config = _config(locals())
     choice("--format", format, FORMATS)
     validate(config)  # bad input fails before the model loads
     with progress_bar() as progress:
@@ -74,3 +60,26 @@ def bench(
     typer.echo(render(frame(config, dtype_name, device_name, rows), fmt=format), nl=False)
     if store:
         typer.echo(f"stored in {store}/bench/")
+
+
+def _config(o: dict):
+    """The frozen ``BenchConfig`` of the command's options."""
+    from kvbench.bench import BenchConfig
+    from kvbench.errors import KvbenchError
+    from kvbench.run import parse_budget
+
+    budgets = tuple(parse_budget(b) for b in _split(o["budget"]))
+    if None in budgets:
+        raise KvbenchError("bench budgets are numbers (the full cache always runs as the reference)")
+    try:
+        batches = tuple(int(b) for b in _split(o["batch_size"]))
+    except ValueError:
+        raise KvbenchError(f"--batch-size takes integers, got {o['batch_size']}") from None
+    return BenchConfig(
+        model=o["model"], presses=tuple(_split(o["press"])), budgets=budgets, batch_sizes=batches,
+        prompt_len=o["prompt_len"], gen_len=o["gen_len"], press_args=tuple(o["press_arg"]),
+        random_weights=o["random_weights"], dtype=o["dtype"], device=o["device"], warmup=o["warmup"],
+        memory_gib=o["memory_gib"], max_batch=o["max_batch"], static_shapes=o["static_shapes"],
+        compile=o["compile"], profile_dir=str(o["profile"]) if o["profile"] else None, seed=o["seed"],
+        store=str(o["store"]) if o["store"] else None,
+    )

@@ -4,12 +4,14 @@ from pathlib import Path
 
 import typer
 
+from kvbench.metrics import METRICS
+
 
 def report(
     store: Path = typer.Argument(Path("results"), help="Result store to report on."),
     format: str = typer.Option("terminal", "--format", "-f", help="terminal, markdown, latex or csv."),
-    metric: str = typer.Option("accuracy", "--metric", "-m", help="accuracy, output_tokens, tokens_per_s, "
-                               "peak_kv_mib, truncated or invalid."),
+    metric: str = typer.Option("accuracy", "--metric", "-m", help=f"One of: {', '.join(METRICS)} (see the "
+                               "README's metrics)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Write to this file instead of stdout."),
     plots: Path | None = typer.Option(None, "--plots", help="Also write PNG plots (accuracy and output length "
                                       "vs budget, per model and dataset) to this directory."),

@@ -59,8 +59,8 @@ def _execute(o: dict, kind: str) -> None:
     from rich.console import Console
 
     from kvbench.cli.progress import progress_bar
+    from kvbench.cli.tables import result_table
     from kvbench.run import RunConfig, execute, parse_budget, plan
-    from kvbench.tables import result_table
 
     config = RunConfig(
         model=o["model"], presses=tuple(_split(o["press"])),

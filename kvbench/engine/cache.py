@@ -20,9 +20,10 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
-from kvbench.engine.attention import attention_probs
 from kvbench.engine.layer import BudgetLayer
-from kvbench.engine.view import QueryWindow, SlotView, StepInputs
+from kvbench.engine.query_ring import QueryRing
+from kvbench.engine.scores import attention_probs
+from kvbench.engine.view import SlotView, StepInputs
 from kvbench.engine.window import KeptWindowAttention, worth_keeping
 from kvbench.errors import KvbenchError
 from kvbench.presses.base import Press
@@ -35,6 +36,14 @@ class BudgetCache(DynamicCache):
     ``budget=None`` (or a press that does not evict) is the full cache, preallocated for ``max_length``.
     ``get_seq_length()`` is the logical length (tokens seen); attention sees the physical slots in use.
     The decode loop calls ``begin_step`` before and ``end_step`` after every forward.
+
+    How full, in one place (entries are counted per KV head, one entry = one token's key and value):
+    ``capacity`` slots preallocated per layer and head; ``used`` slots that may hold a valid entry (the prefix
+    attention and scoring read), ``used_after`` the same once this step's tokens are written; ``counts[row]``
+    entries a sequence holds (the same in every layer, unless the press allocates: then ``layer_counts`` is the
+    exact mean per layer and ``head_bound`` a bound on any one head); ``trigger`` / ``row_trigger`` the count
+    that starts a compression and ``budget`` / ``row_keep`` what it keeps (``keep_n``: this step's, overflow
+    only); ``entries(row)`` what telemetry reports (``counts`` averaged over layers).
     """
 
     def __init__(self, press: Press, budget: int | None, num_layers: int, num_kv_heads: int, max_length: int,
@@ -43,25 +52,7 @@ class BudgetCache(DynamicCache):
         if budget is not None and budget < 1:
             raise ValueError(f"budget must be >= 1, got {budget}")
         self.press = press
-        #: Entries a compression keeps and entries that trigger one (``budget`` and ``budget + buffer`` for most
-        #: presses; a press bounded by its budget keeps less).
-        self.budget, self.trigger = press.cadence(budget) if press.evicts and budget is not None else (None, None)
-        self.requested_budget = budget
-        #: Per sequence: (entries a compression keeps, entries that trigger one), from ``press.row_cadence``:
-        #: ``(budget, trigger)`` for every press but one whose schedule depends on the prompt and on the
-        #: compressions so far (RPC's growth). Set by the prefill.
-        self.row_keep: list[int | None] = []
-        self.row_trigger: list[int | None] = []
-        self.compressions = [0] * len(seeds)
-        #: Entries each layer keeps per KV head on average at a compression; layers or heads keep different
-        #: numbers under a press that ``allocates`` (PyramidKV, AdaKV), which then frees slots by rank.
-        self.layer_keep = press.layer_budgets(self.budget, num_layers) if self.budget is not None else None
-        self.allocates = press.allocates and self.budget is not None
-        # Never allocate more than a sequence can hold: a budget beyond the length costs no memory.
-        self.capacity = (max_length if self.trigger is None
-                         else min(press.capacity(budget, num_layers, num_kv_heads), max_length))
-        self.head_capacity = ([press.head_capacity(b, num_kv_heads) for b in self.layer_keep]
-                              if self.allocates else None)
+        self._set_schedule(budget, num_layers, num_kv_heads, max_length)
         #: Attend over every preallocated slot, so each decoding step has the same shapes (for torch.compile).
         self.static_shapes = static_shapes
         self.max_length = max_length
@@ -73,6 +64,56 @@ class BudgetCache(DynamicCache):
         self.keys: torch.Tensor | None = None
         self.values = self.positions = self.valid = None
         self.state: dict[str, torch.Tensor] = {}
+        self._set_host_bookkeeping(batch, num_layers)
+        #: Every valid slot lies in [0, used): writes go to the first free slot (a slot index is at most the
+        #: entries held before the write), so attention and scoring skip the never-written tail.
+        self.used = self.capacity if static_shapes else 0
+        self.heads_uniform = True  # all KV heads hold the same positions (true until an eviction)
+        #: Recent queries, for presses with a query window.
+        self.query_ring = QueryRing(num_layers, press.query_window) if press.query_window else None
+        #: The window queries' attention kept between decoding steps (see ``kvbench.engine.window``).
+        self.kept_window = (KeptWindowAttention(self.capacity)
+                            if keep_window_attention and worth_keeping(press, budget) else None)
+        self.step_queries: list[torch.Tensor | None] = [None] * num_layers  # decode queries, for observe()
+        self._row_masks: dict[tuple[bool, ...], torch.Tensor] = {}
+        self._keep_rows: dict[tuple[tuple[bool, ...], int | None], torch.Tensor] = {}
+        #: [B, layers, decode steps, KV heads] attention loss, allocated with the first layer when measuring.
+        self.loss_log: torch.Tensor | None = None
+        #: With critical prompt positions: [B, layers, steps] share of them held after each forward.
+        self.critical: torch.Tensor | None = None
+        self.retention_log: torch.Tensor | None = None
+        #: This forward's plan (``begin_step``): mode, slots in use after it, what an overflow keeps.
+        self.step: StepInputs | None = None
+        self.query_position: torch.Tensor | None = None
+        self.prompt_length: torch.Tensor | None = None  # [B], set by the prefill
+        self.tokens_seen = 0
+        Cache.__init__(self, layers=[BudgetLayer(self, i) for i in range(num_layers)])
+
+    def _set_schedule(self, budget: int | None, num_layers: int, num_kv_heads: int, max_length: int) -> None:
+        """When to compress and how much to keep, per layer and head, and the slots that needs."""
+        press = self.press
+        #: Entries a compression keeps and entries that trigger one (``budget`` and ``budget + buffer`` for most
+        #: presses; a press bounded by its budget keeps less).
+        self.budget, self.trigger = press.cadence(budget) if press.evicts and budget is not None else (None, None)
+        self.requested_budget = budget
+        #: Entries each layer keeps per KV head on average at a compression; layers or heads keep different
+        #: numbers under a press that ``allocates`` (PyramidKV, AdaKV), which then frees slots by rank.
+        self.layer_keep = press.layer_budgets(self.budget, num_layers) if self.budget is not None else None
+        self.allocates = press.allocates and self.budget is not None
+        # Never allocate more than a sequence can hold: a budget beyond the length costs no memory.
+        self.capacity = (max_length if self.trigger is None
+                         else min(press.capacity(budget, num_layers, num_kv_heads), max_length))
+        self.head_capacity = ([press.head_capacity(b, num_kv_heads) for b in self.layer_keep]
+                              if self.allocates else None)
+
+    def _set_host_bookkeeping(self, batch: int, num_layers: int) -> None:
+        """How full each sequence is, kept on the host so that deciding when to evict costs no synchronisation."""
+        #: Per sequence: (entries a compression keeps, entries that trigger one), from ``press.row_cadence``:
+        #: ``(budget, trigger)`` for every press but one whose schedule depends on the prompt and on the
+        #: compressions so far (RPC's growth). Set by the prefill.
+        self.row_keep: list[int | None] = []
+        self.row_trigger: list[int | None] = []
+        self.compressions = [0] * batch
         # Host bookkeeping, so that deciding costs no synchronisation. ``counts``: entries per KV head per
         # sequence, the same in every layer, which triggers compressions. Under a press that allocates it is
         # what a uniform press would hold; then ``layer_counts`` is the mean held per KV head in each layer,
@@ -82,37 +123,6 @@ class BudgetCache(DynamicCache):
         self.head_bound = [[0] * num_layers for _ in range(batch)] if self.allocates else None
         self.peak = [0] * batch  # peak entries per KV head summed over layers
         self.evicted = [0] * batch  # entries evicted per KV head, summed over layers
-        #: Every valid slot lies in [0, used): writes go to the first free slot (a slot index is at most the
-        #: entries held before the write), so attention and scoring skip the never-written tail.
-        self.used = self.capacity if static_shapes else 0
-        self.used_after = self.used  # ``used`` once this step's tokens are written
-        self.heads_uniform = True  # all KV heads hold the same positions (true until an eviction)
-        self.mode = "bulk"  # this step: "bulk" first write, "slot" one token in place, "overflow" cat + compress
-        self.keep_n: list[int] = []
-        self.overflow_evicts = False
-        # Recent queries for presses with a query window: a ring of the last W tokens' positions and queries.
-        self.query_buffer: torch.Tensor | None = None  # [layers, B, H_q, W, D]
-        self.query_positions: torch.Tensor | None = None  # [B, W]
-        self.query_valid: torch.Tensor | None = None
-        self.query_pointer = 0
-        self.ring_slots: list[int] = []  # where this step's queries go
-        #: The window queries' attention kept between decoding steps (see ``kvbench.engine.window``).
-        self.kept_window = (KeptWindowAttention(self.capacity)
-                            if keep_window_attention and worth_keeping(press, budget) else None)
-        self.step_queries: list[torch.Tensor | None] = [None] * num_layers  # decode queries, for observe()
-        self._row_masks: dict[tuple[bool, ...], torch.Tensor] = {}
-        self._keep_rows: dict[tuple[tuple[bool, ...], int | None], torch.Tensor] = {}
-        #: [B, layers, decode steps, KV heads] attention loss, allocated with the first layer when measuring.
-        self.loss_log: torch.Tensor | None = None
-        self.decode_step = 0  # 0 = prefill, t = the t-th decoding forward
-        #: With critical prompt positions: [B, layers, steps] share of them held after each forward.
-        self.critical: torch.Tensor | None = None
-        self.retention_log: torch.Tensor | None = None
-        self.step: StepInputs | None = None
-        self.query_position: torch.Tensor | None = None
-        self.prompt_length: torch.Tensor | None = None  # [B], set by the prefill
-        self.tokens_seen = 0
-        Cache.__init__(self, layers=[BudgetLayer(self, i) for i in range(num_layers)])
 
     def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
@@ -127,9 +137,8 @@ class BudgetCache(DynamicCache):
 
     # --- the step protocol ---------------------------------------------------------------------------------------
     def begin_step(self, positions: torch.Tensor, valid: torch.Tensor, valid_counts: list[int],
-                   decode_step: int = 0) -> None:
-        self.step = StepInputs(positions=positions, valid=valid, valid_counts=valid_counts)
-        self.decode_step = decode_step
+                   decode_step: int = 0) -> StepInputs:
+        """Decide what the forward does (the step's plan, ``self.step``) and count its tokens on the host."""
         self.query_position = positions[:, -1]
         if self.prompt_length is None:
             self.prompt_length = torch.tensor(valid_counts, device=positions.device)
@@ -140,7 +149,7 @@ class BudgetCache(DynamicCache):
         self.tokens_seen += n_new
         held = max(self.counts)
         fits = held + n_new <= self.capacity
-        self.mode = "slot" if fits and n_new == 1 else "bulk" if fits and held == 0 else "overflow"
+        mode = "slot" if fits and n_new == 1 else "bulk" if fits and held == 0 else "overflow"
         capacity, n_layers = self.capacity, len(self.layers)
         for i, n in enumerate(valid_counts):
             self.counts[i] += n
@@ -151,23 +160,46 @@ class BudgetCache(DynamicCache):
                 self.head_bound[i] = [min(c + n, capacity) for c in self.head_bound[i]]
                 self.peak[i] = max(self.peak[i], sum(min(c, capacity) for c in self.layer_counts[i]))
         if self.static_shapes:
-            self.used_after = self.capacity
-        elif self.mode == "overflow":
-            self.used_after = min(self.capacity, self.used + n_new)
-        elif self.mode == "bulk":
-            self.used_after = max(self.used, n_new)
+            used_after = self.capacity
+        elif mode == "overflow":
+            used_after = min(self.capacity, self.used + n_new)
+        elif mode == "bulk":
+            used_after = max(self.used, n_new)
         else:  # a valid write lands at most at the entries its head held before it
             most = max(max(bound) for bound in self.head_bound) if self.allocates else max(self.counts)
-            self.used_after = min(self.capacity, max(self.used, most))
-        if self.mode == "overflow":
-            self.keep_n = [k if t is not None and c >= t else c
-                           for c, k, t in zip(self.counts, self.row_keep, self.row_trigger)]
-            self.overflow_evicts = self.keep_n != self.counts
-            if max(self.keep_n) > self.capacity:
-                raise RuntimeError(f"cache capacity {self.capacity} exceeded ({max(self.keep_n)} entries) "
-                                   "without eviction")
-        if self.press.query_window:
-            self._advance_query_ring(positions, valid)
+            used_after = min(self.capacity, max(self.used, most))
+        keep_n: list[int] = []
+        if mode == "overflow":
+            keep_n = [k if t is not None and c >= t else c for c, k, t in zip(self.counts, self.row_keep,
+                                                                             self.row_trigger)]
+            if max(keep_n) > self.capacity:
+                raise RuntimeError(f"cache capacity {self.capacity} exceeded ({max(keep_n)} entries) without eviction")
+        if self.query_ring is not None:
+            self.query_ring.advance(positions, valid)
+        self.step = StepInputs(positions, valid, valid_counts, decode_step, mode, used_after, tuple(keep_n),
+                               overflow_evicts=mode == "overflow" and keep_n != self.counts)
+        return self.step
+
+    # the step's plan, read-only: set by begin_step alone
+    @property
+    def decode_step(self) -> int:
+        return self.step.decode_step if self.step is not None else 0
+
+    @property
+    def mode(self) -> str:
+        return self.step.mode if self.step is not None else "bulk"
+
+    @property
+    def used_after(self) -> int:
+        return self.step.used_after if self.step is not None else self.used
+
+    @property
+    def keep_n(self) -> tuple[int, ...]:
+        return self.step.keep_n
+
+    @property
+    def overflow_evicts(self) -> bool:
+        return self.step.overflow_evicts
 
     def end_step(self) -> None:
         """After the forward: decoding's scoring and eviction for all layers at once, and the bookkeeping."""
@@ -208,12 +240,11 @@ class BudgetCache(DynamicCache):
             return t.view(-1, *t.shape[2:])
 
         window = None
-        if self.query_buffer is not None:
+        if self.query_ring is not None and self.query_ring.queries is not None:
             scalings = {layer.scaling for layer in self.layers}
             if len(scalings) > 1:
                 raise KvbenchError("layers with different attention scalings are not supported")
-            window = QueryWindow(self.query_buffer.flatten(0, 1), self.query_positions.repeat(n_layers, 1),
-                                 self.query_valid.repeat(n_layers, 1), scalings.pop())
+            window = self.query_ring.stacked_window(scalings.pop())
         return SlotView(
             keys=fold(self.keys), values=fold(self.values), positions=fold(self.positions), valid=fold(self.valid),
             state={name: fold(s) for name, s in self.state.items()},
@@ -296,7 +327,7 @@ class BudgetCache(DynamicCache):
         """Bring the kept window attention up to this step and let ``view.attention`` read it."""
         window, kept = view.window, self.kept_window
         kept.update(window.queries, window.positions, window.valid, view.keys, view.positions, view.valid,
-                    window.scaling, self.ring_slots[0])
+                    window.scaling, self.query_ring.slots[0])
         used, query_valid = self.used_after, window.valid
         view.attention_override = lambda gqa: kept.mean_attention(query_valid, used, gqa)
 
@@ -306,41 +337,6 @@ class BudgetCache(DynamicCache):
             mask = torch.tensor(rows, device=self.keys.device).repeat(len(self.layers))
             self._row_masks[rows] = mask[:, None, None]
         return self._row_masks[rows]
-
-    # --- recent queries ---------------------------------------------------------------------------------------
-    def _advance_query_ring(self, positions: torch.Tensor, valid: torch.Tensor) -> None:
-        """Choose the ring slots of this step's tokens and record their positions (queries come per layer)."""
-        window = self.press.query_window
-        n_new = positions.shape[1]
-        if self.query_positions is None:
-            b = positions.shape[0]
-            self.query_positions = torch.zeros(b, window, dtype=torch.long, device=positions.device)
-            self.query_valid = torch.zeros(b, window, dtype=torch.bool, device=positions.device)
-        if n_new >= window:  # a ring: order does not matter for a mean over queries
-            self.ring_slots = list(range(window))
-            self.query_pointer = 0
-        else:
-            self.ring_slots = [(self.query_pointer + i) % window for i in range(n_new)]
-            self.query_pointer = (self.query_pointer + n_new) % window
-        n = len(self.ring_slots)
-        if n == 1:
-            self.query_positions[:, self.ring_slots[0]] = positions[:, -1]
-            self.query_valid[:, self.ring_slots[0]] = valid[:, -1]
-        else:
-            index = torch.tensor(self.ring_slots, device=positions.device)
-            self.query_positions.index_copy_(1, index, positions[:, -n:])
-            self.query_valid.index_copy_(1, index, valid[:, -n:])
-
-    def push_queries(self, layer_idx: int, query: torch.Tensor) -> None:
-        if self.query_buffer is None:
-            b, hq, _, d = query.shape
-            self.query_buffer = query.new_zeros(len(self.layers), b, hq, self.press.query_window, d)
-        n = len(self.ring_slots)
-        if n == 1:
-            self.query_buffer[layer_idx, :, :, self.ring_slots[0]] = query[:, :, -1]
-        else:
-            index = torch.tensor(self.ring_slots, device=query.device)
-            self.query_buffer[layer_idx].index_copy_(2, index, query[:, :, -n:])
 
     # --- measurement --------------------------------------------------------------------------------------------
     def track_critical(self, positions: list[list[int]], max_new_tokens: int, device) -> None:
@@ -379,6 +375,9 @@ class BudgetCache(DynamicCache):
 
     def peak_bytes(self, row: int) -> int:
         return self.peak[row] * self.bytes_per_entry() // len(self.layers)
+
+    def host_bytes(self, row: int) -> int:
+        return 0  # nothing is offloaded to host memory
 
     def evicted_tokens(self, row: int) -> float:
         """Entries evicted per KV head for sequence ``row``, averaged over layers."""

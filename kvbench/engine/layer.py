@@ -10,10 +10,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
-from kvbench.engine.attention import attention_probs
-from kvbench.engine.view import QueryWindow, SlotView, StepInputs
+from kvbench.engine.scores import attention_probs
+from kvbench.engine.view import SlotView, StepInputs
 from kvbench.errors import KvbenchError
 from kvbench.presses.ranking import rank_slots
 
@@ -143,10 +144,7 @@ class BudgetLayer(DynamicLayer):
             n = cache.used_after
             src = {"keys": self.keys[:, :, :n], "values": self.values[:, :, :n], "positions": self.positions[:, :, :n],
                    "valid": self.valid[:, :, :n], "state": {k: s[:, :, :n] for k, s in self.state.items()}}
-        window = None
-        if cache.query_buffer is not None:
-            window = QueryWindow(cache.query_buffer[self.layer_idx], cache.query_positions, cache.query_valid,
-                                 self.scaling)
+        window = None if cache.query_ring is None else cache.query_ring.layer_window(self.layer_idx, self.scaling)
         return SlotView(
             keys=src["keys"], values=src["values"], positions=src["positions"], valid=src["valid"],
             state=src["state"], query_position=cache.query_position, budget=cache.budget,
@@ -155,13 +153,36 @@ class BudgetLayer(DynamicLayer):
         )
 
     # --- after attention -------------------------------------------------------------------------------------
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Attention [B, H_q, L, D] of the step's queries over the slots ``update`` returned, then what the press
+        needs of the queries (``after_attention``)."""
+        cache = self.cache
+        b, hq, lq, d = query.shape
+        h = key.shape[1]
+        if lq == 1 and cache.mode != "overflow":
+            # One query per sequence: fold the GQA group into the query length, so keys are never expanded.
+            mask = self.valid[:, :, None, : key.shape[2]]
+            out = F.scaled_dot_product_attention(query.view(b, h, hq // h, d), key, value, attn_mask=mask,
+                                                 scale=scaling).view(b, hq, 1, -1)
+        else:
+            positions, valid = self.visible_positions()
+            if cache.heads_uniform:
+                positions, valid = positions[:, :1], valid[:, :1]
+            mask = valid[:, :, None, :] & (positions[:, :, None, :] <= cache.step.positions[:, None, :, None])
+            if mask.shape[1] > 1:
+                mask = mask.repeat_interleave(hq // h, dim=1)
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
+            out = out.nan_to_num(0.0)  # padding queries may see no key; their outputs are never used
+        self.after_attention(query, scaling)
+        return out
+
     def after_attention(self, query: torch.Tensor, scaling: float) -> None:
         cache, press = self.cache, self.cache.press
         self.scaling = scaling
         if cache.measure_attention_loss and cache.decode_step > 0:
             self._record_attention_loss(query, scaling)
         if press.query_window:
-            cache.push_queries(self.layer_idx, query)
+            cache.query_ring.push(self.layer_idx, query)
         if cache.mode == "slot":  # decoding: scoring and eviction happen in end_step, for all layers at once
             if press.accumulates_attention:
                 cache.step_queries[self.layer_idx] = query

@@ -142,7 +142,13 @@ class ShadowLayer(DynamicLayer):
         self.outlier_positions[row, :, : n_out * c] = tokens
 
     # --- decoding --------------------------------------------------------------------------------------------
-    def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+    def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Exact attention over the prompt at the prefill, then sparse attention (``attend_sparse``)."""
+        if self.cache.decode_step == 0:
+            return self.attend_prompt(query, keys, values, scaling)
+        return self.attend_sparse(query, scaling)
+
+    def attend_sparse(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """One query per sequence over outliers + selected chunks (rebuilt) + the ring."""
         cache, press = self.cache, self.cache.press
         b, hq, _, d = query.shape
@@ -217,11 +223,9 @@ class ShadowCache(DynamicCache):
         self.chunk_end = [0] * batch  # tokens [0, chunk_end) are chunked, per sequence
         self.peak = [0] * batch
         self.host_peak = [0] * batch
-        self.step = None
-        self.decode_step = 0
+        self.step: StepInputs | None = None
         self.tokens_seen = 0
         self.query_position: torch.Tensor | None = None
-        self.mode = "shadow"
         # Telemetry that BudgetCache offers and ShadowKV does not measure.
         self.loss_log = self.retention_log = None
         Cache.__init__(self, layers=[ShadowLayer(self, i) for i in range(num_layers)])
@@ -246,11 +250,10 @@ class ShadowCache(DynamicCache):
             self._allowed = {allowed: torch.tensor(allowed, device=self.query_position.device)}
         return self._allowed[allowed]
 
-    def begin_step(self, positions, valid, valid_counts, decode_step: int = 0) -> None:
+    def begin_step(self, positions, valid, valid_counts, decode_step: int = 0) -> StepInputs:
         if decode_step == 0 and positions.shape[1] > 1 and self.tokens_seen:
             raise KvbenchError("shadowkv: one prefill per generation")
-        self.step = StepInputs(positions=positions, valid=valid, valid_counts=valid_counts)
-        self.decode_step = decode_step
+        self.step = StepInputs(positions=positions, valid=valid, valid_counts=valid_counts, decode_step=decode_step)
         self.query_position = positions[:, -1]
         self.tokens_seen += positions.shape[1]
         for row, n in enumerate(valid_counts):
@@ -260,6 +263,11 @@ class ShadowCache(DynamicCache):
             c, window = self.press.chunk_size, self.press.local_window
             self.chunk_end = [max(0, (n - window) // c * c) for n in self.lengths]
             self.outlier_tokens = [min(self.press.outlier_chunks, end // c) * c for end in self.chunk_end]
+        return self.step
+
+    @property
+    def decode_step(self) -> int:
+        return self.step.decode_step if self.step is not None else 0
 
     def end_step(self) -> None:
         """Tokens leaving the local window join the chunks; then the bookkeeping."""

@@ -10,16 +10,23 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.engine.attention import attention_probs
+from kvbench.engine.scores import attention_probs
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepInputs:
-    """What the decode loop tells the cache about the tokens of the current forward."""
+    """One forward's plan: the tokens the decode loop feeds, and what ``begin_step`` decided the forward does to
+    the cache. Immutable: the layers and ``end_step`` read it, nobody changes it mid-forward."""
 
     positions: torch.Tensor  # [B, L] original position of each new token
     valid: torch.Tensor  # [B, L] False for padding and for frozen (finished) sequences
     valid_counts: list[int]  # host copy of valid.sum(-1)
+    decode_step: int = 0  # 0 = the prefill, t = the t-th decoding forward
+    #: "bulk" (first write), "slot" (one token in place) or "overflow" (gather slots and tokens, then compress)
+    mode: str = "bulk"
+    used_after: int = 0  # slots that may hold a valid entry once this step's tokens are written
+    keep_n: tuple[int, ...] = ()  # overflow: entries each sequence keeps after the step
+    overflow_evicts: bool = False  # overflow: whether any sequence keeps fewer entries than it holds
 
 
 @dataclass

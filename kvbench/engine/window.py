@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from kvbench.engine.attention import masked_logits
+from kvbench.engine.scores import masked_logits
 from kvbench.presses.base import Press
 
 

@@ -1,0 +1,179 @@
+"""One runner for every cell: the session's rows of one (press, budget) under one run's settings, stored as they come.
+
+``store_cell`` is the skeleton ``run`` (free generation) and ``fidelity`` (teacher-forced replay) share: under the
+cell's lock, the pending examples in batches; a batch that fails with an error the user cannot prevent (out of
+memory, device, disk) is recorded as failed and the cell goes on; each row is stored as one atomic part and its
+stale failure record cleared. ``run.RunConfig`` says what to run, ``run.plan`` checks it first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+from kvbench.errors import ConfigError
+from kvbench.measures import attention_loss_columns, critical_token_positions, retention_columns
+from kvbench.presses import Press
+from kvbench.session import Session
+from kvbench.store import ResultStore
+from kvbench.tasks import Example, Task
+from kvbench.tasks.protocols import get_protocol
+
+if TYPE_CHECKING:
+    from kvbench.run import RunConfig
+
+
+@dataclass
+class Cell:
+    """One (press, budget) combination and the rows it produced."""
+
+    press: Press
+    budget: int | None
+    run_key: str = ""
+    rows: list[dict] = field(default_factory=list)
+
+
+def decoding(config: RunConfig) -> dict:
+    """Temperature, top-p, top-k and repetition penalty: the options given, else the protocol's."""
+    protocol = get_protocol(config.protocol)
+    values = {name: getattr(config, name) if getattr(config, name) is not None else getattr(protocol, name)
+              for name in ("temperature", "top_p", "top_k", "repetition_penalty")}
+    if not all(math.isfinite(v) for v in values.values()):
+        raise ConfigError("--temperature, --top-p and --repetition-penalty must be finite numbers")
+    if values["temperature"] < 0 or not 0.0 < values["top_p"] <= 1.0:
+        raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
+    if values["top_k"] < 0 or values["repetition_penalty"] <= 0:
+        raise ConfigError("--top-k must be >= 0 and --repetition-penalty > 0")
+    return values
+
+
+def max_new_tokens(config: RunConfig, task: Task) -> int:
+    return config.max_new_tokens or int(task.generation.get("max_new_tokens", 512))
+
+
+def pending(store: ResultStore, cell: Cell, examples: list[Example], retry_failed: bool = False) -> list[Example]:
+    """Examples of ``cell`` not yet stored (nor recorded as failed, unless retrying failures)."""
+    skip = store.done(cell.run_key)
+    if not retry_failed:
+        skip |= {(f["example_id"], f["sample"]) for f in store.failures(cell.run_key)}
+    return [e for e in examples if (e.id, 0) not in skip]
+
+
+def store_cell(store: ResultStore, config: RunConfig, task: Task, examples: list[Example], cell: Cell,
+               produce: Callable[[list[Example]], list], row_of: Callable[[Example, object], dict],
+               batch_size: int = 1, retry_failed: bool = False,
+               on_example: Callable[[Cell, Example], None] | None = None) -> int:
+    """Every pending example of ``cell``, ``batch_size`` at a time: ``produce(batch)`` gives one output per example
+    (a failing batch is recorded, the cell goes on), ``row_of(example, output)`` its row; returns rows written.
+
+    The cell's lock makes this process its only writer, so concurrent sweeps never duplicate a row.
+    """
+    written = 0
+    with store.lock(cell.run_key):
+        store.clear_stale_failures(cell.run_key)
+        todo = pending(store, cell, examples, retry_failed)  # re-read under the lock
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            try:
+                outputs = produce(batch)
+            except (RuntimeError, MemoryError, OSError) as err:  # out of memory, device or disk: record, go on
+                record_failures(store, config, task, cell, batch, err, on_example)
+                continue
+            for example, output in zip(batch, outputs):
+                store.append([row_of(example, output)])  # one atomic part per example: a kill loses the batch
+                store.clear_failure(cell.run_key, example.id, 0)
+                written += 1
+                if on_example:
+                    on_example(cell, example)
+    return written
+
+
+def run_cell(
+    session: Session, config: RunConfig, task: Task, examples: list[Example], cell: Cell,
+    retry_failed: bool = False, on_example: Callable[[Cell, Example], None] | None = None,
+) -> int:
+    """Generate, score and store every pending example of one cell; return how many rows were written."""
+    from kvbench.engine.generate import generate
+
+    tokenizer = session.loaded.tokenizer
+    codec = session.codec(task)
+    settings = generation_settings(session, config, task)
+
+    def produce(batch: list[Example]) -> list[tuple[str, object]]:
+        prompts = [codec.prompt(e) for e in batch]
+        critical = ([critical_token_positions(tokenizer, task, e, p) for e, p in zip(batch, prompts)]
+                    if "retention" in config.measure else None)
+        outputs = generate(session.loaded.model, [codec.encode(p) for p in prompts], cell.press, cell.budget,
+                           settings, decode=codec.decode, pad_token_id=tokenizer.pad_token_id,
+                           measure_attention_loss="attention-loss" in config.measure, critical_positions=critical)
+        return list(zip(prompts, outputs))
+
+    def row_of(example: Example, output: tuple[str, object]) -> dict:
+        prompt, out = output
+        return {
+            **base_row(session, config, task, cell, example, prompt, out, settings),
+            **task.score(out.text, example.gold, prompt).columns(),
+            **attention_loss_columns(out.attention_loss, settings.max_new_tokens),
+            **retention_columns(out.retention),
+        }
+
+    return store_cell(ResultStore(config.store), config, task, examples, cell, produce, row_of, config.batch_size,
+                      retry_failed, on_example)
+
+
+def generation_settings(session: Session, config: RunConfig, task: Task):
+    from kvbench.engine.generate import GenerationSettings
+    from kvbench.engine.loops import RepetitionStop
+
+    protocol = get_protocol(config.protocol)
+    return GenerationSettings(
+        max_new_tokens=max_new_tokens(config, task), **decoding(config), seed=config.seed,
+        eos_token_ids=session.codec(task).eos, stop_strings=tuple(task.generation.get("stop", ())),
+        stop_on_loop=config.stop_on_loop, repetition_stop=RepetitionStop() if protocol.repetition_stop else None,
+    )
+
+
+def base_row(session: Session, config: RunConfig, task: Task, cell: Cell, example: Example, prompt: str, out,
+             settings) -> dict:
+    """The columns every stored row has: what was run, the output's telemetry, and provenance."""
+    return {
+        "run_key": cell.run_key, "kind": config.kind, "created_at": datetime.now(timezone.utc),
+        "model": config.model, "model_source": session.loaded.spec.source, "model_revision": session.revision,
+        "press": cell.press.name, "press_args": json.dumps(cell.press.params(), sort_keys=True),
+        "budget": cell.budget, "buffer": cell.press.buffer,
+        "dataset": task.name, "dataset_version": task.version, "split": task.split(config.data_dir),
+        "dataset_revision": example.source,
+        "prompt_hash": task.prompt_hash, "example_id": example.id, "sample": 0, "seed": config.seed,
+        "max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature, "top_p": settings.top_p,
+        "top_k": settings.top_k, "repetition_penalty": settings.repetition_penalty, "protocol": config.protocol,
+        "stop_on_loop": config.stop_on_loop,
+        "prompt": prompt, "response": out.text, "gold": example.gold,
+        "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens, "output_tokens": out.output_tokens,
+        "prefill_s": out.prefill_s, "decode_s": out.decode_s, "tokens_per_s": out.tokens_per_s,
+        "peak_kv_bytes": out.peak_kv_bytes, "host_kv_bytes": out.host_kv_bytes, "evicted_tokens": out.evicted_tokens,
+        "mean_cache_len": out.mean_cache_len, "looped": out.looped, "loop_start": out.loop_start,
+        "kv_byte_steps": out.kv_byte_steps, **session.provenance,
+    }
+
+
+def record_failures(store: ResultStore, config: RunConfig, task: Task, cell: Cell, examples: list[Example],
+                    err: Exception, on_example: Callable[[Cell, Example], None] | None = None) -> None:
+    """Record that ``examples`` failed with ``err`` (e.g. out of memory), so the run can go on."""
+    _release_memory()
+    message = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+    for example in examples:
+        store.record_failure(cell.run_key, example.id, 0, message, {"press": cell.press.name, "budget": cell.budget,
+                                                                    "dataset": task.name, "model": config.model})
+        if on_example:
+            on_example(cell, example)
+
+
+def _release_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
