@@ -262,10 +262,13 @@ class _Bench:
         )
 
     def _bytes_per_entry(self) -> int:
+        """``BudgetCache.bytes_per_entry`` of this model, before any cache exists."""
+        from kvbench.engine.cache import entry_bytes
+
         cfg = self.model.config.get_text_config(decoder=True)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         element = next(self.model.parameters()).element_size()
-        return cfg.num_hidden_layers * cfg.num_key_value_heads * 2 * head_dim * element
+        return entry_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, head_dim, element)
 
     def _peak_memory(self, press_name: str, budget: int | None, batch: int) -> int:
         """CUDA allocator peak of one generation run alone (weights included)."""
@@ -289,13 +292,11 @@ class _Bench:
         press = self.presses[press_name]
         if press.sparse:
             raise KvbenchError(f"--memory-gib: {press_name}'s memory is measured on CUDA only, not estimated")
+        from kvbench.engine.cache import slot_capacity
+
         text = self.model.config.get_text_config(decoder=True)
-        if budget is not None and press.evicts:
-            capacity = min(press.capacity(budget, text.num_hidden_layers,
-                                          getattr(text, "num_key_value_heads", None) or text.num_attention_heads),
-                           length)
-        else:
-            capacity = length
+        kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        capacity = slot_capacity(press, budget, text.num_hidden_layers, kv_heads, length)
         window = 0
         if worth_keeping(press, budget):
             window = text.num_hidden_layers * text.num_attention_heads * press.query_window * 4

@@ -18,33 +18,41 @@ def dtype_name(dtype) -> str:
 
 
 def store_rows(config: BenchConfig, loaded, rows: list[BenchRow], started: dt.datetime) -> Path:
-    """Append the rows, with what was run and where, to ``STORE/bench/`` (one atomic Parquet part per call).
+    """Append the rows, with what was run and where, to ``STORE/bench/`` (one atomic Parquet part per call, in
+    ``BENCH_SCHEMA``; ``extra`` as JSON).
 
     ``created_at`` is the run's start, the same for all of a run's parts: reports show the latest run whole.
     """
-    import os
-    import uuid
+    import json
 
     import pyarrow as pa
-    import pyarrow.parquet as pq
     import torch
 
     from kvbench.session import device_name
+    from kvbench.store import write_part
 
     common = {"created_at": started.isoformat(timespec="seconds"), "torch_version": torch.__version__,
               **_run_columns(config, dtype_name(loaded.dtype), device_name(loaded.device))}
-    records = []
-    for row in rows:
-        record = {**common, **asdict(row)}
-        record["extra"] = str(record["extra"])
-        records.append(record)
-    folder = Path(config.store) / "bench"
-    folder.mkdir(parents=True, exist_ok=True)
-    name = f"part-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
-    tmp = folder / f".{name}.tmp"
-    pq.write_table(pa.Table.from_pylist(records), tmp)
-    os.replace(tmp, folder / name)
-    return folder / name
+    records = [{**common, **asdict(row)} for row in rows]
+    for record in records:
+        record["extra"] = json.dumps(record["extra"], sort_keys=True, default=str)
+    table = pa.Table.from_pylist(records, schema=bench_schema())
+    return write_part(Path(config.store) / "bench", table, dt.datetime.now(dt.timezone.utc))
+
+
+def bench_schema():
+    """The columns of a bench part: the run's (``RUN_COLUMNS``, when and with which torch) and a ``BenchRow``'s."""
+    import pyarrow as pa
+
+    return pa.schema([
+        ("created_at", pa.string()), ("torch_version", pa.string()), ("model", pa.string()),
+        ("random_weights", pa.bool_()), ("device", pa.string()), ("dtype", pa.string()), ("prompt_len", pa.int64()),
+        ("gen_len", pa.int64()), ("static_shapes", pa.bool_()), ("compile", pa.bool_()), ("press_args", pa.string()),
+        ("press", pa.string()), ("budget", pa.int64()), ("batch", pa.int64()), ("tokens_per_s", pa.float64()),
+        ("ms_per_step", pa.float64()), ("ratio", pa.float64()), ("kv_mib", pa.float64()),
+        ("entries_per_head", pa.int64()), ("peak_memory_mib", pa.float64()), ("host_kv_mib", pa.float64()),
+        ("setting", pa.string()), ("extra", pa.string()),  # JSON
+    ])
 
 
 def load_rows(store: str | Path):

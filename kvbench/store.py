@@ -253,15 +253,20 @@ class ResultStore:
     def append(self, rows: list[dict]) -> Path | None:
         if not rows:
             return None
-        table = pa.Table.from_pylist(rows, schema=SCHEMA)
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            self._sweep_stale_temp_files()
-            name = f"part-{rows[0]['created_at'].strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}.parquet"
-            final = self.path / name
-            tmp = self.path / f".{name}.tmp"
-            pq.write_table(table, tmp)
-            os.replace(tmp, final)
-        except OSError as err:
-            raise StoreError(f"cannot write to store {self.path}: {err.strerror or err}") from None
-        return final
+        self._sweep_stale_temp_files()
+        return write_part(self.path, pa.Table.from_pylist(rows, schema=SCHEMA), rows[0]["created_at"])
+
+
+def write_part(folder: Path, table: pa.Table, stamp) -> Path:
+    """``table`` as a new ``part-<stamp>-<random>.parquet`` in ``folder``, written to a temp file and renamed, so a
+    reader never sees half a part (the result store's rows, and ``kvbench bench``'s under ``STORE/bench/``)."""
+    name = f"part-{stamp.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}.parquet"
+    tmp = folder / f".{name}.tmp"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, tmp)
+        os.replace(tmp, folder / name)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no empty temp file behind
+        raise StoreError(f"cannot write to store {folder}: {err.strerror or err}") from None
+    return folder / name

@@ -257,3 +257,26 @@ def test_a_dry_run_reads_a_store_it_may_not_write(tmp_path, monkeypatch):
     assert len(read_grid(tmp_path / "grid.csv", str(tmp_path / "store"), write=False)) == 1
     with pytest.raises(KvbenchError, match="cannot write in"):
         read_grid(tmp_path / "grid.csv", str(tmp_path / "store"))
+
+
+def test_a_full_disk_leaves_no_temp_file_and_one_line(tmp_path, monkeypatch):
+    """Disk full while writing a part (a row, or a failure record): a StoreError, and no empty temp file left."""
+    import errno
+
+    import pyarrow.parquet as pq
+
+    from kvbench.store import ResultStore, StoreError
+    from tests.synthetic_store import row
+
+    def full_disk(table, where, *args, **kwargs):
+        Path(where).write_bytes(b"PAR1")  # what a write cut short leaves
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", full_disk)
+    store = ResultStore(tmp_path / "s")
+    with pytest.raises(StoreError, match="No space left on device"):
+        store.append([row("full", (), None, "gsm8k", 0, 1, run_key="k")])
+    monkeypatch.setattr(Path, "write_text", lambda self, text: full_disk(None, self))
+    with pytest.raises(StoreError, match="cannot record a failure"):
+        store.record_failure("k", "gsm8k-0", 0, "RuntimeError: out of memory", {})
+    assert [p.name for p in (tmp_path / "s").rglob("*") if p.is_file()] == []

@@ -115,6 +115,13 @@ def test_bench_runs_presses_side_by_side_and_stores_them(tmp_path):
         assert equal.loc[press, "batch"] == int((0.0006 * 2**30 - weights) // kv)
     assert equal.loc["h2o", "batch"] > equal.loc["full", "batch"]
     assert "tok/s" in kvbench("report", str(store), "--bench").stdout
+    import json
+
+    import pyarrow.parquet as pq
+
+    for part in (store / "bench").glob("part-*.parquet"):  # the declared schema; extra as JSON, not a repr
+        assert pq.read_schema(part).equals(bench_results.bench_schema(), check_metadata=False)
+        assert all(isinstance(json.loads(e), dict) for e in pq.read_table(part)["extra"].to_pylist())
 
 
 @pytest.mark.parametrize("args, message", [

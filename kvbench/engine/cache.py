@@ -30,6 +30,19 @@ from kvbench.presses.base import Press
 from kvbench.presses.ranking import lowest_slots, slot_ranks
 
 
+def slot_capacity(press: Press, budget: int | None, num_layers: int, num_kv_heads: int, max_length: int) -> int:
+    """Slots preallocated per layer and KV head: what the press may hold at its budget, never more than a sequence
+    of ``max_length`` tokens can fill (a budget beyond the length costs no memory)."""
+    if not (press.evicts and budget is not None):
+        return max_length
+    return min(press.capacity(budget, num_layers, num_kv_heads), max_length)
+
+
+def entry_bytes(num_layers: int, num_kv_heads: int, key_dim: int, value_dim: int, element_size: int) -> int:
+    """Bytes of one token's keys and values across all layers and KV heads."""
+    return num_layers * num_kv_heads * (key_dim + value_dim) * element_size
+
+
 class BudgetCache(DynamicCache):
     """A cache with one ``BudgetLayer`` per model layer over stacked slot buffers.
 
@@ -100,9 +113,7 @@ class BudgetCache(DynamicCache):
         #: numbers under a press that ``allocates`` (PyramidKV, AdaKV), which then frees slots by rank.
         self.layer_keep = press.layer_budgets(self.budget, num_layers) if self.budget is not None else None
         self.allocates = press.allocates and self.budget is not None
-        # Never allocate more than a sequence can hold: a budget beyond the length costs no memory.
-        self.capacity = (max_length if self.trigger is None
-                         else min(press.capacity(budget, num_layers, num_kv_heads), max_length))
+        self.capacity = slot_capacity(press, budget, num_layers, num_kv_heads, max_length)
         self.head_capacity = ([press.head_capacity(b, num_kv_heads) for b in self.layer_keep]
                               if self.allocates else None)
 
@@ -371,7 +382,7 @@ class BudgetCache(DynamicCache):
         if self.keys is None:
             return 0
         n_layers, _, h, _, d = self.keys.shape
-        return n_layers * h * (d + self.values.shape[-1]) * self.keys.element_size()
+        return entry_bytes(n_layers, h, d, self.values.shape[-1], self.keys.element_size())
 
     def peak_bytes(self, row: int) -> int:
         return self.peak[row] * self.bytes_per_entry() // len(self.layers)
