@@ -95,6 +95,7 @@ def _run_columns(config: BenchConfig, dtype: str, device: str) -> dict:
 def render(df, fmt: str = "markdown") -> str:
     """One table per run configuration and setting (the latest run of each), as markdown, csv or plain text."""
     from kvbench.checks import choice
+    from kvbench.text_table import markdown_table, text_table
 
     choice("--format", fmt, FORMATS)
     out = []
@@ -120,15 +121,9 @@ def render(df, fmt: str = "markdown") -> str:
         if fmt == "csv":
             out.append(f"# {title}\n" + table.to_csv(index=False, header=headers, float_format="%.4g"))
             continue
-        lines = [title, ""] if fmt == "terminal" else [f"**{title}**", ""]
         cells = [[str(v) if not isinstance(v, float) else f"{v:.3f}" if c == "ratio" else f"{v:.2f}"
                   for c, v in row.items()] for _, row in table.iterrows()]
-        widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-        lines.append("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |")
-        lines.append("|" + "|".join("-" * (w + 1) + ":" if i else ":" + "-" * (w + 1)
-                                    for i, w in enumerate(widths)) + "|")
-        for r in cells:
-            lines.append("| " + " | ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths)))
-                         + " |")
-        out.append("\n".join(lines) + "\n")
+        text = (text_table(title, headers, cells) if fmt == "terminal"
+                else f"**{title}**\n\n" + markdown_table(headers, cells))
+        out.append(text + "\n")
     return "\n".join(out)

@@ -78,13 +78,12 @@ def paired_rows(paired: pd.DataFrame, model: str, number: str) -> list[list[str]
 
 def render_paired(title: str, rows: list[list[str]], fmt: str) -> str:
     """``paired_rows`` as a markdown, LaTeX or terminal table."""
+    from kvbench.text_table import markdown_table, text_table
+
     if fmt == "markdown":
-        lines = [f"**{title}**", "", "| " + " | ".join(PAIRED_HEADERS) + " |", "|---" * len(PAIRED_HEADERS) + "|"]
-        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+        return f"**{title}**\n\n" + markdown_table(PAIRED_HEADERS, rows, left=2)
     if fmt == "latex":
         body = [" & ".join(r).replace("Δ", "$\\Delta$").replace("%", "\\%") + r" \\" for r in [PAIRED_HEADERS, *rows]]
         return "\n".join([f"% {title}", r"\begin{tabular}{lllrrrr}", r"\toprule", body[0], r"\midrule", *body[1:],
                           r"\bottomrule", r"\end{tabular}"])
-    from kvbench.text_table import text_table
-
     return text_table(title, PAIRED_HEADERS, rows, left=2)

@@ -1,4 +1,5 @@
-"""Plain-text tables for the terminal, drawn with box characters: reports render text, only ``cli/`` prints."""
+"""Plain-text tables (boxed for the terminal, or markdown pipes) shared by the reports: they render text, only
+``cli/`` prints."""
 
 from __future__ import annotations
 
@@ -21,3 +22,15 @@ def text_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]
              rule("┏", "┳", "┓", "━"), cells(headers, "┃"), rule("┡", "╇", "┩", "━"),
              *(cells(r, "│") for r in rows), rule("└", "┴", "┘", "─")]
     return "\n".join(lines)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
+    """A pipe table with aligned columns: the first ``left`` left-aligned, the rest right-aligned."""
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+
+    def cells(values: Sequence[str]) -> str:
+        text = [v.ljust(w) if i < left else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths))]
+        return "| " + " | ".join(text) + " |"
+
+    rule = "|" + "|".join(":" + "-" * (w + 1) if i < left else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
+    return "\n".join([cells(headers), rule, *(cells(r) for r in rows)])

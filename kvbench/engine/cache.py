@@ -22,6 +22,7 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from kvbench.engine.layer import BudgetLayer
 from kvbench.engine.query_ring import QueryRing
+from kvbench.engine.recorders import AttentionLossRecorder, RetentionRecorder
 from kvbench.engine.scores import attention_probs
 from kvbench.engine.view import SlotView, StepInputs
 from kvbench.engine.window import KeptWindowAttention, worth_keeping
@@ -70,7 +71,9 @@ class BudgetCache(DynamicCache):
         self.static_shapes = static_shapes
         self.max_length = max_length
         self.max_new_tokens = max_new_tokens
-        self.measure_attention_loss = measure_attention_loss
+        #: The attention mass each query puts on evicted entries, when measured (the layers write and record it).
+        self.attention_loss = (AttentionLossRecorder(num_layers, max_length, max_new_tokens)
+                               if measure_attention_loss else None)
         batch = len(seeds)
         self.row_seeds = torch.tensor([[seed * 1_000_003 + layer for seed in seeds] for layer in range(num_layers)])
         # Stacked buffers, allocated by the first layer to see keys: [layers, B, H, capacity, ...].
@@ -90,11 +93,9 @@ class BudgetCache(DynamicCache):
         self.step_queries: list[torch.Tensor | None] = [None] * num_layers  # decode queries, for observe()
         self._row_masks: dict[tuple[bool, ...], torch.Tensor] = {}
         self._keep_rows: dict[tuple[tuple[bool, ...], int | None], torch.Tensor] = {}
-        #: [B, layers, decode steps, KV heads] attention loss, allocated with the first layer when measuring.
-        self.loss_log: torch.Tensor | None = None
-        #: With critical prompt positions: [B, layers, steps] share of them held after each forward.
-        self.critical: torch.Tensor | None = None
-        self.retention_log: torch.Tensor | None = None
+        #: Measurements told after every forward's eviction (``after_step(cache)``), e.g. retention.
+        self.observers: list = []
+        self.retention: RetentionRecorder | None = None
         #: This forward's plan (``begin_step``): mode, slots in use after it, what an overflow keeps.
         self.step: StepInputs | None = None
         self.query_position: torch.Tensor | None = None
@@ -239,8 +240,8 @@ class BudgetCache(DynamicCache):
             if self.trigger is not None and any(c >= t for c, t in zip(self.counts, self.row_trigger)):
                 self._evict_in_place(view or self.stacked_view())
         self.used = self.used_after
-        if self.retention_log is not None:
-            self._record_retention()
+        for observer in self.observers:
+            observer.after_step(self)
 
     def stacked_view(self) -> SlotView:
         """Every layer's slots in use, folded into the rows: [layers * B, H, used, ...] views of the buffers."""
@@ -352,25 +353,16 @@ class BudgetCache(DynamicCache):
     # --- measurement --------------------------------------------------------------------------------------------
     def track_critical(self, positions: list[list[int]], max_new_tokens: int, device) -> None:
         """Measure retention of these prompt positions (per sequence) after every forward."""
-        self.critical = torch.zeros(len(positions), self.max_length, dtype=torch.bool, device=device)
-        for row, row_positions in enumerate(positions):
-            self.critical[row, list(row_positions)] = True
-        self.retention_log = torch.full((len(positions), len(self.layers), max_new_tokens), float("nan"),
-                                        device=device)
+        self.retention = RetentionRecorder(positions, self.max_length, len(self.layers), max_new_tokens, device)
+        self.observers.append(self.retention)
 
-    def _record_retention(self) -> None:
-        """Fraction of the critical prompt positions held, per KV head, after this step's eviction."""
-        if self.decode_step >= self.retention_log.shape[2]:
-            return
-        critical = self.critical  # [B, max_length] bool
-        length = critical.shape[1]
-        n_layers, b, h, _ = self.valid.shape
-        held = torch.zeros(n_layers, b, h, length + 1, dtype=torch.bool, device=critical.device)
-        held.scatter_(3, torch.where(self.valid, self.positions, length).clamp(min=0, max=length), True)
-        kept = (held[..., :length] & critical[None, :, None, :]).sum(dim=-1).float()
-        total = critical.sum(dim=-1).float()[None, :, None]
-        fraction = (kept / total).mean(dim=-1)  # [L, B]; NaN for a prompt without critical tokens
-        self.retention_log[:, :, self.decode_step] = fraction.T
+    @property
+    def retention_log(self) -> torch.Tensor | None:
+        return None if self.retention is None else self.retention.log
+
+    @property
+    def loss_log(self) -> torch.Tensor | None:
+        return None if self.attention_loss is None else self.attention_loss.log
 
     # --- telemetry (host side, no synchronisation) ------------------------------------------------------------
     def entries(self, row: int) -> float:

@@ -42,13 +42,6 @@ class BudgetLayer(DynamicLayer):
         self.keys, self.values = cache.keys[i], cache.values[i]
         self.positions, self.valid = cache.positions[i], cache.valid[i]
         self.state = {name: s[i] for name, s in cache.state.items()}
-        if cache.measure_attention_loss:
-            b, h, _, d = key_states.shape
-            # Shadow of every key at its original position (one spare slot absorbs padding writes).
-            self.shadow_keys = key_states.new_zeros(b, h, cache.max_length + 1, d)
-            self.shadow_written = torch.zeros(b, cache.max_length + 1, dtype=torch.bool, device=self.device)
-            if cache.loss_log is None:
-                cache.loss_log = torch.zeros(b, len(cache.layers), cache.max_new_tokens, h, device=self.device)
         self.is_initialized = True
 
     # --- transformers' Cache interface --------------------------------------------------------------------
@@ -59,8 +52,8 @@ class BudgetLayer(DynamicLayer):
         step = cache.step
         b, h, n_new, _ = key_states.shape
         used = cache.used
-        if cache.measure_attention_loss:
-            self._write_shadow(key_states, step)
+        if cache.attention_loss is not None:
+            cache.attention_loss.write(self.layer_idx, key_states, step.positions, step.valid)
         if cache.mode == "overflow":
             self._pending = {
                 "keys": torch.cat([self.keys[:, :, :used], key_states], dim=2),
@@ -101,32 +94,6 @@ class BudgetLayer(DynamicLayer):
         self.valid.scatter_(2, slot, step.valid[:, None, :].expand(b, h, n_new))
         for s in self.state.values():
             s.scatter_(2, slot, 0.0)
-
-    def _write_shadow(self, key_states: torch.Tensor, step: StepInputs) -> None:
-        spare = self.cache.max_length
-        index = torch.where(step.valid, step.positions, spare)  # [B, L]; padding goes to the spare slot
-        b, h, n_new, d = key_states.shape
-        self.shadow_keys.scatter_(2, index[:, None, :, None].expand(b, h, n_new, d), key_states)
-        self.shadow_written.scatter_(1, index, True)
-        self.shadow_written[:, spare] = False
-
-    def _record_attention_loss(self, query: torch.Tensor, scaling: float) -> None:
-        """The mass the current query puts on evicted entries, under full attention over every key seen.
-
-        Runs before this step's eviction: it is what attention actually missed. Exact, from the shadow keys.
-        """
-        b, hq, _, d = query.shape
-        h = self.keys.shape[1]
-        seen = self.cache.tokens_seen  # > every position so far
-        keys = self.shadow_keys[:, :, :seen].float()
-        logits = torch.matmul(query.float().view(b, h, hq // h, d), keys.transpose(-1, -2)) * scaling
-        q_pos = self.cache.query_position
-        visible = self.shadow_written[:, :seen] & (torch.arange(seen, device=self.device)[None, :] <= q_pos[:, None])
-        probs = torch.softmax(logits.masked_fill(~visible[:, None, None, :], -torch.inf), dim=-1)
-        held = torch.zeros(b, h, seen + 1, dtype=torch.bool, device=self.device)
-        held.scatter_(2, torch.where(self.valid, self.positions, seen).clamp(max=seen), True)
-        missed = (probs * ~held[:, :, None, :seen]).sum(dim=-1).mean(dim=-1)  # [B, H], GQA group averaged
-        self.cache.loss_log[:, self.layer_idx, self.cache.decode_step - 1] = missed
 
     def visible_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions and validity of the slots attention sees this step (including an overflow's new tokens)."""
@@ -179,8 +146,9 @@ class BudgetLayer(DynamicLayer):
     def after_attention(self, query: torch.Tensor, scaling: float) -> None:
         cache, press = self.cache, self.cache.press
         self.scaling = scaling
-        if cache.measure_attention_loss and cache.decode_step > 0:
-            self._record_attention_loss(query, scaling)
+        if cache.attention_loss is not None and cache.decode_step > 0:  # before this step's eviction: what was missed
+            cache.attention_loss.record(self.layer_idx, query, scaling, self.positions, self.valid,
+                                        cache.query_position, cache.tokens_seen, cache.decode_step)
         if press.query_window:
             cache.query_ring.push(self.layer_idx, query)
         if cache.mode == "slot":  # decoding: scoring and eviction happen in end_step, for all layers at once
