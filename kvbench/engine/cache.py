@@ -21,6 +21,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from kvbench.engine.layer import BudgetLayer
+from kvbench.engine.occupancy import Occupancy
 from kvbench.engine.query_ring import QueryRing
 from kvbench.engine.recorders import AttentionLossRecorder, RetentionRecorder
 from kvbench.engine.scores import attention_probs
@@ -53,11 +54,10 @@ class BudgetCache(DynamicCache):
 
     How full, in one place (entries are counted per KV head, one entry = one token's key and value):
     ``capacity`` slots preallocated per layer and head; ``used`` slots that may hold a valid entry (the prefix
-    attention and scoring read), ``used_after`` the same once this step's tokens are written; ``counts[row]``
-    entries a sequence holds (the same in every layer, unless the press allocates: then ``layer_counts`` is the
-    exact mean per layer and ``head_bound`` a bound on any one head); ``trigger`` / ``row_trigger`` the count
-    that starts a compression and ``budget`` / ``row_keep`` what it keeps (``keep_n``: this step's, overflow
-    only); ``entries(row)`` what telemetry reports (``counts`` averaged over layers).
+    attention and scoring read), ``used_after`` the same once this step's tokens are written; ``occupancy``
+    (``kvbench.engine.occupancy``) the entries each sequence holds, on the host, and its next ``row_trigger``
+    (the count that starts a compression) and ``row_keep`` (what it keeps; ``budget`` and ``trigger`` are the
+    nominal ones, ``keep_n`` an overflow step's); ``entries(row)`` what telemetry reports.
     """
 
     def __init__(self, press: Press, budget: int | None, num_layers: int, num_kv_heads: int, max_length: int,
@@ -80,7 +80,7 @@ class BudgetCache(DynamicCache):
         self.keys: torch.Tensor | None = None
         self.values = self.positions = self.valid = None
         self.state: dict[str, torch.Tensor] = {}
-        self._set_host_bookkeeping(batch, num_layers)
+        self.occupancy = Occupancy(batch, num_layers, self.allocates)
         #: Every valid slot lies in [0, used): writes go to the first free slot (a slot index is at most the
         #: entries held before the write), so attention and scoring skip the never-written tail.
         self.used = self.capacity if static_shapes else 0
@@ -118,24 +118,6 @@ class BudgetCache(DynamicCache):
         self.head_capacity = ([press.head_capacity(b, num_kv_heads) for b in self.layer_keep]
                               if self.allocates else None)
 
-    def _set_host_bookkeeping(self, batch: int, num_layers: int) -> None:
-        """How full each sequence is, kept on the host so that deciding when to evict costs no synchronisation."""
-        #: Per sequence: (entries a compression keeps, entries that trigger one), from ``press.row_cadence``:
-        #: ``(budget, trigger)`` for every press but one whose schedule depends on the prompt and on the
-        #: compressions so far (RPC's growth). Set by the prefill.
-        self.row_keep: list[int | None] = []
-        self.row_trigger: list[int | None] = []
-        self.compressions = [0] * batch
-        # Host bookkeeping, so that deciding costs no synchronisation. ``counts``: entries per KV head per
-        # sequence, the same in every layer, which triggers compressions. Under a press that allocates it is
-        # what a uniform press would hold; then ``layer_counts`` is the mean held per KV head in each layer,
-        # exact (what is reported), and ``head_bound`` an upper bound on any one head's entries in each layer.
-        self.counts = [0] * batch
-        self.layer_counts = [[0] * num_layers for _ in range(batch)] if self.allocates else None
-        self.head_bound = [[0] * num_layers for _ in range(batch)] if self.allocates else None
-        self.peak = [0] * batch  # peak entries per KV head summed over layers
-        self.evicted = [0] * batch  # entries evicted per KV head, summed over layers
-
     def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
         n_layers, c, device = len(self.layers), self.capacity, key_states.device
@@ -154,23 +136,16 @@ class BudgetCache(DynamicCache):
         self.query_position = positions[:, -1]
         if self.prompt_length is None:
             self.prompt_length = torch.tensor(valid_counts, device=positions.device)
-            self.prompt_counts = list(valid_counts)
+            self.occupancy.prompt_counts = list(valid_counts)
             for row in range(len(valid_counts)):
                 self._schedule(row)
         n_new = positions.shape[1]
         self.tokens_seen += n_new
-        held = max(self.counts)
+        occupancy = self.occupancy
+        held = max(occupancy.counts)
         fits = held + n_new <= self.capacity
         mode = "slot" if fits and n_new == 1 else "bulk" if fits and held == 0 else "overflow"
-        capacity, n_layers = self.capacity, len(self.layers)
-        for i, n in enumerate(valid_counts):
-            self.counts[i] += n
-            if not self.allocates:
-                self.peak[i] = max(self.peak[i], min(self.counts[i], capacity) * n_layers)
-            elif n:
-                self.layer_counts[i] = [c + n for c in self.layer_counts[i]]
-                self.head_bound[i] = [min(c + n, capacity) for c in self.head_bound[i]]
-                self.peak[i] = max(self.peak[i], sum(min(c, capacity) for c in self.layer_counts[i]))
+        occupancy.add(valid_counts, self.capacity)
         if self.static_shapes:
             used_after = self.capacity
         elif mode == "overflow":
@@ -178,18 +153,17 @@ class BudgetCache(DynamicCache):
         elif mode == "bulk":
             used_after = max(self.used, n_new)
         else:  # a valid write lands at most at the entries its head held before it
-            most = max(max(bound) for bound in self.head_bound) if self.allocates else max(self.counts)
-            used_after = min(self.capacity, max(self.used, most))
+            used_after = min(self.capacity, max(self.used, occupancy.most_held()))
         keep_n: list[int] = []
         if mode == "overflow":
-            keep_n = [k if t is not None and c >= t else c for c, k, t in zip(self.counts, self.row_keep,
-                                                                             self.row_trigger)]
+            keep_n = [k if t is not None and c >= t else c
+                      for c, k, t in zip(occupancy.counts, occupancy.row_keep, occupancy.row_trigger)]
             if max(keep_n) > self.capacity:
                 raise RuntimeError(f"cache capacity {self.capacity} exceeded ({max(keep_n)} entries) without eviction")
         if self.query_ring is not None:
             self.query_ring.advance(positions, valid)
         self.step = StepInputs(positions, valid, valid_counts, decode_step, mode, used_after, tuple(keep_n),
-                               overflow_evicts=mode == "overflow" and keep_n != self.counts)
+                               overflow_evicts=mode == "overflow" and keep_n != occupancy.counts)
         return self.step
 
     # the step's plan, read-only: set by begin_step alone
@@ -220,7 +194,7 @@ class BudgetCache(DynamicCache):
             self.kept_window.fresh = False  # several tokens were written or slots moved: recompute next step
         if self.mode == "overflow":
             for i, keep in enumerate(self.keep_n):
-                if keep != self.counts[i]:
+                if keep != self.occupancy.counts[i]:
                     self._compressed(i, keep)
             self.heads_uniform &= not self.overflow_evicts
         else:
@@ -237,7 +211,7 @@ class BudgetCache(DynamicCache):
             if self.mode == "slot" and self.kept_window is not None:
                 view = view or self.stacked_view()
                 self._update_kept_window(view)
-            if self.trigger is not None and any(c >= t for c, t in zip(self.counts, self.row_trigger)):
+            if self.trigger is not None and any(self.occupancy.at_trigger()):
                 self._evict_in_place(view or self.stacked_view())
         self.used = self.used_after
         for observer in self.observers:
@@ -266,42 +240,31 @@ class BudgetCache(DynamicCache):
         )
 
     def _compressed(self, row: int, keep: int) -> None:
-        """Host bookkeeping of sequence ``row`` after a compression that keeps ``keep`` (its layers' shares)."""
-        if self.allocates:
-            before = self.layer_counts[row]
-            after = [min(c, b) for c, b in zip(before, self.layer_keep)]
-            self.head_bound[row] = [min(bound, cap) for bound, cap in zip(self.head_bound[row], self.head_capacity)]
-            self.evicted[row] += sum(before) - sum(after)
-            self.layer_counts[row] = after
-        else:
-            self.evicted[row] += (self.counts[row] - keep) * len(self.layers)
-        self.counts[row] = keep
-        self.compressions[row] += 1
+        """Host bookkeeping of sequence ``row`` after a compression that keeps ``keep``; its next schedule."""
+        self.occupancy.compressed(row, keep, self.layer_keep, self.head_capacity)
         self._schedule(row)
 
     def _schedule(self, row: int) -> None:
         """Sequence ``row``'s next (keep, trigger), after its compressions so far."""
+        occupancy = self.occupancy
         keep, trigger = (None, None) if self.budget is None else self.press.row_cadence(
-            self.requested_budget, self.prompt_counts[row], self.compressions[row])
-        if row == len(self.row_keep):
-            self.row_keep.append(keep)
-            self.row_trigger.append(trigger)
-        else:
-            self.row_keep[row], self.row_trigger[row] = keep, trigger
+            self.requested_budget, occupancy.prompt_counts[row], occupancy.compressions[row])
+        occupancy.set_schedule(row, keep, trigger)
 
     def _evict_in_place(self, view: SlotView) -> None:
         """Free the ``count - budget`` lowest-scored slots of each full sequence, per KV head, in every layer."""
-        full = tuple(c >= t for c, t in zip(self.counts, self.row_trigger))
-        keeps = list(self.row_keep)
+        occupancy = self.occupancy
+        full = occupancy.at_trigger()
+        keeps = list(occupancy.row_keep)
         scores = self.press.score(view).float().masked_fill(~view.valid, -torch.inf)
         if self.allocates:
             keep = self._layer_keep_rows(full)
             view.valid &= self.keep_mask(scores, view.positions, keep)
-        elif self.capacity > min(self.row_trigger):  # a growing schedule: sequences at their trigger hold free slots
+        elif self.capacity > min(occupancy.row_trigger):  # a growing schedule: those at their trigger hold free slots
             keep = [k if f else self.capacity for k, f in zip(keeps, full)] * len(self.layers)
             view.valid &= slot_ranks(scores, view.positions) < torch.tensor(keep, device=scores.device)[:, None, None]
         else:
-            surplus = {c - k for c, k, f in zip(self.counts, keeps, full) if f}
+            surplus = {c - k for c, k, f in zip(occupancy.counts, keeps, full) if f}
             if len(surplus) != 1:
                 raise RuntimeError(f"sequences at their trigger would evict different numbers of entries: {surplus}")
             n_evict = surplus.pop()
@@ -367,7 +330,7 @@ class BudgetCache(DynamicCache):
     # --- telemetry (host side, no synchronisation) ------------------------------------------------------------
     def entries(self, row: int) -> float:
         """Valid entries per KV head held for sequence ``row``, averaged over layers."""
-        return sum(self.layer_counts[row]) / len(self.layers) if self.allocates else self.counts[row]
+        return self.occupancy.entries(row)
 
     def bytes_per_entry(self) -> int:
         """Bytes of one token's keys and values across all layers and KV heads."""
@@ -377,14 +340,14 @@ class BudgetCache(DynamicCache):
         return entry_bytes(n_layers, h, d, self.values.shape[-1], self.keys.element_size())
 
     def peak_bytes(self, row: int) -> int:
-        return self.peak[row] * self.bytes_per_entry() // len(self.layers)
+        return self.occupancy.peak[row] * self.bytes_per_entry() // len(self.layers)
 
     def host_bytes(self, row: int) -> int:
         return 0  # nothing is offloaded to host memory
 
     def evicted_tokens(self, row: int) -> float:
         """Entries evicted per KV head for sequence ``row``, averaged over layers."""
-        return self.evicted[row] / len(self.layers)
+        return self.occupancy.evicted[row] / len(self.layers)
 
     def kept_positions(self, row: int = 0) -> list[list[set[int]]]:
         """Per layer, per KV head, the positions currently held (for tests and analysis; synchronises)."""
