@@ -127,11 +127,11 @@ def execute(config: BenchConfig, on_progress: Callable[[str, int, int], None] | 
     """
     import torch
 
-    from kvbench import models
+    from kvbench.session import load_session
 
     validate(config)
-    loaded = models.load(config.model, dtype=config.dtype, device=config.device, seed=config.seed,
-                         random_weights=config.random_weights)
+    session = load_session(config.model, config.dtype, config.device, config.seed, config.random_weights)
+    loaded = session.loaded
     model = loaded.model
     if config.compile:
         compile_tensor_work(model)
@@ -142,7 +142,7 @@ def execute(config: BenchConfig, on_progress: Callable[[str, int, int], None] | 
     def measured(new_rows: list[BenchRow]) -> None:
         rows.extend(new_rows)
         if config.store:
-            store_rows(config, loaded, new_rows, started)
+            store_rows(config, session, new_rows, started)
 
     try:
         for batch in config.batch_sizes:

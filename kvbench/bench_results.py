@@ -17,7 +17,7 @@ def dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def store_rows(config: BenchConfig, loaded, rows: list[BenchRow], started: dt.datetime) -> Path:
+def store_rows(config: BenchConfig, session, rows: list[BenchRow], started: dt.datetime) -> Path:
     """Append the rows, with what was run and where, to ``STORE/bench/`` (one atomic Parquet part per call, in
     ``BENCH_SCHEMA``; ``extra`` as JSON).
 
@@ -26,12 +26,12 @@ def store_rows(config: BenchConfig, loaded, rows: list[BenchRow], started: dt.da
     import json
 
     import pyarrow as pa
-    import torch
 
     from kvbench.session import device_name
     from kvbench.store import write_part
 
-    common = {"created_at": started.isoformat(timespec="seconds"), "torch_version": torch.__version__,
+    loaded = session.loaded
+    common = {"created_at": started.isoformat(timespec="seconds"), **session.provenance,
               **_run_columns(config, dtype_name(loaded.dtype), device_name(loaded.device))}
     records = [{**common, **asdict(row)} for row in rows]
     for record in records:
@@ -41,11 +41,13 @@ def store_rows(config: BenchConfig, loaded, rows: list[BenchRow], started: dt.da
 
 
 def bench_schema():
-    """The columns of a bench part: the run's (``RUN_COLUMNS``, when and with which torch) and a ``BenchRow``'s."""
+    """The columns of a bench part: the run's (``RUN_COLUMNS``, when, and the session's provenance, as every result
+    row has) and a ``BenchRow``'s."""
     import pyarrow as pa
 
     return pa.schema([
-        ("created_at", pa.string()), ("torch_version", pa.string()), ("model", pa.string()),
+        ("created_at", pa.string()), ("kvbench_version", pa.string()), ("git_commit", pa.string()),
+        ("torch_version", pa.string()), ("transformers_version", pa.string()), ("model", pa.string()),
         ("random_weights", pa.bool_()), ("device", pa.string()), ("dtype", pa.string()), ("prompt_len", pa.int64()),
         ("gen_len", pa.int64()), ("static_shapes", pa.bool_()), ("compile", pa.bool_()), ("press_args", pa.string()),
         ("press", pa.string()), ("budget", pa.int64()), ("batch", pa.int64()), ("tokens_per_s", pa.float64()),

@@ -71,13 +71,15 @@ class Codec:
         return tuple(dict.fromkeys(ids))
 
 
-def load_session(model: str, dtype: str = "auto", device: str = "auto", seed: int = 0) -> Session:
+def load_session(model: str, dtype: str = "auto", device: str = "auto", seed: int = 0,
+                 random_weights: bool = False) -> Session:
+    """The model loaded once, with the provenance every stored row carries (``run``, ``fidelity``, ``bench``)."""
     import torch
     import transformers
 
     from kvbench import models
 
-    loaded = models.load(model, dtype=dtype, device=device, seed=seed)
+    loaded = models.load(model, dtype=dtype, device=device, seed=seed, random_weights=random_weights)
     provenance = {
         "kvbench_version": __version__, "git_commit": git_commit(), "torch_version": torch.__version__,
         "transformers_version": transformers.__version__, "device": device_name(loaded.device),

@@ -167,3 +167,7 @@ def test_bench_out_of_memory_keeps_what_was_measured(tmp_path, monkeypatch):
         bench.execute(config)
     stored = bench_results.load_rows(tmp_path)
     assert sorted(stored["press"]) == ["full", "h2o"] and set(stored["batch"]) == {1}
+    from kvbench import __version__
+
+    # the provenance every result row has (the session's)
+    assert set(stored["kvbench_version"]) == {__version__} and stored["transformers_version"].notna().all()
