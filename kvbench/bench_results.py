@@ -7,8 +7,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kvbench.errors import KvbenchError
-
 if TYPE_CHECKING:
     from kvbench.bench import BenchConfig, BenchRow
 
@@ -63,14 +61,15 @@ def load_rows(store: str | Path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from kvbench.checks import MOVE_ASIDE, bench_parts
+    from kvbench.checks import bench_parts
+    from kvbench.store import unreadable
 
     frames = []
     for part in bench_parts(store, required=True):
         try:
             frames.append(pq.read_table(part).to_pandas())
         except (pa.ArrowInvalid, OSError) as err:  # a sound footer over a damaged body
-            raise KvbenchError(f"{part}: unreadable Parquet part ({str(err).splitlines()[0]}); {MOVE_ASIDE}") from None
+            raise unreadable(part, err) from None
     return pd.concat(frames, ignore_index=True).sort_values("created_at")
 
 

@@ -12,11 +12,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from kvbench.errors import ConfigError
-from kvbench.store import ResultStore, StoreError
+from kvbench.store import MOVE_ASIDE, ResultStore, StoreError, part_schema
 
-#: what every part under ``STORE/bench/`` has (``kvbench.bench.BenchRow`` and the run's columns)
+#: what every part under ``STORE/bench/`` has, old parts included (``bench_results.bench_schema`` has more since)
 BENCH_COLUMNS = ("created_at", "model", "press", "budget", "batch", "tokens_per_s")
-MOVE_ASIDE = "move it out of the store directory"
 
 
 def choice(flag: str, value: str, known: Iterable[str]) -> str:
@@ -54,18 +53,12 @@ def store_to_read(path: str | Path) -> ResultStore:
 
 def bench_parts(store: str | Path, required: bool) -> list[Path]:
     """``STORE/bench/``'s parts, each a readable Parquet file with the bench columns."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     folder = Path(store) / "bench"
     parts = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
     if required and not parts:
         raise StoreError(f"no benchmark results in {store} (run `kvbench bench --store {store}`)")
     for part in parts:
-        try:
-            names = pq.read_schema(part).names
-        except (pa.ArrowInvalid, OSError) as err:
-            raise StoreError(f"{part}: unreadable Parquet part ({str(err).splitlines()[0]}); {MOVE_ASIDE}") from None
+        names = part_schema(part).names
         missing = [c for c in BENCH_COLUMNS if c not in names]
         if missing:
             raise StoreError(f"{part}: not a kvbench bench part (no {', '.join(missing)}); {MOVE_ASIDE}")

@@ -97,6 +97,22 @@ class StoreError(KvbenchError):
     """The store cannot be read or written."""
 
 
+MOVE_ASIDE = "move it out of the store directory"
+
+
+def unreadable(part: Path, err: Exception) -> StoreError:
+    """The one-line error of a part that is not readable Parquet (corrupt, truncated, or not Parquet at all)."""
+    return StoreError(f"{part}: unreadable Parquet part ({(str(err).splitlines() or [''])[0]}); {MOVE_ASIDE}")
+
+
+def part_schema(part: Path) -> pa.Schema:
+    """A part's schema, from its footer alone (no rows read)."""
+    try:
+        return pq.read_schema(part)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise unreadable(part, err) from None
+
+
 class ResultStore:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -116,10 +132,9 @@ class ResultStore:
         try:
             table = pq.read_table(part)
         except (pa.ArrowInvalid, OSError) as err:
-            raise StoreError(f"{part}: unreadable Parquet part ({err})") from None
-        aside = "move it out of the store directory"
+            raise unreadable(part, err) from None
         if not {"run_key", "example_id", "sample"} <= set(table.column_names):
-            raise StoreError(f"{part}: not a kvbench result part (no run_key, example_id, sample); {aside}")
+            raise StoreError(f"{part}: not a kvbench result part (no run_key, example_id, sample); {MOVE_ASIDE}")
         for f in SCHEMA:
             if f.name not in table.column_names:
                 table = table.append_column(f, pa.nulls(table.num_rows, f.type))
@@ -127,7 +142,7 @@ class ResultStore:
             table = table.select(SCHEMA.names).cast(SCHEMA)
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as err:
             raise StoreError(f"{part}: a column does not match kvbench's schema ({str(err).splitlines()[0]}); "
-                             f"{aside}") from None
+                             f"{MOVE_ASIDE}") from None
         return table if columns is None else table.select(columns)
 
     def _sweep_stale_temp_files(self, older_than_s: float = 3600.0) -> None:
@@ -154,17 +169,13 @@ class ResultStore:
     @staticmethod
     def check_part(part: Path) -> None:
         """A part's schema (not its rows) matches kvbench's: its key columns, and no column of another type."""
-        try:
-            schema = pq.read_schema(part)
-        except (pa.ArrowInvalid, OSError) as err:
-            raise StoreError(f"{part}: unreadable Parquet part ({err}); move it out of the store directory") from None
+        schema = part_schema(part)
         if not {"run_key", "example_id", "sample"} <= set(schema.names):
-            raise StoreError(f"{part}: not a kvbench result part (no run_key, example_id, sample); move it out of "
-                             "the store directory")
+            raise StoreError(f"{part}: not a kvbench result part (no run_key, example_id, sample); {MOVE_ASIDE}")
         for field in SCHEMA:
             if field.name in schema.names and schema.field(field.name).type not in (field.type, pa.null()):
                 raise StoreError(f"{part}: column {field.name} is {schema.field(field.name).type}, not "
-                                 f"{field.type}; move it out of the store directory")
+                                 f"{field.type}; {MOVE_ASIDE}")
 
     def replace_part(self, part: Path, rows: list[dict]) -> None:
         """Atomically rewrite one part (``kvbench score``); the old file stays whole until the rename."""
