@@ -61,16 +61,17 @@ def _per_correct(group, cost) -> float:
     return float(cost.sum() / correct) if correct else float("nan")
 
 
-def _percent(column: str, scale: float = 100.0) -> Callable:
+def _scaled(column: str, scale: float = 100.0) -> Callable:
+    """Each row's ``column`` times ``scale`` (100 for a share shown in %, 2**-20 for bytes shown in MiB)."""
     return lambda d: d[column].astype(float) * scale
 
 
 for _metric in (
     Metric("accuracy", lambda d: d["correct"].astype(float) * 100, True, "accuracy %", "{:.1f}", published=True),
-    Metric("output_tokens", _percent("output_tokens", 1.0), False, "output tokens", "{:.0f}"),
-    Metric("tokens_per_s", _percent("tokens_per_s", 1.0), True, "tokens/s", "{:.1f}"),
-    Metric("peak_kv_mib", _percent("peak_kv_bytes", 2**-20), False, "peak KV MiB", "{:.2f}"),
-    Metric("host_kv_mib", _percent("host_kv_bytes", 2**-20), False, "peak host KV MiB (offloaded)", "{:.2f}"),
+    Metric("output_tokens", _scaled("output_tokens", 1.0), False, "output tokens", "{:.0f}"),
+    Metric("tokens_per_s", _scaled("tokens_per_s", 1.0), True, "tokens/s", "{:.1f}"),
+    Metric("peak_kv_mib", _scaled("peak_kv_bytes", 2**-20), False, "peak KV MiB", "{:.2f}"),
+    Metric("host_kv_mib", _scaled("host_kv_bytes", 2**-20), False, "peak host KV MiB (offloaded)", "{:.2f}"),
     Metric("truncated", lambda d: (d["finish_reason"] == "length").astype(float) * 100, False, "truncated %",
            "{:.1f}"),
     Metric("invalid", lambda d: d["extracted"].isna().astype(float) * 100, False, "invalid %", "{:.1f}"),
@@ -78,16 +79,16 @@ for _metric in (
     Metric("looping", lambda d: d["looped"].map({True: 100.0, False: 0.0}).astype(float), False, "looping %",
            "{:.1f}"),
     Metric("length_ratio", _length_ratio, False, "output length / full cache's (same examples)", "{:.2f}"),
-    Metric("kv_footprint", _percent("kv_byte_steps", 2**-30), False, "KV footprint GiB x steps", "{:.3f}"),
-    Metric("attention_loss", _percent("attention_loss_mean"), False, "attention loss % (mass on evicted entries)",
+    Metric("kv_footprint", _scaled("kv_byte_steps", 2**-30), False, "KV footprint GiB x steps", "{:.3f}"),
+    Metric("attention_loss", _scaled("attention_loss_mean"), False, "attention loss % (mass on evicted entries)",
            "{:.1f}"),
-    Metric("retention", _percent("retention_mean"), True, "critical prompt tokens held % (mean over steps)",
+    Metric("retention", _scaled("retention_mean"), True, "critical prompt tokens held % (mean over steps)",
            "{:.1f}"),
-    Metric("retention_end", _percent("retention_end"), True, "critical prompt tokens held % (at the end)", "{:.1f}"),
-    Metric("kl", _percent("fidelity_kl_mean", 1.0), False, "KL(full || press) per token", "{:.3f}", rows="fidelity"),
-    Metric("top1_agreement", _percent("fidelity_top1"), True, "top-1 agreement with full %", "{:.1f}",
+    Metric("retention_end", _scaled("retention_end"), True, "critical prompt tokens held % (at the end)", "{:.1f}"),
+    Metric("kl", _scaled("fidelity_kl_mean", 1.0), False, "KL(full || press) per token", "{:.3f}", rows="fidelity"),
+    Metric("top1_agreement", _scaled("fidelity_top1"), True, "top-1 agreement with full %", "{:.1f}",
            rows="fidelity"),
-    Metric("token_rank", _percent("fidelity_rank_mean", 1.0), False, "rank of the full cache's token", "{:.2f}",
+    Metric("token_rank", _scaled("fidelity_rank_mean", 1.0), False, "rank of the full cache's token", "{:.2f}",
            rows="fidelity"),
     Metric("median_output_tokens", lambda g: g["output_tokens"].median(), False, "median output tokens", "{:.0f}",
            per_cell=True),

@@ -57,7 +57,7 @@ class BudgetCache(DynamicCache):
     attention and scoring read), ``used_after`` the same once this step's tokens are written; ``occupancy``
     (``kvbench.engine.occupancy``) the entries each sequence holds, on the host, and its next ``row_trigger``
     (the count that starts a compression) and ``row_keep`` (what it keeps; ``budget`` and ``trigger`` are the
-    nominal ones, ``keep_n`` an overflow step's); ``entries(row)`` what telemetry reports.
+    nominal ones, ``step.keep_n`` an overflow step's); ``entries(row)`` what telemetry reports.
     """
 
     def __init__(self, press: Press, budget: int | None, num_layers: int, num_kv_heads: int, max_length: int,
@@ -179,24 +179,16 @@ class BudgetCache(DynamicCache):
     def used_after(self) -> int:
         return self.step.used_after if self.step is not None else self.used
 
-    @property
-    def keep_n(self) -> tuple[int, ...]:
-        return self.step.keep_n
-
-    @property
-    def overflow_evicts(self) -> bool:
-        return self.step.overflow_evicts
-
     def end_step(self) -> None:
         """After the forward: decoding's scoring and eviction for all layers at once, and the bookkeeping."""
         press = self.press
         if self.mode != "slot" and self.kept_window is not None:
             self.kept_window.fresh = False  # several tokens were written or slots moved: recompute next step
         if self.mode == "overflow":
-            for i, keep in enumerate(self.keep_n):
+            for i, keep in enumerate(self.step.keep_n):
                 if keep != self.occupancy.counts[i]:
                     self._compressed(i, keep)
-            self.heads_uniform &= not self.overflow_evicts
+            self.heads_uniform &= not self.step.overflow_evicts
         else:
             view = None
             if self.mode == "slot" and press.accumulates_attention:

@@ -168,15 +168,15 @@ class BudgetLayer(DynamicLayer):
     def _compress_overflow(self, view: SlotView) -> None:
         """Keep the best ``budget`` of slots + new tokens per KV head (all of them if under the trigger)."""
         cache = self.cache
-        keep_n = cache.keep_n
-        if cache.overflow_evicts:
+        keep_n = cache.step.keep_n
+        if cache.step.overflow_evicts:
             scores = cache.press.score(view).float().masked_fill(~view.valid, -torch.inf)
         else:  # nothing to drop: keep every valid slot, newest first
             scores = view.valid.float().masked_fill(~view.valid, -torch.inf)
         ranked = rank_slots(scores, view.positions)
         k = cache.used_after
         order = ranked[..., :k]  # [B, H, k], best first
-        if cache.allocates and cache.overflow_evicts:  # this layer's share, split among heads by the press
+        if cache.allocates and cache.step.overflow_evicts:  # this layer's share, split among heads by the press
             full = tuple(keep != count for keep, count in zip(keep_n, cache.occupancy.counts))
             keep = cache._layer_keep_rows(full, self.layer_idx)
             counts = cache.press.head_counts(scores, view.positions, keep)
