@@ -54,7 +54,7 @@ class BudgetCache(DynamicCache):
 
     How full, in one place (entries are counted per KV head, one entry = one token's key and value):
     ``capacity`` slots preallocated per layer and head; ``used`` slots that may hold a valid entry (the prefix
-    attention and scoring read), ``used_after`` the same once this step's tokens are written; ``occupancy``
+    attention and scoring read), ``used_after`` the same once this step's tokens are written; ``occupancy.held``
     (``kvbench.engine.occupancy``) the entries each sequence holds, on the host, and its next ``row_trigger``
     (the count that starts a compression) and ``row_keep`` (what it keeps; ``budget`` and ``trigger`` are the
     nominal ones, ``step.keep_n`` an overflow step's); ``entries(row)`` what telemetry reports.
@@ -136,13 +136,13 @@ class BudgetCache(DynamicCache):
         self.query_position = positions[:, -1]
         if self.prompt_length is None:
             self.prompt_length = torch.tensor(valid_counts, device=positions.device)
-            self.occupancy.prompt_counts = list(valid_counts)
+            self.occupancy.prompt_held = list(valid_counts)
             for row in range(len(valid_counts)):
                 self._schedule(row)
         n_new = positions.shape[1]
         self.tokens_seen += n_new
         occupancy = self.occupancy
-        held = max(occupancy.counts)
+        held = max(occupancy.held)
         fits = held + n_new <= self.capacity
         mode = "slot" if fits and n_new == 1 else "bulk" if fits and held == 0 else "overflow"
         occupancy.add(valid_counts, self.capacity)
@@ -157,13 +157,13 @@ class BudgetCache(DynamicCache):
         keep_n: list[int] = []
         if mode == "overflow":
             keep_n = [k if t is not None and c >= t else c
-                      for c, k, t in zip(occupancy.counts, occupancy.row_keep, occupancy.row_trigger)]
+                      for c, k, t in zip(occupancy.held, occupancy.row_keep, occupancy.row_trigger)]
             if max(keep_n) > self.capacity:
                 raise RuntimeError(f"cache capacity {self.capacity} exceeded ({max(keep_n)} entries) without eviction")
         if self.query_ring is not None:
             self.query_ring.advance(positions, valid)
         self.step = StepInputs(positions, valid, valid_counts, decode_step, mode, used_after, tuple(keep_n),
-                               overflow_evicts=mode == "overflow" and keep_n != occupancy.counts)
+                               overflow_evicts=mode == "overflow" and keep_n != occupancy.held)
         return self.step
 
     # the step's plan, read-only: set by begin_step alone
@@ -186,7 +186,7 @@ class BudgetCache(DynamicCache):
             self.kept_window.fresh = False  # several tokens were written or slots moved: recompute next step
         if self.mode == "overflow":
             for i, keep in enumerate(self.step.keep_n):
-                if keep != self.occupancy.counts[i]:
+                if keep != self.occupancy.held[i]:
                     self._compressed(i, keep)
             self.heads_uniform &= not self.step.overflow_evicts
         else:
@@ -240,7 +240,7 @@ class BudgetCache(DynamicCache):
         """Sequence ``row``'s next (keep, trigger), after its compressions so far."""
         occupancy = self.occupancy
         keep, trigger = (None, None) if self.budget is None else self.press.row_cadence(
-            self.requested_budget, occupancy.prompt_counts[row], occupancy.compressions[row])
+            self.requested_budget, occupancy.prompt_held[row], occupancy.compressions[row])
         occupancy.set_schedule(row, keep, trigger)
 
     def _evict_in_place(self, view: SlotView) -> None:
@@ -256,7 +256,7 @@ class BudgetCache(DynamicCache):
             keep = [k if f else self.capacity for k, f in zip(keeps, full)] * len(self.layers)
             view.valid &= slot_ranks(scores, view.positions) < torch.tensor(keep, device=scores.device)[:, None, None]
         else:
-            surplus = {c - k for c, k, f in zip(occupancy.counts, keeps, full) if f}
+            surplus = {c - k for c, k, f in zip(occupancy.held, keeps, full) if f}
             if len(surplus) != 1:
                 raise RuntimeError(f"sequences at their trigger would evict different numbers of entries: {surplus}")
             n_evict = surplus.pop()

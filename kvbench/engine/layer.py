@@ -177,7 +177,7 @@ class BudgetLayer(DynamicLayer):
         k = cache.used_after
         order = ranked[..., :k]  # [B, H, k], best first
         if cache.allocates and cache.step.overflow_evicts:  # this layer's share, split among heads by the press
-            full = tuple(keep != count for keep, count in zip(keep_n, cache.occupancy.counts))
+            full = tuple(keep != count for keep, count in zip(keep_n, cache.occupancy.held))
             keep = cache._layer_keep_rows(full, self.layer_idx)
             counts = cache.press.head_counts(scores, view.positions, keep)
             limit = (keep[:, None] if counts is None else counts)[..., None]  # [B, H or 1, 1]

@@ -7,54 +7,54 @@ from __future__ import annotations
 class Occupancy:
     """Entries per KV head (one entry = one token's key and value) of each sequence.
 
-    ``counts[row]`` is what a sequence holds, the same in every layer: what triggers a compression. Under a press
-    that allocates (PyramidKV, AdaKV) it is what a uniform press would hold; then ``layer_counts`` is the exact
-    mean held per KV head in each layer (what is reported) and ``head_bound`` an upper bound on any one head's.
+    ``held[row]`` is what a sequence holds, the same in every layer: what triggers a compression. Under a press
+    that allocates (PyramidKV, AdaKV) it is what a uniform press would hold; then ``layer_held`` is the exact
+    mean held per KV head in each layer (what is reported) and ``head_most`` an upper bound on any one head's.
     ``row_keep`` / ``row_trigger`` are each sequence's next (entries a compression keeps, entries that start
     one), from ``press.row_cadence``; ``peak`` and ``evicted`` are summed over layers.
     """
 
     def __init__(self, batch: int, num_layers: int, allocates: bool):
         self.num_layers, self.allocates = num_layers, allocates
-        self.counts = [0] * batch
-        self.layer_counts = [[0] * num_layers for _ in range(batch)] if allocates else None
-        self.head_bound = [[0] * num_layers for _ in range(batch)] if allocates else None
+        self.held = [0] * batch
+        self.layer_held = [[0] * num_layers for _ in range(batch)] if allocates else None
+        self.head_most = [[0] * num_layers for _ in range(batch)] if allocates else None
         self.peak = [0] * batch
         self.evicted = [0] * batch
         self.row_keep: list[int | None] = []
         self.row_trigger: list[int | None] = []
         self.compressions = [0] * batch
-        self.prompt_counts: list[int] = []  # set by the prefill
+        self.prompt_held: list[int] = []  # set by the prefill
 
     def add(self, valid_counts: list[int], capacity: int) -> None:
         """A forward's valid tokens per sequence: written, so held (until a compression)."""
         for i, n in enumerate(valid_counts):
-            self.counts[i] += n
+            self.held[i] += n
             if not self.allocates:
-                self.peak[i] = max(self.peak[i], min(self.counts[i], capacity) * self.num_layers)
+                self.peak[i] = max(self.peak[i], min(self.held[i], capacity) * self.num_layers)
             elif n:
-                self.layer_counts[i] = [c + n for c in self.layer_counts[i]]
-                self.head_bound[i] = [min(c + n, capacity) for c in self.head_bound[i]]
-                self.peak[i] = max(self.peak[i], sum(min(c, capacity) for c in self.layer_counts[i]))
+                self.layer_held[i] = [c + n for c in self.layer_held[i]]
+                self.head_most[i] = [min(c + n, capacity) for c in self.head_most[i]]
+                self.peak[i] = max(self.peak[i], sum(min(c, capacity) for c in self.layer_held[i]))
 
     def most_held(self) -> int:
         """The most entries one head of one layer may hold (where the next write may land)."""
-        return max(max(bound) for bound in self.head_bound) if self.allocates else max(self.counts)
+        return max(max(bound) for bound in self.head_most) if self.allocates else max(self.held)
 
     def at_trigger(self) -> tuple[bool, ...]:
-        return tuple(t is not None and c >= t for c, t in zip(self.counts, self.row_trigger))
+        return tuple(t is not None and c >= t for c, t in zip(self.held, self.row_trigger))
 
     def compressed(self, row: int, keep: int, layer_keep: list[int] | None, head_capacity: list[int] | None) -> None:
         """Sequence ``row`` after a compression that keeps ``keep`` (each layer its share, under allocation)."""
         if self.allocates:
-            before = self.layer_counts[row]
+            before = self.layer_held[row]
             after = [min(c, b) for c, b in zip(before, layer_keep)]
-            self.head_bound[row] = [min(bound, cap) for bound, cap in zip(self.head_bound[row], head_capacity)]
+            self.head_most[row] = [min(bound, cap) for bound, cap in zip(self.head_most[row], head_capacity)]
             self.evicted[row] += sum(before) - sum(after)
-            self.layer_counts[row] = after
+            self.layer_held[row] = after
         else:
-            self.evicted[row] += (self.counts[row] - keep) * self.num_layers
-        self.counts[row] = keep
+            self.evicted[row] += (self.held[row] - keep) * self.num_layers
+        self.held[row] = keep
         self.compressions[row] += 1
 
     def set_schedule(self, row: int, keep: int | None, trigger: int | None) -> None:
@@ -66,4 +66,4 @@ class Occupancy:
 
     def entries(self, row: int) -> float:
         """Valid entries per KV head held by sequence ``row``, averaged over layers."""
-        return sum(self.layer_counts[row]) / self.num_layers if self.allocates else self.counts[row]
+        return sum(self.layer_held[row]) / self.num_layers if self.allocates else self.held[row]
