@@ -40,11 +40,11 @@ run: install
 	$(VENV)/bin/kvbench run $(RUN_ARGS)
 
 test: install
-	$(VENV)/bin/ruff check kvbench tests benchmarks
+	$(VENV)/bin/ruff check kvbench tests benchmarks examples
 	$(VENV)/bin/pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check kvbench tests benchmarks
+	$(VENV)/bin/ruff check kvbench tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) build *.egg-info

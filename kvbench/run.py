@@ -173,6 +173,8 @@ def run_key(config: RunConfig, task: Task, cell: Cell, model_revision: str | Non
         payload["kind"] = config.kind
     if cell.press.revision > 1:
         payload["press_revision"] = cell.press.revision
+    if cell.press.origin:  # a plug-in: the class its name resolved to
+        payload["press_class"] = cell.press.origin
     if config.protocol != DEFAULT_PROTOCOL:
         payload["protocol"] = config.protocol
     if sampling["temperature"] > 0 and sampling["top_k"]:

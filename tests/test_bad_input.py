@@ -15,6 +15,10 @@ GRIDS = {
     "bad_dtype.csv": "model,press,dataset,dtype\ntiny-llama,full,arith,float32|float64\n",
     "bad_device.csv": "model,press,dataset,device\ntiny-llama,full,arith,gpu7\n",
     "bad_value.csv": "model,press,dataset,budget,press_args\ntiny-llama,h2o,arith,64,gqa=bogus\n",
+    "broken_plugin.py": "from kvbench.presses.base import Press\nclass MyPress(Press:\n",
+    "plugin_grid.csv": "model,press,dataset,budget,press_args\ntiny-llama,"
+                       f"{Path(__file__).parents[1] / 'examples' / 'my_press.py'}:ValueNormAttentionPress,arith,8,"
+                       "window_size=abc\n",
 }
 
 ARITH = (Path(__file__).parents[1] / "kvbench" / "datasets_cfg" / "arith.yaml").read_text()
@@ -103,6 +107,17 @@ CASES = [
     (["bench", "--model", "r1-qwen-7b"], "use it with --random-weights"),
     (["report", "GRID/bench_corrupt", "--bench", "-f", "bogus"], "unknown --format 'bogus'"),
     (["score", "GRID/store"], "no results in"),
+    # plug-in presses and `kvbench verify`
+    (["run", "-p", "nosuch_module_x:MyPress", "-b", "8"], "cannot import 'nosuch_module_x'"),
+    (["run", "-p", "kvbench.presses.base:Press", "-b", "8"], "evicts but does not define score(view)"),
+    (["run", "-p", "kvbench.presses.base:protect", "-b", "8"], "protect is not a subclass"),
+    (["run", "-p", "GRID/broken_plugin.py:MyPress", "-b", "8"], "failed: SyntaxError"),
+    (["sweep", "GRID/plugin_grid.csv"], "not a valid int"),
+    (["bench", "-p", "GRID/nofile.py:MyPress"], "no file"),
+    (["verify", "nosuch"], "unknown press 'nosuch'"),
+    (["verify", "h2o", "--check", "bogus"], "--check 'bogus' is unknown"),
+    (["verify", "h2o", "--arch", "gpt2"], "--arch 'gpt2' is not a tiny model"),
+    (["verify", "h2o", "-a", "recent_ratio=nan"], "must be a finite number"),
 ]
 
 
@@ -141,6 +156,7 @@ def no_model_load(monkeypatch):
         raise AssertionError("a model was loaded for bad input")
 
     monkeypatch.setattr(kvbench.models, "load", forbidden)
+    monkeypatch.setattr(kvbench.models, "build_tiny", forbidden)
 
 
 @pytest.mark.parametrize(("args", "phrase"), CASES, ids=[" ".join(a) for a, _ in CASES])

@@ -2,10 +2,13 @@
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from kvbench.engine.generate import GenerationSettings, generate
 from kvbench.presses import make_press
+from kvbench.verify.invariants import no_growth
+from kvbench.verify.oracle import AllocationMeter
+from kvbench.verify.outputs import batched
+from kvbench.verify.subject import Subject
 from tests.conftest import ALL_PRESSES, TEST_ARGS, prompt_ids
 from tests.test_cli import kvbench
 
@@ -13,76 +16,36 @@ from tests.test_cli import kvbench
 @pytest.mark.parametrize("press_name", ALL_PRESSES)
 @pytest.mark.parametrize("budget", [14, 28])  # 14: some prompts compressed at prefill; 28: all evict while decoding
 def test_batched_output_equals_batch_one(tiny, press_name, budget):
-    """Prompts of different lengths decoded together give, token for token, what each gives alone."""
+    """`kvbench verify`'s batch check: prompts of different lengths decoded together give, token for token and
+    eviction for eviction, what each gives alone, some ending early beside others that go on."""
     model, tokenizer = tiny
-    ids = prompt_ids(tokenizer)
-    prompts = [ids[:31], ids[5:14], ids[:22], ids[3:7]]
-    press = make_press(press_name, TEST_ARGS.get(press_name))
-    free = [o.tokens for o in generate(model, prompts, press, budget, GenerationSettings(max_new_tokens=30))]
-    # An EOS that some sequences meet and others never do: those go on beside frozen rows.
-    eos = next(t for t in free[1][5:] if any(t not in other for other in free))
-    settings = GenerationSettings(max_new_tokens=30, eos_token_ids=(eos,), seed=1)
-    alone = [generate(model, [p], press, budget, settings, seeds=[i])[0] for i, p in enumerate(prompts)]
-    together = generate(model, prompts, press, budget, settings, seeds=list(range(len(prompts))))
-    assert any(o.finish_reason == "eos" for o in alone) and any(o.finish_reason == "length" for o in alone)
-    for one, batched in zip(alone, together):
-        assert batched.tokens == one.tokens
-        assert (batched.evicted_tokens, batched.peak_kv_bytes) == (one.evicted_tokens, one.peak_kv_bytes)
-    if press_name == "shadowkv":  # evicts nothing: attends to fewer tokens than it holds
-        assert min(o.mean_cache_len for o in alone) < budget <= max(o.prompt_tokens for o in alone)
-    elif press_name != "full":
-        assert sum(o.evicted_tokens for o in alone) > 0
+    outcome = batched(Subject(model, tokenizer, lambda: make_press(press_name, TEST_ARGS.get(press_name))), budget)
+    assert outcome.status == "pass" and ", 0 ended early" not in outcome.worst, outcome
 
 
-class AllocationMeter(TorchDispatchMode):
-    """Bytes of every tensor that an operation creates (views excluded: they allocate nothing)."""
-
-    def __init__(self):
-        super().__init__()
-        self.bytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not func.is_view:
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    self.bytes += t.untyped_storage().nbytes()
-        return out
+@pytest.mark.parametrize("press_name", [p for p in ALL_PRESSES if p != "full"])
+def test_memory_per_step_does_not_grow_once_the_cache_is_full(tiny_llama, press_name):
+    """`kvbench verify`'s no-growth check (RPC's published schedule grows by design: checked on its budget one)."""
+    model, tokenizer = tiny_llama
+    args = TEST_ARGS.get(press_name)
+    if press_name == "rpc":
+        args = {**args, "schedule": "budget"}
+    outcome = no_growth(Subject(model, tokenizer, lambda: make_press(press_name, args)))
+    assert outcome.status == "pass", outcome
 
 
-def allocated_per_step(model, prompt, press, budget, steps):
-    meter = AllocationMeter()
-    per_step, last = [], [0]
+def test_allocation_meter_sees_the_full_cache_grow(tiny_llama):
+    """Control: without eviction, attention over the growing cache allocates more at every step."""
+    model, tokenizer = tiny_llama
+    meter, per_step, last = AllocationMeter(), [], [0]
 
     def on_step(cache, t):
         per_step.append(meter.bytes - last[0])
         last[0] = meter.bytes
 
     with meter:
-        generate(model, [prompt], press, budget, GenerationSettings(max_new_tokens=steps), on_step=on_step)
-    return per_step
-
-
-@pytest.mark.parametrize("press_name", [p for p in ALL_PRESSES if p != "full"])
-def test_memory_per_step_does_not_grow_once_the_cache_is_full(tiny_llama, press_name):
-    model, tokenizer = tiny_llama
-    prompt = prompt_ids(tokenizer)[:20]
-    args = TEST_ARGS.get(press_name)
-    if press_name == "rpc":  # its published schedule keeps more of the reasoning as it grows: by design
-        args = {**args, "schedule": "budget"}
-    press = make_press(press_name, args)
-    per_step = allocated_per_step(model, prompt, press, 24, 130)
-    # The cache is full once its slots are all in use: after a few steps for most presses (rkv: its buffer of 4
-    # cycles every 4 steps), later when a layer or head may hold more than the budget (PyramidKV, AdaKV).
-    full = max(20, press.capacity(24, model.config.num_hidden_layers, model.config.num_key_value_heads) - 20)
-    early, late = per_step[full:full + 20], per_step[110:130]
-    assert max(late) == max(early) and sorted(set(late)) == sorted(set(early))
-
-
-def test_allocation_meter_sees_the_full_cache_grow(tiny_llama):
-    """Control: without eviction, attention over the growing cache allocates more at every step."""
-    model, tokenizer = tiny_llama
-    per_step = allocated_per_step(model, prompt_ids(tokenizer)[:20], make_press("full"), None, 90)
+        generate(model, [prompt_ids(tokenizer)[:20]], make_press("full"), None, GenerationSettings(max_new_tokens=90),
+                 on_step=on_step)
     assert min(per_step[70:90]) > max(per_step[20:40])
 
 

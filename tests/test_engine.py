@@ -4,32 +4,22 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import DynamicCache
 
-from kvbench.engine.generate import GenerationSettings, cache_argument, generate
+from kvbench.engine.generate import GenerationSettings, generate
 from kvbench.presses import make_press
+from kvbench.verify.outputs import full_cache
+from kvbench.verify.subject import Subject
 from tests.conftest import ALL_PRESSES, prompt_ids
 
 N_NEW = 40
 
 
-def hf_greedy(model, prompt, n_new):
-    cache = {cache_argument(model): DynamicCache()}  # the name this transformers' generate takes
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                         eos_token_id=None, pad_token_id=0, **cache)
-    return out[0, len(prompt):].tolist()
-
-
 @pytest.mark.parametrize("press_name", ALL_PRESSES)
 def test_budget_at_least_length_equals_full_and_hf_generate(tiny, press_name):
+    """`kvbench verify`'s full-cache check: a budget no sequence reaches evicts nothing and changes nothing."""
     model, tokenizer = tiny
-    prompt = prompt_ids(tokenizer)[:40]
-    settings = GenerationSettings(max_new_tokens=N_NEW)
-    budget = len(prompt) + N_NEW  # every token fits: no press may change anything
-    ours = generate(model, [prompt], make_press(press_name), budget, settings)[0]
-    full = generate(model, [prompt], make_press("full"), None, settings)[0]
-    assert ours.evicted_tokens == 0
-    assert ours.tokens == full.tokens == hf_greedy(model, prompt, N_NEW)
+    outcome = full_cache(Subject(model, tokenizer, lambda: make_press(press_name)))
+    assert outcome.status == "pass", outcome
 
 
 def test_small_budget_changes_output(tiny):

@@ -7,8 +7,10 @@ import torch
 
 from kvbench.engine.generate import GenerationSettings, generate
 from kvbench.presses import make_press
+from kvbench.verify.oracle import masked_logits, masks_from_kept
+from kvbench.verify.outputs import masking
+from kvbench.verify.subject import Subject
 from tests.conftest import ALL_PRESSES, TEST_ARGS, prompt_ids
-from tests.oracle import masked_logits, masks_from_kept
 
 CASES = [(name, TEST_ARGS.get(name, {})) for name in ALL_PRESSES if name not in ("full", "shadowkv")] + [
     ("h2o", {"recent_ratio": "0", "normalize": "true"}),  # the paper's H2O variant
@@ -33,20 +35,10 @@ def run_and_record(model, prompt, press, budget, n_new):
 @pytest.mark.parametrize(("press_name", "args"), CASES, ids=[f"{n}-{a}" if a else n for n, a in CASES])
 @pytest.mark.parametrize("budget", [12, 40])  # 12 < prompt (prefill compression); 40 > prompt (decode only)
 def test_eviction_equals_masking(tiny, press_name, args, budget):
+    """`kvbench verify`'s masking check: every step's logits equal the masked forward's, and the case evicts."""
     model, tokenizer = tiny
-    prompt = prompt_ids(tokenizer)[:30]
-    press = make_press(press_name, args)
-    n_new = budget + press.window_size + 12 if getattr(press, "grows", False) else 36  # RPC: budget = its period
-    out, kept = run_and_record(model, prompt, press, budget, n_new)
-    assert out.evicted_tokens > 0, "the case must actually evict"
-    tokens = prompt + out.tokens[:-1]
-    cfg = model.config
-    masks = masks_from_kept(kept, len(prompt), len(tokens), cfg.num_hidden_layers, cfg.num_key_value_heads)
-    expected = masked_logits(model, tokens, masks)
-    ours = torch.stack(out.logits)
-    reference = expected[len(prompt) - 1:]
-    assert ours.shape == reference.shape
-    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
+    outcome = masking(Subject(model, tokenizer, lambda: make_press(press_name, args)), budget)
+    assert outcome.status == "pass", outcome
 
 
 def test_oracle_detects_a_wrong_mask(tiny_llama):
@@ -65,11 +57,30 @@ def test_oracle_detects_a_wrong_mask(tiny_llama):
     assert not torch.allclose(torch.stack(out.logits), expected, atol=1e-4, rtol=1e-4)
 
 
+def test_masking_check_names_the_first_wrong_step_layer_and_head(tiny_llama, monkeypatch):
+    """A cache that misreports what it held (one entry of layer 1, KV head 1 left out from step 5 on) fails the
+    masking check at the first decoding step that attends it, in that layer and head."""
+    from kvbench.engine.cache import BudgetCache
+
+    real = BudgetCache.kept_positions
+
+    def misreported(self, row=0):
+        kept = real(self, row)
+        if self.decode_step >= 5:
+            kept[1][1].discard(min(kept[1][1]))
+        return kept
+
+    monkeypatch.setattr(BudgetCache, "kept_positions", misreported)
+    model, tokenizer = tiny_llama
+    outcome = masking(Subject(model, tokenizer, lambda: make_press("h2o")), 12)
+    assert outcome.status == "fail" and outcome.where == "step 6, layer 1, KV head 1", outcome
+
+
 @pytest.mark.parametrize(("press_name", "args"), [("h2o", {}), ("snapkv-d", {}), ("streaming_llm", {}),
                                                    ("knorm", {}), ("tova", {}), ("rkv", {"buffer": "4"})])
 def test_attention_loss_matches_an_independent_masked_forward(tiny, press_name, args):
     """Engine's attention loss = full causal attention mass outside the kept set, from the oracle forward."""
-    from tests.oracle import MISSED
+    from kvbench.verify.oracle import MISSED
 
     model, tokenizer = tiny
     prompt = prompt_ids(tokenizer)[:30]
@@ -107,7 +118,7 @@ def _oracle_forward(model, prompt, out, kept):
 @pytest.mark.parametrize("budget", [12, 40])
 def test_h2o_accumulated_attention_matches_the_oracle(tiny, budget):
     """Every held entry's accumulated attention = the sum of what each query put on it, in the oracle forward."""
-    from tests.oracle import PROBS
+    from kvbench.verify.oracle import PROBS
 
     model, tokenizer = tiny
     prompt = prompt_ids(tokenizer)[:30]
@@ -134,7 +145,7 @@ def test_h2o_accumulated_attention_matches_the_oracle(tiny, budget):
 def test_scope_pins_the_prompt_tokens_with_the_most_prefill_attention(tiny):
     """SCOPE's pinned prompt = the last recent_ratio of its prefill budget + the heavy hitters by the attention
     the prompt's queries placed on them, in an independent forward (GQA mean)."""
-    from tests.oracle import PROBS
+    from kvbench.verify.oracle import PROBS
 
     model, tokenizer = tiny
     prompt = prompt_ids(tokenizer)[:16]
@@ -173,7 +184,7 @@ class RecordingPress:
 def test_window_attention_matches_the_oracle(tiny, press_name, args):
     """During decoding (all layers scored at once), a press's window attention equals softmax(q.K) recomputed
     from the oracle forward's queries and keys, over the entries held, for the last W queries."""
-    from tests.oracle import KEYS, QUERIES
+    from kvbench.verify.oracle import KEYS, QUERIES
 
     model, tokenizer = tiny
     prompt = prompt_ids(tokenizer)[:30]
@@ -222,7 +233,7 @@ def test_shadowkv_attention_over_the_selected_tokens_equals_a_masked_forward(tin
     """At full rank the rebuilt keys are exact: every step's logits equal an independent forward in which each
     query sees exactly the tokens ShadowKV attended (outliers, selected chunks, local window; every generated
     token, as ShadowKV, unless they are projected)."""
-    from tests.oracle import KEYS, QUERIES
+    from kvbench.verify.oracle import KEYS, QUERIES
 
     model, tokenizer = tiny
     prompt = prompt_ids(tokenizer)[:30]

@@ -8,12 +8,14 @@ import typer
 
 from kvbench.cli import bench as bench_cmd
 from kvbench.cli import datasets as datasets_cmd
+from kvbench.cli import lmeval as lmeval_cmd
 from kvbench.cli import models as models_cmd
 from kvbench.cli import presses as presses_cmd
 from kvbench.cli import report as report_cmd
 from kvbench.cli import run as run_cmd
 from kvbench.cli import score as score_cmd
 from kvbench.cli import sweep as sweep_cmd
+from kvbench.cli import verify as verify_cmd
 
 app = typer.Typer(
     help="Benchmark KV-cache eviction during decoding on reasoning tasks.",
@@ -27,6 +29,9 @@ app.command("sweep")(sweep_cmd.sweep)
 app.command("score")(score_cmd.score)
 app.command("report")(report_cmd.report)
 app.command("bench")(bench_cmd.bench)
+app.command("verify")(verify_cmd.verify)
+app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                         "help_option_names": []})(lmeval_cmd.lm_eval)
 app.add_typer(datasets_cmd.app, name="datasets")
 
 

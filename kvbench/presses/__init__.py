@@ -18,6 +18,7 @@ from kvbench.presses.hott_rkv import HottRKVPress
 from kvbench.presses.hott_snapkv_d import HottSnapKVDPress
 from kvbench.presses.hott_streaming_llm import HottStreamingLLMPress
 from kvbench.presses.knorm import KNormPress
+from kvbench.presses.plugins import PluginError, installed, is_import_spec, load_class, load_entry_point
 from kvbench.presses.pyramidkv import PyramidKVPress
 from kvbench.presses.random import RandomPress
 from kvbench.presses.rkv import RKVPress
@@ -43,7 +44,7 @@ PRESSES: dict[str, type[Press]] = {
 WRAPPERS: dict[str, type[WrapperPress]] = {cls.name: cls for cls in (PyramidKVPress, AdaKVPress)}
 
 __all__ = ["PRESSES", "WRAPPERS", "Press", "PressError", "is_press", "make_press", "parse_bool", "parse_press_args",
-           "press_parameters", "class_parameters"]
+           "press_parameters", "class_parameters", "plugin_presses"]
 
 
 class PressError(KvbenchError, ValueError):
@@ -55,10 +56,10 @@ def press_parameters(name: str) -> list[tuple[str, type, object, str]]:
 
     A composition ``wrapper:press`` has the wrapper's own parameters and the press's.
     """
-    wrapper, sep, inner = name.partition(":")
-    if sep:
-        return class_parameters(_wrapper_class(wrapper)) + press_parameters(inner)
-    return class_parameters(_press_class(name))
+    wrapper, inner = _split_wrapper(name)
+    if wrapper:
+        return class_parameters(wrapper) + press_parameters(inner)
+    return class_parameters(_resolve(name)[0])
 
 
 def is_press(name: str) -> bool:
@@ -84,16 +85,33 @@ def make_press(name: str, args: dict[str, str] | None = None) -> Press:
 
 
 def _build(name: str, kwargs: dict[str, object]) -> Press:
-    wrapper, sep, inner = name.partition(":")
-    cls = _wrapper_class(wrapper) if sep else _press_class(name)
-    own = {p[0] for p in class_parameters(cls)}
+    wrapper, inner = _split_wrapper(name)
     try:
-        if sep:
-            return cls(inner=_build(inner, {k: v for k, v in kwargs.items() if k not in own}),
-                       **{k: v for k, v in kwargs.items() if k in own})
-        return cls(**kwargs)
+        if wrapper:
+            own = {p[0] for p in class_parameters(wrapper)}
+            return wrapper(inner=_build(inner, {k: v for k, v in kwargs.items() if k not in own}),
+                           **{k: v for k, v in kwargs.items() if k in own})
+        cls, origin = _resolve(name)
+        press = cls(**kwargs)
     except ValueError as err:
         raise PressError(str(err)) from err
+    except Exception as err:  # a plug-in's own checks may raise anything
+        raise PressError(f"press {name!r}: {type(err).__name__}: {err}") from None
+    if origin is not None:  # a plug-in is labelled by the name it was given; its class is recorded
+        object.__setattr__(press, "name", name)
+        object.__setattr__(press, "origin", origin)
+    return press
+
+
+def _split_wrapper(name: str) -> tuple[type[WrapperPress] | None, str]:
+    """(wrapper class, wrapped press name) for ``wrapper:press``; (None, name) otherwise. A name whose first part
+    is not a wrapper is a plug-in press (``module:Class``) as a whole."""
+    wrapper, sep, inner = name.partition(":")
+    if sep and wrapper in WRAPPERS:
+        if not inner:
+            raise PressError(f"press wrapper {wrapper!r} wraps a press: {wrapper}:snapkv-d")
+        return WRAPPERS[wrapper], inner
+    return None, name
 
 
 def class_parameters(cls: type[Press]) -> list[tuple[str, type, object, str]]:
@@ -131,19 +149,35 @@ def parse_press_args(items: list[str], presses: list[str]) -> dict[str, dict[str
     return out
 
 
-def _press_class(name: str) -> type[Press]:
+def _resolve(name: str) -> tuple[type[Press], str | None]:
+    """A press class and, for a plug-in, the class it came from: kvbench's presses first, then a class named by
+    module or file, then the installed ``kvbench.presses`` entry points."""
+    if name in PRESSES:
+        return PRESSES[name], None
     try:
-        return PRESSES[name]
-    except KeyError:
-        hint = f"; {name!r} is a wrapper: {name}:snapkv-d" if name in WRAPPERS else ""
-        raise PressError(f"unknown press {name!r} (known: {', '.join(PRESSES)}{hint})") from None
+        if is_import_spec(name):
+            return load_class(name)
+        if name in installed():
+            return load_entry_point(name)
+    except PluginError as err:
+        hint = f" (wrappers: {', '.join(f'{w}:PRESS' for w in WRAPPERS)})" if err.missing else ""
+        raise PressError(f"{err}{hint}") from None
+    hint = f"; {name!r} is a wrapper: {name}:snapkv-d" if name in WRAPPERS else ""
+    known = [*PRESSES, *(p for p in installed() if p not in PRESSES)]
+    raise PressError(f"unknown press {name!r} (known: {', '.join(known)}; or module:Class{hint})")
 
 
-def _wrapper_class(name: str) -> type[WrapperPress]:
-    try:
-        return WRAPPERS[name]
-    except KeyError:
-        raise PressError(f"unknown press wrapper {name!r} (wrappers: {', '.join(WRAPPERS)})") from None
+def plugin_presses() -> dict[str, type[Press] | PressError]:
+    """Installed plug-in presses by entry-point name (those a built-in name hides are left out), with the class
+    each loads or the error it gives."""
+    out: dict[str, type[Press] | PressError] = {}
+    for name in installed():
+        if name not in PRESSES:
+            try:
+                out[name] = _resolve(name)[0]
+            except PressError as err:
+                out[name] = err
+    return out
 
 
 def parse_bool(text: str) -> bool:

@@ -51,6 +51,8 @@ class Press:
     revision: ClassVar[int] = 1
     #: Names of per-slot float state tensors the engine keeps aligned with the slots (zero for new tokens).
     state_names: ClassVar[tuple[str, ...]] = ()
+    #: Where a plug-in press's class came from (``module:Class``, ``file.py:Class``); None for kvbench's own.
+    origin: ClassVar[str | None] = None
     #: False if decoding scores read only the newest query of the window (the engine then keeps no window rows).
     reads_whole_window: ClassVar[bool] = True
 

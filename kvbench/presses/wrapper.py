@@ -31,6 +31,7 @@ class WrapperPress(Press):
         self.name = f"{type(self).name}:{self.inner.name}"
         self.state_names = self.inner.state_names
         self.revision = self.inner.revision
+        self.origin = self.inner.origin
         self.buffer = self.inner.buffer
 
     def own_params(self) -> dict:

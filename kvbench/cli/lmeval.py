@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+import sys
+
+import typer
+
+
+def lm_eval(ctx: typer.Context) -> None:
+    """Run lm-evaluation-harness's own command line, unchanged, with kvbench's model registered as `kvbench`.
+
+    Every argument goes to lm-eval (`kvbench lm-eval --help` prints lm-eval's help). For example:
+    kvbench lm-eval --model kvbench --model_args pretrained=smollm2-135m,press=snapkv-d,budget=128 --tasks gsm8k.
+    Model arguments beyond HFLM's: press, budget, press_args (key:value;key:value), dtype, device, seed.
+    """
+    from kvbench.errors import ConfigError
+
+    try:
+        from lm_eval.__main__ import cli_evaluate
+
+        import kvbench.lmeval  # noqa: F401  (registers --model kvbench)
+    except ImportError as err:
+        raise ConfigError(f"lm-eval is not installed ({err}): pip install 'kvbench[lmeval]'") from None
+    sys.argv = ["lm-eval", *ctx.args]
+    cli_evaluate()

@@ -1,0 +1,116 @@
+"""``kvbench verify``: the correctness oracles, run against any press on a tiny model of every supported
+architecture. The test suite runs the same checks (``tests/test_eviction_oracle.py``, ``test_engine.py``,
+``test_bench.py``): there is one oracle.
+
+Each check is a function ``(Subject) -> Outcome``; ``CHECKS`` lists them in the order the table prints them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+from kvbench.errors import KvbenchError
+from kvbench.verify.subject import NotApplicable, Outcome, Subject
+
+ARCHITECTURES = ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral", "tiny-phi3")
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    claim: str
+    run: Callable[[Subject], Outcome]
+
+
+def _checks() -> list[Check]:
+    from kvbench.verify import invariants, outputs
+
+    def budgets(check, *values):  # one outcome for several budgets: the first failure, else the worst pass
+        def run(subject):
+            found = [check(subject, b) for b in values]
+            return next((o for o in found if o.failed), found[-1])
+        return run
+
+    return [
+        Check("full-cache", "budget >= length equals the full cache and HF generate", outputs.full_cache),
+        Check("masking", "eviction equals masking: every step's logits equal a masked full forward (1e-4), "
+              "budgets 12 and 40", budgets(outputs.masking, 12, 40)),
+        Check("batch", "batched equals batch 1, sequences ending early, budgets 14 and 28",
+              budgets(outputs.batched, 14, 28)),
+        Check("bounded", "the cache never holds more than the press declares, budgets 10 and 50",
+              budgets(invariants.bounded, 10, 50)),
+        Check("no-growth", "no per-step allocation growth once the cache is full", invariants.no_growth),
+        Check("deterministic", "two runs keep the same entries and give the same tokens",
+              partial(outputs.deterministic, budget=12)),
+        Check("invalid-slots", "scores of valid slots ignore the contents of invalid ones; no NaN",
+              invariants.invalid_slots),
+        Check("stateless", "a run leaves the press object unchanged (state lives in the cache)",
+              invariants.stateless),
+    ]
+
+
+def check_names() -> list[str]:
+    return [c.name for c in _checks()]
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    press: str
+    press_args: tuple[str, ...] = ()
+    architectures: tuple[str, ...] = ARCHITECTURES
+    checks: tuple[str, ...] = ()  # empty = all
+
+
+def validate(config: VerifyConfig) -> Callable:
+    """Check the press, its arguments, the architectures and the checks; return the press factory. Loads no model."""
+    from kvbench.errors import ConfigError
+    from kvbench.models import TINY_CONFIGS
+    from kvbench.presses import make_press, parse_press_args
+
+    args = parse_press_args(list(config.press_args), [config.press])[config.press]
+    make_press(config.press, args)
+    for arch in config.architectures:
+        if arch not in TINY_CONFIGS:
+            raise ConfigError(f"--arch {arch!r} is not a tiny model (known: {', '.join(TINY_CONFIGS)})")
+    for name in config.checks:
+        if name not in check_names():
+            raise ConfigError(f"--check {name!r} is unknown (known: {', '.join(check_names())})")
+    return partial(make_press, config.press, args)
+
+
+def run_checks(config: VerifyConfig, on_progress: Callable[[str, str], None] | None = None) -> dict[str, list[Outcome]]:
+    """Outcomes per architecture, in ``CHECKS`` order. A check that raises fails with the error as its place."""
+    import torch
+
+    from kvbench.models import build_tiny
+
+    make = validate(config)
+    selected = [c for c in _checks() if not config.checks or c.name in config.checks]
+    results: dict[str, list[Outcome]] = {}
+    for arch in config.architectures:
+        model, tokenizer = build_tiny(arch)
+        model.eval()
+        subject = Subject(model, tokenizer, make)
+        results[arch] = []
+        for check in selected:
+            if on_progress:
+                on_progress(arch, check.name)
+            torch.manual_seed(0)
+            results[arch].append(_run_one(check, subject))
+    return results
+
+
+def _run_one(check: Check, subject: Subject) -> Outcome:
+    try:
+        return check.run(subject)
+    except NotApplicable as why:
+        return Outcome(check.name, "n/a", "", str(why))
+    except KvbenchError as err:  # the press refuses the check's budget (e.g. below its windows): nothing judged
+        return Outcome(check.name, "n/a", "", f"refused: {str(err).splitlines()[0][:160]}")
+    except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as err:
+        return Outcome(check.name, "fail", "error", f"{type(err).__name__}: {str(err).splitlines()[0][:160]}")
+
+
+__all__ = ["ARCHITECTURES", "Check", "Outcome", "Subject", "VerifyConfig", "check_names", "run_checks", "validate"]
