@@ -8,6 +8,7 @@ defaulted, and ``PYTHONWARNINGS`` (or ``-W``) keeps Python's warnings as the use
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -39,8 +40,18 @@ def no_library_progress_bars():
 
     was_enabled = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()
+    # the GGUF conversion calls tqdm itself, whatever transformers' switch says
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        gguf_utils = None
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
     try:
         yield
     finally:
         if was_enabled:
             transformers_logging.enable_progress_bar()
+        if bar is not None:
+            gguf_utils.tqdm = bar

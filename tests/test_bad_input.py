@@ -250,6 +250,19 @@ def test_library_warnings_stay_off_stderr(mode):
         assert all(s in result.stderr for s in ("deprecated argument", "Retrying", "torch_dtype")), result.stderr
 
 
+def test_the_gguf_conversion_bar_is_off_while_kvbench_shows_its_own(capsys):
+    """transformers' GGUF conversion calls tqdm directly, past its own progress-bar switch; the control draws."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from kvbench.quiet import no_library_progress_bars
+
+    with no_library_progress_bars():
+        list(gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))
+    assert capsys.readouterr().err == ""
+    list(gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))
+    assert "Converting" in capsys.readouterr().err
+
+
 def test_num_samples_beyond_a_generator_is_capped_at_its_size():
     """``-n 1000000000`` on the built-in generator used to hang generating: it takes the declared size."""
     from kvbench.tasks import load_examples, load_task

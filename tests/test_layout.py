@@ -59,6 +59,10 @@ RULES = [
      lambda m: _within(m, "kvbench.run", "kvbench.runner", "kvbench.sweep", "kvbench.report", "kvbench.bench",
                        "kvbench.fidelity"),
      "no arrow back from the parts to the jobs"),
+    (("kvbench.engine", "kvbench.presses", "kvbench.tasks", "kvbench.store", "kvbench.run", "kvbench.runner",
+      "kvbench.sweep", "kvbench.report", "kvbench.bench"),
+     lambda m: _within(m, "kvbench.verify", "kvbench.lmeval", "lm_eval"),
+     "verify and the lm-eval adapter sit on top: nothing they serve depends on them"),
 ]
 
 

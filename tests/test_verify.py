@@ -20,7 +20,7 @@ def test_every_press_passes_the_state_and_bound_checks(tiny_llama, press_name):
     test_bench; these are the rest of `kvbench verify`'s checks."""
     model, tokenizer = tiny_llama
     subject = Subject(model, tokenizer, lambda: make_press(press_name, TEST_ARGS.get(press_name)))
-    for check in (lambda s: bounded(s, 10), lambda s: bounded(s, 50), lambda s: deterministic(s, 12), invalid_slots,
+    for check in (lambda s: bounded(s, 10), lambda s: deterministic(s, 12), invalid_slots,
                   stateless):
         try:
             outcome = check(subject)
@@ -57,7 +57,7 @@ def test_verify_cli_exits_1_and_names_the_first_failure():
     result = kvbench("verify", "tests.plugin_presses:SlotOrderPress", "--arch", "tiny-qwen2", "-c", "batch,masking",
                      "-f", "markdown")
     assert result.returncode == 1, result.stderr
-    assert "| batch " in result.stdout and "FAIL step" in result.stdout and "PASS max |Δlogit|" in result.stdout
+    assert "| batch " in result.stdout and "FAIL step" in result.stdout and "PASS max Δlogit" in result.stdout
     assert "first: batch on tiny-qwen2 at step" in result.stderr and ", layer " in result.stderr
 
 

@@ -27,14 +27,14 @@ def verify(
     """
     from kvbench.checks import choice
     from kvbench.cli.progress import progress_bar
-    from kvbench.verify import ARCHITECTURES, VerifyConfig, run_checks, validate
+    from kvbench.verify import ARCHITECTURES, VerifyConfig, check_names, run_checks, validate
 
     choice("--format", format, ("terminal", "markdown"))
     config = VerifyConfig(press=press, press_args=tuple(press_arg), architectures=tuple(_split(arch)) or ARCHITECTURES,
                           checks=tuple(_split(check)))
     validate(config)  # bad input fails before any model is built
     with progress_bar(transient=True) as progress:
-        bar = progress.add_task("verifying", total=len(config.architectures) * (len(config.checks) or 8))
+        bar = progress.add_task("verifying", total=len(config.architectures) * len(config.checks or check_names()))
 
         def on_progress(arch: str, name: str) -> None:
             progress.update(bar, advance=1, description=f"{arch}: {name}")

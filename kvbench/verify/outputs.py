@@ -51,7 +51,7 @@ def masking(subject: Subject, budget: int) -> Outcome:
     masks = masks_from_kept(kept, len(prompt), len(tokens), layers, heads)
     expected = masked_logits(subject.model, tokens, masks)[len(prompt) - 1:]
     deviation = (torch.stack(out.logits) - expected).abs()
-    worst = f"max |Δlogit| {float(deviation.max()):.1e}"
+    worst = f"max Δlogit {float(deviation.max()):.1e}"
     bad = (deviation > TOLERANCE * (1 + expected.abs())).any(dim=-1).nonzero()
     if len(bad):
         return Outcome("masking", "fail", worst,
