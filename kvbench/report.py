@@ -57,10 +57,11 @@ def _press_label(press: str, args_json: str, protocol: str) -> tuple[str, RowIde
     variants never pool), with what the row ran."""
     from kvbench.presses import is_press, make_press
 
-    changed = {}
+    given = json.loads(args_json or "{}")
+    changed = given  # a press that cannot be rebuilt here (a plug-in not importable now): every parameter shown
     if is_press(press):
         defaults = make_press(press).params()
-        changed = {k: v for k, v in json.loads(args_json or "{}").items() if defaults.get(k) != v}
+        changed = {k: v for k, v in given.items() if defaults.get(k) != v}
     label = press if not changed else f"{press}({', '.join(f'{k}={v}' for k, v in sorted(changed.items()))})"
     if protocol != DEFAULT_PROTOCOL:
         label = f"{label} [{protocol}]"

@@ -70,3 +70,12 @@ def test_plugin_presses_run_in_run_sweep_and_bench(tmp_path, installed):
                       "--gen-len", "16", "--warmup", "1", "-f", "csv", env=installed)
     assert benched.returncode == 0, benched.stderr
     assert "recency" in benched.stdout and FILE in benched.stdout
+
+
+def test_a_report_never_pools_a_plugin_it_cannot_import_across_parameters():
+    from kvbench.report import _press_label
+
+    assert _press_label(MODULE, '{"buffer": 1, "n_sink": 2}', "kvbench")[0] == MODULE  # its defaults
+    assert _press_label(MODULE, '{"buffer": 1, "n_sink": 5}', "kvbench")[0] == f"{MODULE}(n_sink=5)"
+    gone = [_press_label("gone_module:MyPress", json.dumps({"buffer": 1, "k": k}), "kvbench")[0] for k in (1, 2)]
+    assert gone == ["gone_module:MyPress(buffer=1, k=1)", "gone_module:MyPress(buffer=1, k=2)"]

@@ -2,7 +2,7 @@
 architecture. The test suite runs the same checks (``tests/test_eviction_oracle.py``, ``test_engine.py``,
 ``test_bench.py``): there is one oracle.
 
-Each check is a function ``(Subject) -> Outcome``; ``CHECKS`` lists them in the order the table prints them.
+Each check is a function ``(Subject) -> Outcome``; ``_checks()`` lists them in the order the table prints them.
 """
 
 from __future__ import annotations
