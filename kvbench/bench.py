@@ -51,6 +51,8 @@ class BenchConfig:
     compile: bool = False
     #: Write a torch profiler table of each cell's decoding steps to this directory.
     profile_dir: str | None = None
+    #: Also count the aten operators and host synchronisations of one decoding step per cell (``kvbench.opcount``).
+    count_ops: bool = False
     seed: int = 0
     store: str | None = None
 
@@ -146,7 +148,12 @@ def execute(config: BenchConfig, on_progress: Callable[[str, int, int], None] | 
 
     try:
         for batch in config.batch_sizes:
-            measured(bench.side_by_side(batch))
+            batch_rows = bench.side_by_side(batch)
+            if config.count_ops:
+                from kvbench.opcount import add_counts
+
+                add_counts(batch_rows, model, bench.prompts[:batch], bench.presses)
+            measured(batch_rows)
             if config.profile_dir:
                 bench.profile(batch, Path(config.profile_dir))
         if config.memory_gib is not None:

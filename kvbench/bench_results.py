@@ -95,6 +95,8 @@ def _run_columns(config: BenchConfig, dtype: str, device: str) -> dict:
 
 def render(df, fmt: str = "markdown") -> str:
     """One table per run configuration and setting (the latest run of each), as markdown, csv or plain text."""
+    import json
+
     from kvbench.checks import choice
     from kvbench.text_table import markdown_table, text_table
 
@@ -119,6 +121,17 @@ def render(df, fmt: str = "markdown") -> str:
            "host_kv_mib", "peak_memory_mib"]]
         headers = ["press", "budget", "batch", "tok/s", "ms/step", "× full", "KV MiB", "KV entries/head",
                    "host KV MiB", "peak device MiB"]
+        extras = [e if isinstance(e, dict) else json.loads(e or "{}") for e in group.get("extra", [{}] * len(group))]
+        reference = ""
+        if extras and all("ops_per_step" in e for e in extras):  # counted (bench --ops)
+            table = table.assign(ops=[f"{e['ops_per_step']:.0f}" for e in extras],
+                                 syncs=[f"{e['syncs_per_step']:.1f}" for e in extras],
+                                 growth=[f"{e['ops_growth']:+.0f}" for e in extras])
+            headers += ["ops/step", "syncs/step", "ops growth"]
+            hf = sorted({(g["batch"], e["hf_ops_per_step"], e["hf_syncs_per_step"])
+                         for (_, g), e in zip(group.iterrows(), extras)})
+            reference = "HF generate (DynamicCache), ops/step and syncs/step: " + ", ".join(
+                f"batch {b}: {o:.0f}, {y:.1f}" for b, o, y in hf)
         if fmt == "csv":
             out.append(f"# {title}\n" + table.to_csv(index=False, header=headers, float_format="%.4g"))
             continue
@@ -126,5 +139,5 @@ def render(df, fmt: str = "markdown") -> str:
                   for c, v in row.items()] for _, row in table.iterrows()]
         text = (text_table(title, headers, cells) if fmt == "terminal"
                 else f"**{title}**\n\n" + markdown_table(headers, cells))
-        out.append(text + "\n")
+        out.append(text + (f"\n{reference}\n" if reference else "\n"))
     return "\n".join(out)

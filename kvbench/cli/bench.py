@@ -32,6 +32,8 @@ def bench(
                                  "--static-shapes; experimental: slower on CPU)."),
     profile: Path | None = typer.Option(None, "--profile", help="Also write each cell's torch profiler table "
                                         "(its last 64 decoding steps: the cache at its budget) to this directory."),
+    ops: bool = typer.Option(False, "--ops", help="Also count the aten operators (and host synchronisations) one "
+                             "decoding step launches per cell, and HF generate's for reference: ops/step."),
     seed: int = typer.Option(0, help="Seed of the prompts, the random weights and seeded presses."),
     store: Path | None = typer.Option(None, help="Also append the results to STORE/bench/ (see `kvbench report "
                                       "--bench`)."),
@@ -81,5 +83,6 @@ def _config(o: dict):
         random_weights=o["random_weights"], dtype=o["dtype"], device=o["device"], warmup=o["warmup"],
         memory_gib=o["memory_gib"], max_batch=o["max_batch"], static_shapes=o["static_shapes"],
         compile=o["compile"], profile_dir=str(o["profile"]) if o["profile"] else None, seed=o["seed"],
+        count_ops=o["ops"],
         store=str(o["store"]) if o["store"] else None,
     )
