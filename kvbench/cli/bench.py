@@ -33,7 +33,8 @@ def bench(
     profile: Path | None = typer.Option(None, "--profile", help="Also write each cell's torch profiler table "
                                         "(its last 64 decoding steps: the cache at its budget) to this directory."),
     ops: bool = typer.Option(False, "--ops", help="Also count the aten operators (and host synchronisations) one "
-                             "decoding step launches per cell, and HF generate's for reference: ops/step."),
+                             "decoding step launches per cell, and HF generate's for reference: ops/step (three "
+                             "more short generations per cell, under a dispatch-mode counter)."),
     seed: int = typer.Option(0, help="Seed of the prompts, the random weights and seeded presses."),
     store: Path | None = typer.Option(None, help="Also append the results to STORE/bench/ (see `kvbench report "
                                       "--bench`)."),
