@@ -134,3 +134,27 @@ def test_bench_out_of_memory_keeps_what_was_measured(tmp_path, monkeypatch):
 
     # the provenance every result row has (the session's)
     assert set(stored["kvbench_version"]) == {__version__} and stored["transformers_version"].notna().all()
+
+
+def test_bench_ops_column_is_the_counters_figure(tmp_path):
+    """`--ops` adds ops/step, syncs/step and growth per cell (the dispatch counter's own figures) and HF generate's
+    under the table, in the printed table and in `report --bench` from the store."""
+    store = tmp_path / "s"
+    result = kvbench("bench", "--model", "tiny-llama", "-p", "h2o", "-b", "8", "--prompt-len", "10", "--gen-len",
+                     "12", "--warmup", "1", "--ops", "-f", "markdown", "--store", str(store))
+    assert result.returncode == 0, result.stderr
+    from kvbench.models import build_tiny
+    from kvbench.opcount import kvbench_step
+
+    model, _ = build_tiny("tiny-llama")
+    import torch
+
+    prompt = torch.randint(0, model.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(0)).tolist()
+    expected = kvbench_step(model.eval(), prompt, make_press("h2o"), 8)
+    h2o = next(line for line in result.stdout.splitlines() if line.startswith("| h2o"))
+    assert [c.strip() for c in h2o.split("|")][-4:-1] == [f"{expected.ops:.0f}", "1.0", "+0"]
+    assert "ops/step" in result.stdout
+    assert "HF generate (DynamicCache), ops/step and syncs/step: batch 1:" in result.stdout
+    report = kvbench("report", str(store), "--bench", "-f", "markdown")
+    stored = next(line for line in report.stdout.splitlines() if line.startswith("| h2o"))
+    assert report.returncode == 0 and [c.strip() for c in stored.split("|")][-4] == f"{expected.ops:.0f}"
