@@ -39,9 +39,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 run: install
 	$(VENV)/bin/kvbench run $(RUN_ARGS)
 
+# One test process per core (pytest-xdist), each with one BLAS thread: threaded products oversubscribe the cores.
+PYTEST_ARGS ?= -n auto
+
 test: install
 	$(VENV)/bin/ruff check kvbench tests benchmarks examples
-	$(VENV)/bin/pytest -q
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check kvbench tests benchmarks examples
