@@ -3,10 +3,8 @@
 import pytest
 import torch
 
-from kvbench.engine.generate import GenerationSettings, generate
 from kvbench.presses import make_press
-from kvbench.verify.invariants import no_growth
-from kvbench.verify.oracle import AllocationMeter
+from kvbench.verify.invariants import allocated_per_step, no_growth
 from kvbench.verify.outputs import batched
 from kvbench.verify.subject import Subject
 from tests.conftest import ALL_PRESSES, TEST_ARGS, prompt_ids
@@ -37,15 +35,7 @@ def test_memory_per_step_does_not_grow_once_the_cache_is_full(tiny_llama, press_
 def test_allocation_meter_sees_the_full_cache_grow(tiny_llama):
     """Control: without eviction, attention over the growing cache allocates more at every step."""
     model, tokenizer = tiny_llama
-    meter, per_step, last = AllocationMeter(), [], [0]
-
-    def on_step(cache, t):
-        per_step.append(meter.bytes - last[0])
-        last[0] = meter.bytes
-
-    with meter:
-        generate(model, [prompt_ids(tokenizer)[:20]], make_press("full"), None, GenerationSettings(max_new_tokens=90),
-                 on_step=on_step)
+    per_step = allocated_per_step(model, prompt_ids(tokenizer)[:20], make_press("full"), None, 90)
     assert min(per_step[70:90]) > max(per_step[20:40])
 
 

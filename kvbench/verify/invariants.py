@@ -65,6 +65,17 @@ def no_growth(subject: Subject, budget: int = 24) -> Outcome:
     steps = full + 2 * span + 60  # the late span starts 60 steps after the early one ends
     if steps > 3 * 600:
         raise NotApplicable("its buffer needs too long a run: give a smaller one with -a")
+    per_step = allocated_per_step(subject.model, prompt, press, budget, steps)
+    early, late = per_step[full:full + span], per_step[-span:]
+    worst = f"{max(late)} bytes/step late vs {max(early)} early"
+    grown = [t for t in range(len(per_step) - span, len(per_step)) if per_step[t] > max(early)]
+    if grown:
+        return Outcome("no-growth", "fail", worst, where(grown[0]))
+    return Outcome("no-growth", "pass", worst)
+
+
+def allocated_per_step(model, prompt: list[int], press, budget: int | None, steps: int) -> list[int]:
+    """Bytes the tensors created by each forward (the prefill, then every decoding step) take."""
     meter, per_step, last = AllocationMeter(), [], [0]
 
     def on_step(cache, t):
@@ -72,13 +83,8 @@ def no_growth(subject: Subject, budget: int = 24) -> Outcome:
         last[0] = meter.bytes
 
     with meter:
-        generate(subject.model, [prompt], press, budget, GenerationSettings(max_new_tokens=steps), on_step=on_step)
-    early, late = per_step[full:full + span], per_step[-span:]
-    worst = f"{max(late)} bytes/step late vs {max(early)} early"
-    grown = [t for t in range(len(per_step) - span, len(per_step)) if per_step[t] > max(early)]
-    if grown:
-        return Outcome("no-growth", "fail", worst, where(grown[0]))
-    return Outcome("no-growth", "pass", worst)
+        generate(model, [prompt], press, budget, GenerationSettings(max_new_tokens=steps), on_step=on_step)
+    return per_step
 
 
 @dataclasses.dataclass

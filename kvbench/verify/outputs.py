@@ -43,7 +43,7 @@ def masking(subject: Subject, budget: int) -> Outcome:
     n_new = decode_length(press, budget, len(prompt), floor=36)
     kept: list = []
     out = generate(subject.model, [prompt], press, budget, GenerationSettings(max_new_tokens=n_new),
-                   record_logits=True, on_step=lambda cache, t: kept.append(cache.kept_positions(0)))[0]
+                   record_logits=True, on_step=_kept_recorder(kept, [0]))[0]
     if not out.evicted_tokens:
         return Outcome("masking", "fail", "nothing evicted", f"budget {budget}, {n_new} new tokens")
     tokens = prompt + out.tokens[:-1]
