@@ -18,10 +18,10 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from kvbench.bench_results import dtype_name, store_rows
+from kvbench.bench_results import BenchRow, dtype_name, store_rows
 from kvbench.engine.generate import run_to_end
 from kvbench.engine.window import worth_keeping
 from kvbench.errors import KvbenchError
@@ -55,22 +55,10 @@ class BenchConfig:
     count_ops: bool = False
     seed: int = 0
     store: str | None = None
-
-
-@dataclass
-class BenchRow:
-    press: str
-    budget: int | None
-    batch: int
-    tokens_per_s: float
-    ms_per_step: float
-    ratio: float  # tokens/s over the full cache's, same batch, same run
-    kv_mib: float  # KV held at peak, whole batch
-    entries_per_head: int  # KV entries held at peak per layer, KV head and sequence
-    peak_memory_mib: float | None  # CUDA allocator peak of the cell run alone (None elsewhere)
-    host_kv_mib: float = 0.0  # KV offloaded to host memory at peak, whole batch (ShadowKV's values)
-    setting: str = "side by side"  # or "equal memory" (the largest batch within --memory-gib)
-    extra: dict = field(default_factory=dict)
+    #: "step": decoding steps of equal work, cells side by side; "run": whole runs on a length mix, batch 1 against
+    #: static and continuous batching (``kvbench.workload``), over ``examples`` examples.
+    workload: str = "step"
+    examples: int = 32
 
 
 def cells(config: BenchConfig) -> list[tuple[str, int | None]]:
@@ -84,6 +72,11 @@ def cells(config: BenchConfig) -> list[tuple[str, int | None]]:
     out: list[tuple[str, int | None]] = [("full", None)]
     out += [(p, b) for p in config.presses if p != "full" for b in config.budgets]
     return out
+
+
+def workload_cells(config: BenchConfig) -> list[tuple[str, int | None]]:
+    """Whole runs compare ways of batching, not presses: the presses given, the full cache only if listed."""
+    return [(p, b) for p, b in cells(config) if p != "full" or "full" in config.presses]
 
 
 def build_presses(config: BenchConfig) -> dict:
@@ -114,11 +107,29 @@ def validate(config: BenchConfig) -> None:
             raise KvbenchError(f"{name} must be >= 1, got {value}")
     if config.warmup < 0:
         raise KvbenchError(f"--warmup must be >= 0, got {config.warmup}")
+    _validate_workload(config, presses)
     if config.memory_gib is not None and not (math.isfinite(config.memory_gib) and config.memory_gib > 0):
         raise KvbenchError(f"--memory-gib must be a finite number > 0, got {config.memory_gib}")
     if config.store:
         ResultStore(Path(config.store) / "bench").check_writable(parts=False)  # bench parts: their own schema
         bench_parts(config.store, required=False)
+
+
+def _validate_workload(config: BenchConfig, presses: dict) -> None:
+    if config.workload not in ("step", "run"):
+        raise KvbenchError(f"--workload must be step or run, got {config.workload!r}")
+    if config.workload == "step":
+        return
+    if config.examples < 1 or min(config.batch_sizes) < 2:
+        raise KvbenchError("--workload run needs --examples >= 1 and every --batch-size >= 2 (batch 1 always runs "
+                           "as the reference)")
+    if config.memory_gib is not None or config.count_ops or config.profile_dir or config.static_shapes:
+        raise KvbenchError("--workload run times whole runs: --memory-gib, --ops, --profile, --static-shapes and "
+                           "--compile apply to --workload step")
+    sparse = [name for name, press in presses.items() if press.sparse]
+    if sparse:
+        raise KvbenchError(f"--workload run: {sparse[0]} cannot take a sequence into a running batch (continuous "
+                           "batching); time it with --workload step")
 
 
 def execute(config: BenchConfig, on_progress: Callable[[str, int, int], None] | None = None):
@@ -146,6 +157,11 @@ def execute(config: BenchConfig, on_progress: Callable[[str, int, int], None] | 
         if config.store:
             store_rows(config, session, new_rows, started)
 
+    if config.workload == "run":
+        from kvbench.workload import run_workload
+
+        measured(run_workload(config, workload_cells(config), model, bench.presses, bench._sync, bench.on_progress))
+        return rows, dtype_name(loaded.dtype), device_name(loaded.device)
     try:
         for batch in config.batch_sizes:
             batch_rows = bench.side_by_side(batch)

@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from kvbench.bench import BenchConfig, BenchRow
+    from kvbench.bench import BenchConfig
+
+
+@dataclass
+class BenchRow:
+    press: str
+    budget: int | None
+    batch: int
+    tokens_per_s: float
+    ms_per_step: float
+    ratio: float  # tokens/s over the full cache's, same batch, same run
+    kv_mib: float  # KV held at peak, whole batch
+    entries_per_head: int  # KV entries held at peak per layer, KV head and sequence
+    peak_memory_mib: float | None  # CUDA allocator peak of the cell run alone (None elsewhere)
+    host_kv_mib: float = 0.0  # KV offloaded to host memory at peak, whole batch (ShadowKV's values)
+    setting: str = "side by side"  # or "equal memory" (the largest batch within --memory-gib)
+    extra: dict = field(default_factory=dict)
 
 
 def dtype_name(dtype) -> str:
@@ -123,6 +139,11 @@ def render(df, fmt: str = "markdown") -> str:
                    "host KV MiB", "peak device MiB"]
         extras = [e if isinstance(e, dict) else json.loads(e or "{}") for e in group.get("extra", [{}] * len(group))]
         reference = ""
+        if extras and all("examples_per_hour" in e for e in extras):  # whole runs (bench --workload run)
+            headers, cells = workload_table(group, extras)
+            title = title.replace(f"prompt {info['prompt_len']} +", f"prompts of at most {info['prompt_len']} +")
+            out.append(_table(title, headers, cells, fmt))
+            continue
         if extras and all("ops_per_step" in e for e in extras):  # counted (bench --ops)
             table = table.assign(ops=[f"{e['ops_per_step']:.0f}" for e in extras],
                                  syncs=[f"{e['syncs_per_step']:.1f}" for e in extras],
@@ -141,3 +162,33 @@ def render(df, fmt: str = "markdown") -> str:
                 else f"**{title}**\n\n" + markdown_table(headers, cells))
         out.append(text + (f"\n{reference}\n" if reference else "\n"))
     return "\n".join(out)
+
+
+def _table(title: str, headers: list[str], cells: list[list[str]], fmt: str) -> str:
+    """One titled table of already formatted cells, as csv, markdown or plain text."""
+    import csv
+    import io
+
+    from kvbench.text_table import markdown_table, text_table
+
+    if fmt == "csv":
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerows([headers, *cells])
+        return f"# {title}\n" + buffer.getvalue()
+    if fmt == "terminal":
+        return text_table(title, headers, cells) + "\n"
+    return f"**{title}**\n\n" + markdown_table(headers, cells) + "\n"
+
+
+def workload_table(group, extras: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Headers and cells of a whole-run table (``bench_results.render``)."""
+    headers = ["press", "budget", "batching", "batch", "examples", "decoding forwards", "seconds", "examples/h",
+               "tok/s", "× batch 1", "× static", "same rows"]
+    table_cells = []
+    for (_, row), extra in zip(group.iterrows(), extras):
+        budget = "full" if row["budget"] is None or row["budget"] != row["budget"] else str(int(row["budget"]))
+        table_cells.append([row["press"], budget, extra["batching"], str(row["batch"]), str(extra["examples"]),
+                       str(extra["decoding_forwards"]), f"{extra['seconds']:.1f}", f"{extra['examples_per_hour']:.0f}",
+                       f"{row['tokens_per_s']:.1f}", f"{row['ratio']:.2f}", f"{extra['x_static']:.2f}",
+                       "yes" if extra["same_rows"] else "NO"])
+    return headers, table_cells

@@ -7,20 +7,13 @@ that compression adds from the model's own reasoning errors, so it ranks presses
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from kvbench.presses import make_press
-from kvbench.runner import Cell, base_row, generation_settings, store_cell
 from kvbench.session import Session
-from kvbench.store import ResultStore
 from kvbench.tasks import Example, Task
-
-if TYPE_CHECKING:
-    from kvbench.run import RunConfig
 
 
 @dataclass
@@ -31,11 +24,11 @@ class Reference:
     log_probs: list[torch.Tensor]  # per step, [V] float32 on the CPU
 
 
-def reference(session: Session, config: RunConfig, task: Task, example: Example) -> Reference:
-    """The full cache's greedy response and its next-token log-probabilities (cached per session)."""
+def reference(session: Session, task: Task, example: Example, settings) -> Reference:
+    """The full cache's response under ``settings`` (the run's ``GenerationSettings``) and its next-token
+    log-probabilities (cached per session)."""
     from kvbench.engine.generate import generate
 
-    settings = generation_settings(session, config, task)  # seed and sampling included: a reference per setting
     codec = session.codec(task)
     prompt = codec.prompt(example)
     key = (task.name, task.protocol, example.id, prompt, settings)  # the prompt as rendered, whatever its source
@@ -51,7 +44,7 @@ def reference(session: Session, config: RunConfig, task: Task, example: Example)
     return session.references[key]
 
 
-def replay(session: Session, config: RunConfig, task: Task, ref: Reference, press, budget) -> tuple[object, dict]:
+def replay(session: Session, task: Task, ref: Reference, press, budget, settings) -> tuple[object, dict]:
     """Teacher-force ``ref``'s tokens under ``press`` at ``budget``; return the output and the fidelity columns."""
     from kvbench.engine.generate import generate
 
@@ -67,7 +60,7 @@ def replay(session: Session, config: RunConfig, task: Task, ref: Reference, pres
         agree.append(float(int(log_probs.argmax()) == int(full.argmax())))
         rank.append(float((log_probs > log_probs[tokens[t]]).sum()))
 
-    (out,) = generate(session.loaded.model, [ref.prompt_ids], press, budget, generation_settings(session, config, task),
+    (out,) = generate(session.loaded.model, [ref.prompt_ids], press, budget, settings,
                       decode=session.codec(task).decode, pad_token_id=session.loaded.tokenizer.pad_token_id,
                       forced_tokens=[tokens], on_logits=compare)
     steps = max(len(kl), 1)
@@ -75,20 +68,7 @@ def replay(session: Session, config: RunConfig, task: Task, ref: Reference, pres
                  "fidelity_top1": sum(agree) / steps, "fidelity_rank_mean": sum(rank) / steps}
 
 
-def run_fidelity_cell(
-    session: Session, config: RunConfig, task: Task, examples: list[Example], cell: Cell,
-    retry_failed: bool = False, on_example: Callable[[Cell, Example], None] | None = None,
-) -> int:
-    """Replay every pending example of one cell; store one row each (kind "fidelity"); return rows written."""
-    settings = generation_settings(session, config, task)
-
-    def produce(batch: list[Example]) -> list[tuple[Reference, object, dict]]:
-        ref = reference(session, config, task, batch[0])
-        return [(ref, *replay(session, config, task, ref, cell.press, cell.budget))]
-
-    def row_of(example: Example, output: tuple[Reference, object, dict]) -> dict:
-        ref, out, columns = output
-        return {**base_row(session, config, task, cell, example, ref.prompt, out, settings), **columns}
-
-    return store_cell(ResultStore(config.store), config, task, examples, cell, produce, row_of, 1, retry_failed,
-                      on_example)
+def fidelity_columns(session: Session, task: Task, example: Example, press, budget, settings) -> dict:
+    """The fidelity columns of ``example`` under ``press`` at ``budget``: its full-cache reference replayed."""
+    ref = reference(session, task, example, settings)
+    return replay(session, task, ref, press, budget, settings)[1]

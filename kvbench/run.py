@@ -12,10 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from kvbench.errors import ConfigError, KvbenchError
-from kvbench.fidelity import run_fidelity_cell
-from kvbench.models import DEFAULT_MODEL, default_system_prompt, resolve, resolve_device, resolve_dtype
+from kvbench.models import DEFAULT_MODEL, cached_revision, default_system_prompt, resolve, resolve_device, resolve_dtype
 from kvbench.presses import make_press, parse_press_args
-from kvbench.runner import Cell, decoding, max_new_tokens, pending, run_cell
+from kvbench.runner import Cell, decoding, max_new_tokens, pending, run_cell, run_fidelity_cell
 from kvbench.session import load_session
 from kvbench.store import ResultStore
 from kvbench.tasks import Example, Task, load_examples, load_task
@@ -24,8 +23,9 @@ from kvbench.tasks.protocols import DEFAULT_PROTOCOL, get_protocol
 __all__ = ["Cell", "RunConfig", "build_cells", "decoding", "execute", "parse_budget", "pending", "plan", "run_key",
            "summarize"]
 
-MEASUREMENTS = ("attention-loss", "retention")
+MEASUREMENTS = ("attention-loss", "retention", "fidelity")
 KINDS = ("generate", "fidelity")
+BATCHINGS = ("continuous", "static")
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,9 @@ class RunConfig:
     #: The hub revision (commit, branch or tag) to read; None = the dataset YAML's ``revision`` (else main).
     dataset_revision: str | None = None
     batch_size: int = 1
+    #: "continuous" (a finished sequence's row takes the next example at once) or "static" (a batch decodes until
+    #: its longest sequence ends). Outputs are the same; only speed differs.
+    batching: str = "continuous"
     #: End a generation that loops (finish_reason "loop"); loops are measured either way.
     stop_on_loop: bool = False
     #: Extra measurements: "attention-loss" (exact, against a shadow full cache; costs one q·K over all tokens).
@@ -118,6 +121,8 @@ def build_cells(config: RunConfig) -> list[Cell]:
         raise ConfigError(f"kind {config.kind!r} is unknown (known: {', '.join(KINDS)})")
     if config.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {config.batch_size}")
+    if config.batching not in BATCHINGS:
+        raise ConfigError(f"--batching {config.batching!r} is unknown (known: {', '.join(BATCHINGS)})")
     decoding(config)
     protocol = get_protocol(config.protocol)
     if config.system_prompt and protocol.raw_text:
@@ -229,12 +234,19 @@ def execute(
     """
     task, examples, cells = planned or plan(config)
     store = ResultStore(config.store)
-    session = load_session(config.model, config.dtype, config.device, config.seed)
+    revision = cached_revision(resolve(config.model))  # what loading resolves to, known without loading
     for cell in cells:
-        cell.run_key = run_key(config, task, cell, session.revision, examples)
+        cell.run_key = run_key(config, task, cell, revision, examples)
+    todo = sum(len(pending(store, c, examples, retry_failed)) for c in cells)
+    if todo:  # everything stored: the table comes from the store without loading the model
+        session = load_session(config.model, config.dtype, config.device, config.seed)
+        if session.revision != revision:
+            for cell in cells:
+                cell.run_key = run_key(config, task, cell, session.revision, examples)
+            todo = sum(len(pending(store, c, examples, retry_failed)) for c in cells)
     if on_start:
-        on_start(sum(len(pending(store, c, examples, retry_failed)) for c in cells))
-    for cell in cells:
+        on_start(todo)
+    for cell in cells if todo else ():
         run_any_cell(session, config, task, examples, cell, retry_failed, on_example)
     collect_rows(store, cells, examples)
     return task, cells
@@ -246,7 +258,9 @@ def summarize(cell: Cell) -> dict:
     n = len(rows)
 
     def mean(key):
-        return sum(r[key] for r in rows) / n if n else float("nan")
+        """The mean over the rows; NaN when there are none or the column was not measured."""
+        values = [r.get(key) for r in rows]
+        return sum(values) / n if n and None not in values else float("nan")
 
     return {
         "press": cell.press.name, "budget": "full" if cell.budget is None else cell.budget, "n": n,
@@ -255,4 +269,5 @@ def summarize(cell: Cell) -> dict:
         "truncated": sum(r["finish_reason"] == "length" for r in rows) / n if n else float("nan"),
         "output_tokens": mean("output_tokens"), "tokens_per_s": mean("tokens_per_s"),
         "peak_kv_mib": mean("peak_kv_bytes") / 2**20,
+        "top1": mean("fidelity_top1"), "kl": mean("fidelity_kl_mean"), "attention_loss": mean("attention_loss_mean"),
     }

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
@@ -63,32 +63,42 @@ def pending(store: ResultStore, cell: Cell, examples: list[Example], retry_faile
     return [e for e in examples if (e.id, 0) not in skip]
 
 
-def store_cell(store: ResultStore, config: RunConfig, task: Task, examples: list[Example], cell: Cell,
-               produce: Callable[[list[Example]], list], row_of: Callable[[Example, object], dict],
-               batch_size: int = 1, retry_failed: bool = False,
-               on_example: Callable[[Cell, Example], None] | None = None) -> int:
-    """Every pending example of ``cell``, ``batch_size`` at a time: ``produce(batch)`` gives one output per example
-    (a failing batch is recorded, the cell goes on), ``row_of(example, output)`` its row; returns rows written.
+#: What a cell's producer yields: (index of the example in the chunk it was given, its output), as each finishes.
+Produced = Iterator[tuple[int, object]]
 
-    The cell's lock makes this process its only writer, so concurrent sweeps never duplicate a row.
+
+def store_cell(store: ResultStore, config: RunConfig, task: Task, examples: list[Example], cell: Cell,
+               produce: Callable[[list[Example], set[int]], Produced], row_of: Callable[[Example, object], dict],
+               chunk_size: int | None = 1, retry_failed: bool = False,
+               on_example: Callable[[Cell, Example], None] | None = None) -> int:
+    """Every pending example of ``cell``, in chunks of ``chunk_size`` (None = all at once, for continuous batching):
+    ``produce(chunk, started)`` yields each example's output as it finishes and adds to ``started`` the examples
+    it has begun; ``row_of(example, output)`` makes its row, stored at once. Returns rows written.
+
+    A chunk that fails with an error the user cannot prevent (out of memory, device, disk) records its examples
+    begun and not finished as failed; the rest of the chunk and the cell go on. The cell's lock makes this
+    process its only writer, so concurrent sweeps never duplicate a row.
     """
     written = 0
     with store.lock(cell.run_key):
         store.clear_stale_failures(cell.run_key)
         todo = pending(store, cell, examples, retry_failed)  # re-read under the lock
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
+        while todo:
+            chunk = todo if chunk_size is None else todo[:chunk_size]
+            started: set[int] = set()
+            finished: set[int] = set()
             try:
-                outputs = produce(batch)
+                for index, output in produce(chunk, started):
+                    store.append([row_of(chunk[index], output)])  # one atomic part per example
+                    store.clear_failure(cell.run_key, chunk[index].id, 0)
+                    finished.add(index)
+                    written += 1
+                    if on_example:
+                        on_example(cell, chunk[index])
             except (RuntimeError, MemoryError, OSError) as err:  # out of memory, device or disk: record, go on
-                record_failures(store, config, task, cell, batch, err, on_example)
-                continue
-            for example, output in zip(batch, outputs):
-                store.append([row_of(example, output)])  # one atomic part per example: a kill loses the batch
-                store.clear_failure(cell.run_key, example.id, 0)
-                written += 1
-                if on_example:
-                    on_example(cell, example)
+                record_failures(store, config, task, cell, [chunk[i] for i in sorted(started - finished)], err,
+                                on_example)
+            todo = [e for i, e in enumerate(chunk) if i not in started] + todo[len(chunk):]
     return written
 
 
@@ -97,32 +107,81 @@ def run_cell(
     retry_failed: bool = False, on_example: Callable[[Cell, Example], None] | None = None,
 ) -> int:
     """Generate, score and store every pending example of one cell; return how many rows were written."""
-    from kvbench.engine.generate import generate
+    from kvbench.engine.continuous import ContinuousGeneration
+    from kvbench.engine.generate import Hooks, generate
+    from kvbench.fidelity import fidelity_columns
 
     tokenizer = session.loaded.tokenizer
     codec = session.codec(task)
     settings = generation_settings(session, config, task)
 
-    def produce(batch: list[Example]) -> list[tuple[str, object]]:
-        prompts = [codec.prompt(e) for e in batch]
-        critical = ([critical_token_positions(tokenizer, task, e, p) for e, p in zip(batch, prompts)]
+    continuous = batching(config, cell) == "continuous"
+
+    def produce(chunk: list[Example], started: set[int]) -> Produced:
+        prompts = [codec.prompt(e) for e in chunk]
+        critical = ([critical_token_positions(tokenizer, task, e, p) for e, p in zip(chunk, prompts)]
                     if "retention" in config.measure else None)
-        outputs = generate(session.loaded.model, [codec.encode(p) for p in prompts], cell.press, cell.budget,
-                           settings, decode=codec.decode, pad_token_id=tokenizer.pad_token_id,
-                           measure_attention_loss="attention-loss" in config.measure, critical_positions=critical)
-        return list(zip(prompts, outputs))
+        ids = [codec.encode(p) for p in prompts]
+        loss = "attention-loss" in config.measure
+        if not continuous:
+            started.update(range(len(chunk)))
+            outputs = generate(session.loaded.model, ids, cell.press, cell.budget, settings, decode=codec.decode,
+                               pad_token_id=tokenizer.pad_token_id, measure_attention_loss=loss,
+                               critical_positions=critical)
+            yield from enumerate(zip(prompts, outputs))
+            return
+        stream = ContinuousGeneration(session.loaded.model, ids, cell.press, cell.budget, settings,
+                                      config.batch_size, decode=codec.decode, pad_token_id=tokenizer.pad_token_id,
+                                      hooks=Hooks(attention_loss=loss, critical_positions=critical),
+                                      on_admit=started.add)
+        for finished in stream.steps():
+            yield from ((index, (prompts[index], out)) for index, out in finished)
 
     def row_of(example: Example, output: tuple[str, object]) -> dict:
         prompt, out = output
+        fidelity = ({} if "fidelity" not in config.measure
+                    else fidelity_columns(session, task, example, cell.press, cell.budget, settings))
         return {
             **base_row(session, config, task, cell, example, prompt, out, settings),
             **task.score(out.text, example.gold, prompt).columns(),
             **attention_loss_columns(out.attention_loss, settings.max_new_tokens),
-            **retention_columns(out.retention),
+            **retention_columns(out.retention), **fidelity,
         }
 
-    return store_cell(ResultStore(config.store), config, task, examples, cell, produce, row_of, config.batch_size,
-                      retry_failed, on_example)
+    return store_cell(ResultStore(config.store), config, task, examples, cell, produce, row_of,
+                      None if continuous else config.batch_size, retry_failed, on_example)
+
+
+def run_fidelity_cell(
+    session: Session, config: RunConfig, task: Task, examples: list[Example], cell: Cell,
+    retry_failed: bool = False, on_example: Callable[[Cell, Example], None] | None = None,
+) -> int:
+    """Replay every pending example's full-cache response under the cell's press (``kvbench.fidelity``); store one
+    row each (kind "fidelity"); return rows written."""
+    from kvbench.fidelity import reference, replay
+
+    settings = generation_settings(session, config, task)
+
+    def produce(chunk: list[Example], started: set[int]) -> Produced:
+        started.add(0)
+        ref = reference(session, task, chunk[0], settings)
+        yield 0, (ref, *replay(session, task, ref, cell.press, cell.budget, settings))
+
+    def row_of(example: Example, output: tuple) -> dict:
+        ref, out, columns = output
+        row = base_row(session, config, task, cell, example, ref.prompt, out, settings)
+        return {**row, **columns, "batch_size": 1, "batching": "static"}  # replayed one example at a time
+
+    return store_cell(ResultStore(config.store), config, task, examples, cell, produce, row_of, 1, retry_failed,
+                      on_example)
+
+
+def batching(config: RunConfig, cell: Cell) -> str:
+    """How the cell's examples are batched: ``config.batching``, except that ShadowKV's sparse cache (which
+    cannot take a sequence into a running batch) and batch 1 are static."""
+    if config.batch_size == 1 or cell.press.sparse:
+        return "static"
+    return config.batching
 
 
 def generation_settings(session: Session, config: RunConfig, task: Task):
@@ -156,7 +215,8 @@ def base_row(session: Session, config: RunConfig, task: Task, cell: Cell, exampl
         "prefill_s": out.prefill_s, "decode_s": out.decode_s, "tokens_per_s": out.tokens_per_s,
         "peak_kv_bytes": out.peak_kv_bytes, "host_kv_bytes": out.host_kv_bytes, "evicted_tokens": out.evicted_tokens,
         "mean_cache_len": out.mean_cache_len, "looped": out.looped, "loop_start": out.loop_start,
-        "kv_byte_steps": out.kv_byte_steps, **session.provenance,
+        "kv_byte_steps": out.kv_byte_steps, "batch_size": config.batch_size, "batching": batching(config, cell),
+        **session.provenance,
     }
 
 

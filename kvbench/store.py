@@ -68,6 +68,8 @@ SCHEMA = pa.schema([
     ("looped", pa.bool_()),  # degenerate repetition detected (always measured)
     ("loop_start", pa.int64()),  # output token at which it was detected
     ("kv_byte_steps", pa.float64()),  # KV bytes held, summed over decoding steps (footprint over time)
+    ("batch_size", pa.int64()),  # sequences decoding at once (null in older parts)
+    ("batching", pa.string()),  # "continuous" or "static": what the timings were measured under (null: static)
     ("attention_loss_mean", pa.float64()),  # with --measure attention-loss: mass on evicted entries
     ("attention_loss_max", pa.float64()),
     ("attention_loss_profile", pa.string()),  # JSON: per-layer means and a layer x step-bin heatmap

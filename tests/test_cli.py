@@ -123,14 +123,21 @@ def test_run_key_separates_data_sources(monkeypatch):
 
 
 def test_batched_run_stores_the_same_rows_as_batch_one(tmp_path):
-    def responses(batch_size):
+    """Static and continuous batching store what batch 1 stores, each row labelled with how it was batched."""
+    def responses(batch_size, batching):
         config = RunConfig(model="tiny-llama", presses=("h2o", "snapkv-d"), budgets=(24,), num_samples=5,
-                           max_new_tokens=16, store=str(tmp_path / f"b{batch_size}"), batch_size=batch_size)
+                           max_new_tokens=16, store=str(tmp_path / f"b{batch_size}{batching}"), batch_size=batch_size,
+                           batching=batching)
         _, cells = execute(config)
-        return {(c.press.name, r["example_id"]): (r["response"], r["output_tokens"]) for c in cells for r in c.rows}
+        assert {(r["batch_size"], r["batching"]) for c in cells for r in c.rows} == {
+            (batch_size, "static" if batch_size == 1 else batching)}
+        return {(c.press.name, r["example_id"]): (r["response"], r["output_tokens"], r["evicted_tokens"],
+                                                  r["peak_kv_bytes"]) for c in cells for r in c.rows}
 
-    single, batched = responses(1), responses(3)
-    assert len(single) == 10 and batched == single
+    single = responses(1, "continuous")
+    assert len(single) == 10
+    assert responses(3, "static") == single
+    assert responses(3, "continuous") == single
 
 
 def test_run_measures_attention_loss_into_the_store_and_report(tmp_path):

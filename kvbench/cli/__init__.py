@@ -8,6 +8,7 @@ import typer
 
 from kvbench.cli import bench as bench_cmd
 from kvbench.cli import datasets as datasets_cmd
+from kvbench.cli import inspect as inspect_cmd
 from kvbench.cli import lmeval as lmeval_cmd
 from kvbench.cli import models as models_cmd
 from kvbench.cli import presses as presses_cmd
@@ -30,6 +31,7 @@ app.command("score")(score_cmd.score)
 app.command("report")(report_cmd.report)
 app.command("bench")(bench_cmd.bench)
 app.command("verify")(verify_cmd.verify)
+app.command("inspect")(inspect_cmd.inspect)
 app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
                                          "help_option_names": []})(lmeval_cmd.lm_eval)
 app.add_typer(datasets_cmd.app, name="datasets")

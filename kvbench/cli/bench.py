@@ -35,6 +35,10 @@ def bench(
     ops: bool = typer.Option(False, "--ops", help="Also count the aten operators (and host synchronisations) one "
                              "decoding step launches per cell, and HF generate's for reference: ops/step (three "
                              "more short generations per cell, under a dispatch-mode counter)."),
+    workload: str = typer.Option("step", help="step: equal decoding steps, cells side by side. run: whole runs "
+                                 "of --examples examples on a length mix (15% reach --gen-len, the rest log-normal, "
+                                 "median --gen-len/6) by batch 1, static and continuous batching: examples/hour."),
+    examples: int = typer.Option(32, help="Examples per whole run (--workload run)."),
     seed: int = typer.Option(0, help="Seed of the prompts, the random weights and seeded presses."),
     store: Path | None = typer.Option(None, help="Also append the results to STORE/bench/ (see `kvbench report "
                                       "--bench`)."),
@@ -84,6 +88,6 @@ def _config(o: dict):
         random_weights=o["random_weights"], dtype=o["dtype"], device=o["device"], warmup=o["warmup"],
         memory_gib=o["memory_gib"], max_batch=o["max_batch"], static_shapes=o["static_shapes"],
         compile=o["compile"], profile_dir=str(o["profile"]) if o["profile"] else None, seed=o["seed"],
-        count_ops=o["ops"],
+        count_ops=o["ops"], workload=o["workload"], examples=o["examples"],
         store=str(o["store"]) if o["store"] else None,
     )

@@ -42,11 +42,16 @@ def run(
                                          "(default: $KVBENCH_DATA_DIR)."),
     dataset_revision: str | None = typer.Option(None, help="Hub revision of the dataset (commit, branch or tag; "
                                                 "default: the dataset YAML's). The commit read is stored."),
-    batch_size: int = typer.Option(1, help="Sequences decoded together (left-padded, evicted per sequence)."),
+    batch_size: int = typer.Option(1, help="Sequences decoding at once (evicted per sequence)."),
+    batching: str = typer.Option("continuous", help="continuous: a finished sequence's row takes the next example "
+                                 "at once; static: a batch decodes until its longest sequence ends. Outputs are "
+                                 "the same, token for token; only speed differs (stored in column 'batching')."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Rerun examples recorded as failed."),
     measure: list[str] = typer.Option([], "--measure", help="Extra measurement, repeatable: attention-loss "
                                       "(attention mass on evicted entries, exact against a shadow full cache); "
-                                      "retention (share of the question's numbers, names and option labels held)."),
+                                      "retention (share of the question's numbers, names and option labels held); "
+                                      "fidelity (the full cache's response replayed under the press: top-1 "
+                                      "agreement and KL; the table then ranks the presses by it)."),
     stop_on_loop: bool = typer.Option(False, "--stop-on-loop", help="End a generation that falls into repetition "
                                       "(finish reason 'loop'); loops are measured either way."),
 ) -> None:
@@ -59,7 +64,7 @@ def _execute(o: dict, kind: str) -> None:
     from rich.console import Console
 
     from kvbench.cli.progress import progress_bar
-    from kvbench.cli.tables import result_table
+    from kvbench.cli.tables import ranking_table, result_table
     from kvbench.run import RunConfig, execute, parse_budget, plan
 
     config = RunConfig(
@@ -71,7 +76,7 @@ def _execute(o: dict, kind: str) -> None:
         system_prompt=o["system_prompt"],
         store=str(o["store"]), dtype=o["dtype"], device=o["device"],
         data_dir=str(o["data_dir"]) if o["data_dir"] else None, dataset_revision=o["dataset_revision"],
-        batch_size=o["batch_size"],
+        batch_size=o["batch_size"], batching=o.get("batching", "continuous"),
         stop_on_loop=o["stop_on_loop"], measure=tuple(_split(o["measure"])), kind=kind,
     )
     planned = plan(config)  # fail on bad input before any model loads
@@ -88,7 +93,14 @@ def _execute(o: dict, kind: str) -> None:
 
         task, cells = execute(config, on_start=on_start, on_example=on_example, retry_failed=o["retry_failed"],
                               planned=planned)
-    Console(width=max(Console().width, 120)).print(result_table(task, cells, config))
+    console = Console(width=max(Console().width, 120))
+    if kind == "generate" and "fidelity" in config.measure:
+        table, lines = ranking_table(task, cells, config)
+        console.print(table)
+        for line in lines:
+            console.print(line)
+        return
+    console.print(result_table(task, cells, config))
 
 
 def fidelity(**options) -> None:

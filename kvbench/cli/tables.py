@@ -42,3 +42,61 @@ def fidelity_table(task: Task, cells: list[Cell], config: RunConfig) -> Table:
                       f"{mean('fidelity_top1'):.1%}", f"{mean('fidelity_rank_mean'):.2f}",
                       f"{mean('peak_kv_bytes') / 2**20:.3f}")
     return table
+
+
+def ranking_table(task: Task, cells: list[Cell], config: RunConfig) -> tuple[Table, list[str]]:
+    """The run's presses ranked by how much of the full cache's behaviour they keep (``--measure fidelity``):
+    teacher-forced top-1 agreement and KL first, then attention loss, accuracy, length, speed and memory; the best
+    press of each budget in bold. Returns the table and the lines that read it."""
+    n = len(cells[0].rows) if cells else 0
+    table = Table(title=f"{config.model} on {task.name} (protocol {task.protocol}; n={n}; "
+                        f"{config.max_new_tokens or 'the dataset default'} new tokens at most; store: {config.store})",
+                  caption="top-1 agreement and KL: the full cache's response replayed under the press (teacher "
+                          "forced); attention loss: attention mass on evicted entries; tok/s: wall clock of each "
+                          "cell, run one after another (`kvbench bench` times presses side by side)")
+    for name in ("press", "budget", "n", "top-1 agreement", "KL(full‖press)", "attention loss", "accuracy",
+                 "output tok", "tok/s", "peak KV MiB"):
+        table.add_column(name, justify="left" if name == "press" else "right")
+    summaries = [summarize(cell) for cell in cells]
+    best = best_presses(cells, summaries)
+    for cell, s in zip(cells, summaries):
+        style = "bold" if cell in best.values() else None
+        table.add_row(s["press"], str(s["budget"]), str(s["n"]), _percent(s["top1"]), _number(s["kl"], 3),
+                      _percent(s["attention_loss"]), _percent(s["accuracy"]), f"{s['output_tokens']:.1f}",
+                      f"{s['tokens_per_s']:.1f}", f"{s['peak_kv_mib']:.2f}", style=style)
+    return table, reading(cells, summaries, best)
+
+
+def best_presses(cells: list[Cell], summaries: list[dict]) -> dict:
+    """Per budget, the evicting cell with the highest top-1 agreement (the lower KL among equals)."""
+    best: dict = {}
+    for cell, s in zip(cells, summaries):
+        if not cell.press.evicts or s["top1"] != s["top1"]:
+            continue
+        current = best.get(cell.budget)
+        if current is None or (-s["top1"], s["kl"]) < (-summaries[cells.index(current)]["top1"],
+                                                       summaries[cells.index(current)]["kl"]):
+            best[cell.budget] = cell
+    return best
+
+
+def reading(cells: list[Cell], summaries: list[dict], best: dict) -> list[str]:
+    """One line per budget: which press keeps the most of the full cache's behaviour, and which the least."""
+    lines = []
+    for budget, cell in best.items():
+        rivals = [(s, c) for c, s in zip(cells, summaries) if c.budget == budget and c.press.evicts
+                  and s["top1"] == s["top1"]]
+        s = summaries[cells.index(cell)]
+        worst, _ = min(rivals, key=lambda pair: (pair[0]["top1"], -pair[0]["kl"]))
+        lines.append(f"At budget {budget}, {s['press']} keeps the most of the full cache's behaviour: it picks the "
+                     f"full cache's next token {s['top1']:.0%} of the time (KL {s['kl']:.3f}), against "
+                     f"{worst['top1']:.0%} for {worst['press']} (KL {worst['kl']:.3f}).")
+    return lines
+
+
+def _percent(value: float) -> str:
+    return "n/a" if value != value else f"{value:.1%}"
+
+
+def _number(value: float, digits: int) -> str:
+    return "n/a" if value != value else f"{value:.{digits}f}"

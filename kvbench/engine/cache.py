@@ -86,7 +86,7 @@ class BudgetCache(DynamicCache):
         self.used = self.capacity if static_shapes else 0
         self.heads_uniform = True  # all KV heads hold the same positions (true until an eviction)
         #: Recent queries, for presses with a query window.
-        self.query_ring = QueryRing(num_layers, press.query_window) if press.query_window else None
+        self.query_ring = QueryRing(num_layers, press.query_window, batch) if press.query_window else None
         #: The window queries' attention kept between decoding steps (see ``kvbench.engine.window``).
         self.kept_window = (KeptWindowAttention(self.capacity)
                             if keep_window_attention and worth_keeping(press, budget) else None)
@@ -100,6 +100,10 @@ class BudgetCache(DynamicCache):
         self.step: StepInputs | None = None
         self.query_position: torch.Tensor | None = None
         self.prompt_length: torch.Tensor | None = None  # [B], set by the prefill
+        #: [B] the forward at which each sequence joined (continuous batching, ``kvbench.engine.splice``), and
+        #: each row's own decoding step this forward; both None while every row started together.
+        self.step_offset: torch.Tensor | None = None
+        self.row_step: torch.Tensor | None = None
         self.tokens_seen = 0
         Cache.__init__(self, layers=[BudgetLayer(self, i) for i in range(num_layers)])
 
@@ -120,9 +124,12 @@ class BudgetCache(DynamicCache):
 
     def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
-        n_layers, c, device = len(self.layers), self.capacity, key_states.device
-        self.keys = key_states.new_zeros(n_layers, b, h, c, d)
-        self.values = value_states.new_zeros(n_layers, b, h, c, value_states.shape[-1])
+        self.allocate_rows(b, h, d, value_states.shape[-1], key_states.dtype, key_states.device)
+
+    def allocate_rows(self, b: int, h: int, key_dim: int, value_dim: int, dtype: torch.dtype, device) -> None:
+        n_layers, c = len(self.layers), self.capacity
+        self.keys = torch.zeros(n_layers, b, h, c, key_dim, dtype=dtype, device=device)
+        self.values = torch.zeros(n_layers, b, h, c, value_dim, dtype=dtype, device=device)
         self.positions = torch.full((n_layers, b, h, c), -1, dtype=torch.long, device=device)
         self.valid = torch.zeros(n_layers, b, h, c, dtype=torch.bool, device=device)
         self.state = {n: torch.zeros(n_layers, b, h, c, dtype=torch.float32, device=device)
@@ -134,6 +141,7 @@ class BudgetCache(DynamicCache):
                    decode_step: int = 0) -> StepInputs:
         """Decide what the forward does (the step's plan, ``self.step``) and count its tokens on the host."""
         self.query_position = positions[:, -1]
+        self.row_step = None if self.step_offset is None else decode_step - self.step_offset
         if self.prompt_length is None:
             self.prompt_length = torch.tensor(valid_counts, device=positions.device)
             self.occupancy.prompt_held = list(valid_counts)
@@ -228,6 +236,7 @@ class BudgetCache(DynamicCache):
             state={name: fold(s) for name, s in self.state.items()},
             query_position=self.query_position.repeat(n_layers), budget=self.budget,
             seeds=self.row_seeds.flatten(), step=self.decode_step, prompt_length=self.prompt_length.repeat(n_layers),
+            row_step=None if self.row_step is None else self.row_step.repeat(n_layers),
             layers=n_layers, window=window,
         )
 
@@ -297,6 +306,11 @@ class BudgetCache(DynamicCache):
                     window.scaling, self.query_ring.slots[0])
         used, query_valid = self.used_after, window.valid
         view.attention_override = lambda gqa: kept.mean_attention(query_valid, used, gqa)
+
+    def forget_row_masks(self) -> None:
+        """The batch's rows changed (continuous batching): masks made for the old rows no longer apply."""
+        self._row_masks.clear()
+        self._keep_rows.clear()
 
     def _row_mask(self, rows: tuple[bool, ...]) -> torch.Tensor:
         """[L*B, 1, 1] device mask of the rows given per sequence; cached, so it crosses to the device once."""

@@ -66,12 +66,17 @@ class SequenceOutput:
 
 
 @dataclass
-class _Row:
+class RowRecord:
     """One sequence's record so far."""
 
+    prompt_tokens: int = 0
+    #: The tokens to replay (teacher forcing), else None.
+    forced: Sequence[int] | None = None
     tokens: list[int] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
     finish: str | None = None
+    prefill_s: float = 0.0
+    decode_start: float = 0.0
     decode_end: float = 0.0
     loop_start: int | None = None
     cache_len_sum: float = 0.0
@@ -99,17 +104,18 @@ class Decoder:
                  seeds: list[int], forced_tokens: Sequence[Sequence[int]] | None,
                  decode: Callable[[list[int]], str] | None):
         self.model, self.cache, self.batch, self.settings, self.hooks = model, cache, batch, settings, hooks
-        self.forced, self.decode = forced_tokens, decode
+        self.decode, self.pad_token_id = decode, batch.pad_token_id
         self.device = batch.ids.device
         self.generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
         self.eos = set(settings.eos_token_ids)
-        self.rows = [_Row() for _ in batch.lengths]
+        self.forced_mode = forced_tokens is not None
+        self.rows = [RowRecord(prompt_tokens=n, forced=forced_tokens[i] if self.forced_mode else None)
+                     for i, n in enumerate(batch.lengths)]
         self.seen: torch.Tensor | None = None  # [B, V] tokens each row has seen, for the repetition penalty
         self.next_position = torch.tensor(batch.lengths, device=self.device)
         self.active_masks: dict[tuple[bool, ...], torch.Tensor] = {}  # each crosses to the device once
         self.cache_kwarg = {cache_argument(model): cache}
         self.logits: torch.Tensor | None = None  # [B, V] that choose the next token
-        self.prefill_s = self.decode_start = 0.0
 
     def forward(self, ids, positions, valid, counts: list[int], step: int = 0) -> torch.Tensor:
         """One forward through the cache's step protocol; the last position's logits."""
@@ -123,28 +129,36 @@ class Decoder:
         synchronize(self.device)
         start = time.perf_counter()
         self.logits = self.forward(self.batch.ids, self.batch.positions, self.batch.valid, self.batch.lengths)
+        if self.settings.repetition_penalty != 1.0:
+            self.seen = seen_tokens(self.batch.ids, self.batch.valid, self.logits.shape[-1])
         if self.hooks.on_step:
             self.hooks.on_step(self.cache, 0)
         synchronize(self.device)
-        self.decode_start = time.perf_counter()
-        self.prefill_s = self.decode_start - start
+        now = time.perf_counter()
+        for row in self.rows:
+            row.prefill_s, row.decode_start = now - start, now
 
     def decode_one_token(self, step: int) -> bool:
         """Choose output token ``step`` of every running sequence, apply the stop rules and feed the tokens of
         those still running; True once every sequence has finished."""
         if self.hooks.on_logits:
             self.hooks.on_logits(step - 1, self.logits)
-        chosen = self.choose(step)
+        chosen = self.choose()
         self.record(chosen.tolist(), time.perf_counter())  # the stopping check: the one synchronisation per step
         active = tuple(row.finish is None for row in self.rows)
         if not any(active):
             return True
+        self.feed(chosen, active, step)
+        return False
+
+    def feed(self, chosen: torch.Tensor, active: tuple[bool, ...], step: int) -> None:
+        """The decoding forward of step ``step``: the running rows feed their ``chosen`` token, the others pad."""
         if active not in self.active_masks:
             self.active_masks[active] = torch.tensor(active, device=self.device)
         mask = self.active_masks[active]
         if self.seen is not None:
             self.seen[torch.arange(len(active), device=self.device), chosen] |= mask
-        step_ids = torch.where(mask, chosen, self.batch.pad_token_id)[:, None]
+        step_ids = torch.where(mask, chosen, self.pad_token_id)[:, None]
         self.logits = self.forward(step_ids, self.next_position[:, None], mask[:, None], [int(a) for a in active], step)
         self.next_position = self.next_position + mask  # not in place: the cache keeps the old tensor
         for index, (row, running) in enumerate(zip(self.rows, active)):
@@ -152,20 +166,23 @@ class Decoder:
                 row.cache_len_sum += self.cache.entries(index)
         if self.hooks.on_step:
             self.hooks.on_step(self.cache, step)
-        return False
 
-    def choose(self, step: int) -> torch.Tensor:
-        """[B] the forced tokens (teacher forcing), else greedy or sampled ones."""
-        if self.forced is not None:
-            pad = self.batch.pad_token_id
-            return torch.tensor([f[step - 1] if step <= len(f) else pad for f in self.forced], device=self.device)
-        if self.settings.repetition_penalty != 1.0 and self.seen is None:
-            self.seen = seen_tokens(self.batch.ids, self.batch.valid, self.logits.shape[-1])
-        return next_tokens(self.logits, self.settings, self.generators, self.seen)
+    def choose(self, rows: list[int] | None = None) -> torch.Tensor:
+        """The next token of every row (or of ``rows``): the forced ones (teacher forcing), else greedy or sampled
+        ones. Only the rows chosen for draw from their generators."""
+        index = range(len(self.rows)) if rows is None else rows
+        if self.forced_mode:  # a row's next forced token is its own len(tokens)-th
+            return torch.tensor([_forced_next(self.rows[i], self.pad_token_id) for i in index], device=self.device)
+        if rows is None:
+            return next_tokens(self.logits, self.settings, self.generators, self.seen)
+        picked = torch.tensor(rows, device=self.device)
+        return next_tokens(self.logits[picked], self.settings, [self.generators[i] for i in rows],
+                           None if self.seen is None else self.seen[picked])
 
-    def record(self, chosen: list[int], now: float) -> None:
-        """Append each running sequence's token and decide whether it stops here."""
-        for index, (row, token) in enumerate(zip(self.rows, chosen)):
+    def record(self, chosen: list[int], now: float, rows: list[int] | None = None) -> None:
+        """Append each running sequence's token (of every row, or of ``rows``) and decide whether it stops here."""
+        for index, token in zip(range(len(self.rows)) if rows is None else rows, chosen):
+            row = self.rows[index]
             if row.finish is not None:
                 continue
             row.tokens.append(token)
@@ -173,15 +190,15 @@ class Decoder:
                 row.logits.append(self.logits[index].float().cpu())
             if row.loop_start is None and self.settings.loop_detector.looped(row.tokens):
                 row.loop_start = len(row.tokens)
-            row.finish = self.finish_reason(index, row, token)
+            row.finish = self.finish_reason(row, token)
             if row.finish is not None:
                 row.decode_end = now
 
-    def finish_reason(self, index: int, row: _Row, token: int) -> str | None:
+    def finish_reason(self, row: RowRecord, token: int) -> str | None:
         """The first stop rule the sequence meets, in order; replayed sequences stop when their tokens run out."""
         settings = self.settings
-        if self.forced is not None:
-            return "forced" if len(row.tokens) >= len(self.forced[index]) else None
+        if row.forced is not None:
+            return "forced" if len(row.tokens) >= len(row.forced) else None
         if token in self.eos:
             return "eos"
         if settings.stop_strings and _hits_stop(row.tokens, self.decode, settings.stop_strings):
@@ -195,21 +212,30 @@ class Decoder:
     def outputs(self) -> list[SequenceOutput]:
         return [self._output(index, row) for index, row in enumerate(self.rows)]
 
-    def _output(self, index: int, row: _Row) -> SequenceOutput:
+    def _output(self, index: int, row: RowRecord) -> SequenceOutput:
         cache, n_out = self.cache, len(row.tokens)
-        decode_s = max(row.decode_end - self.decode_start, 1e-9)
+        decode_s = max(row.decode_end - row.decode_start, 1e-9)
         steps = max(n_out - 1, 1)  # decode forwards this sequence took part in
         return SequenceOutput(
-            tokens=row.tokens, finish_reason=row.finish or "length", prompt_tokens=self.batch.lengths[index],
-            output_tokens=n_out, prefill_s=self.prefill_s, decode_s=decode_s, tokens_per_s=n_out / decode_s,
+            tokens=row.tokens, finish_reason=row.finish or "length", prompt_tokens=row.prompt_tokens,
+            output_tokens=n_out, prefill_s=row.prefill_s, decode_s=decode_s, tokens_per_s=n_out / decode_s,
             peak_kv_bytes=cache.peak_bytes(index), evicted_tokens=cache.evicted_tokens(index),
             mean_cache_len=row.cache_len_sum / steps if n_out > 1 else cache.entries(index),
             looped=row.loop_start is not None, loop_start=row.loop_start,
             kv_byte_steps=row.cache_len_sum * cache.bytes_per_entry(), host_kv_bytes=cache.host_bytes(index),
-            attention_loss=None if cache.loss_log is None else cache.loss_log[index, :, : max(n_out - 1, 0)].cpu(),
-            retention=None if cache.retention_log is None else cache.retention_log[index, :, : max(n_out, 1)].cpu(),
+            attention_loss=None if cache.loss_log is None else _copy(cache.loss_log[index, :, : max(n_out - 1, 0)]),
+            retention=None if cache.retention_log is None else _copy(cache.retention_log[index, :, : max(n_out, 1)]),
             text=self.decode(row.tokens) if self.decode else None, logits=row.logits,
         )
+
+
+def _copy(log: torch.Tensor) -> torch.Tensor:
+    """A host copy (never a view: under continuous batching the row is reused)."""
+    return log.to("cpu", copy=True)
+
+
+def _forced_next(row: RowRecord, pad_token_id: int) -> int:
+    return row.forced[len(row.tokens)] if row.finish is None and len(row.tokens) < len(row.forced) else pad_token_id
 
 
 def _hits_stop(tokens: list[int], decode: Callable[[list[int]], str], stops: tuple[str, ...]) -> bool:

@@ -51,7 +51,7 @@ class GenerationSettings:
 
 
 @contextlib.contextmanager
-def _engine_mode(model):
+def engine_mode(model):
     with torch.inference_mode(), use_kvbench_attention(model):
         yield
 
@@ -109,13 +109,14 @@ def generation(
     device = next(model.parameters()).device
     batch = left_pad(prompts, pad_token_id, device)
     seeds = list(seeds) if seeds is not None else [settings.seed] * len(prompts)
-    cache = build_cache(model, press, budget, batch, settings, seeds, hooks, static_shapes, keep_window_attention)
+    cache = build_cache(model, press, budget, batch.ids.shape[1] + settings.max_new_tokens, device, settings, seeds,
+                        hooks, static_shapes, keep_window_attention)
     decoder = Decoder(model, cache, batch, settings, hooks, seeds, forced_tokens, decode)
-    with _engine_mode(model):
+    with engine_mode(model):
         decoder.prefill()
     yield 0
     for step in range(1, settings.max_new_tokens + 1):
-        with _engine_mode(model):
+        with engine_mode(model):
             finished = decoder.decode_one_token(step)
         if finished:
             break
@@ -161,13 +162,12 @@ def supported_text_config(model):
     return config
 
 
-def build_cache(model, press: Press, budget: int | None, batch: PaddedBatch, settings: GenerationSettings,
-                seeds: list[int], hooks: Hooks, static_shapes: bool, keep_window_attention: bool | None,
-                ) -> DecodingCache:
-    """A ``ShadowCache`` for a sparse press, else a ``BudgetCache``, sized for the prompt and the generation."""
+def build_cache(model, press: Press, budget: int | None, max_length: int, device: torch.device,
+                settings: GenerationSettings, seeds: list[int], hooks: Hooks, static_shapes: bool,
+                keep_window_attention: bool | None) -> DecodingCache:
+    """A ``ShadowCache`` for a sparse press, else a ``BudgetCache``, for sequences of ``max_length`` tokens (the
+    padded prompts and the generation)."""
     config = supported_text_config(model)
-    device = batch.ids.device
-    max_length = batch.ids.shape[1] + settings.max_new_tokens
     if press.sparse:
         cache = _shadow_cache(model, press, budget, config.num_hidden_layers, max_length, len(seeds), device,
                               hooks.attention_loss or static_shapes)

@@ -116,6 +116,7 @@ class BudgetLayer(DynamicLayer):
             keys=src["keys"], values=src["values"], positions=src["positions"], valid=src["valid"],
             state=src["state"], query_position=cache.query_position, budget=cache.budget,
             seeds=cache.row_seeds[self.layer_idx], step=cache.decode_step, prompt_length=cache.prompt_length,
+            row_step=cache.row_step,
             layer_idx=self.layer_idx, window=window,
         )
 
@@ -148,7 +149,8 @@ class BudgetLayer(DynamicLayer):
         self.scaling = scaling
         if cache.attention_loss is not None and cache.decode_step > 0:  # before this step's eviction: what was missed
             cache.attention_loss.record(self.layer_idx, query, scaling, self.positions, self.valid,
-                                        cache.query_position, cache.tokens_seen, cache.decode_step)
+                                        cache.query_position, cache.tokens_seen,
+                                        cache.decode_step if cache.row_step is None else cache.row_step)
         if press.query_window:
             cache.query_ring.push(self.layer_idx, query)
         if cache.mode == "slot":  # decoding: scoring and eviction happen in end_step, for all layers at once

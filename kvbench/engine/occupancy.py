@@ -3,6 +3,10 @@ device synchronisation."""
 
 from __future__ import annotations
 
+#: What ``Occupancy`` keeps per sequence.
+_PER_ROW = ("held", "layer_held", "head_most", "peak", "evicted", "row_keep", "row_trigger", "compressions",
+            "prompt_held", "high")
+
 
 class Occupancy:
     """Entries per KV head (one entry = one token's key and value) of each sequence.
@@ -25,6 +29,8 @@ class Occupancy:
         self.row_trigger: list[int | None] = []
         self.compressions = [0] * batch
         self.prompt_held: list[int] = []  # set by the prefill
+        #: The most entries one head of each sequence has held: its valid slots all lie below it.
+        self.high = [0] * batch
 
     def add(self, valid_counts: list[int], capacity: int) -> None:
         """A forward's valid tokens per sequence: written, so held (until a compression)."""
@@ -32,10 +38,12 @@ class Occupancy:
             self.held[i] += n
             if not self.allocates:
                 self.peak[i] = max(self.peak[i], min(self.held[i], capacity) * self.num_layers)
+                self.high[i] = max(self.high[i], min(self.held[i], capacity))
             elif n:
                 self.layer_held[i] = [c + n for c in self.layer_held[i]]
                 self.head_most[i] = [min(c + n, capacity) for c in self.head_most[i]]
                 self.peak[i] = max(self.peak[i], sum(min(c, capacity) for c in self.layer_held[i]))
+                self.high[i] = max(self.high[i], *self.head_most[i])
 
     def most_held(self) -> int:
         """The most entries one head of one layer may hold (where the next write may land)."""
@@ -67,3 +75,21 @@ class Occupancy:
     def entries(self, row: int) -> float:
         """Valid entries per KV head held by sequence ``row``, averaged over layers."""
         return sum(self.layer_held[row]) / self.num_layers if self.allocates else self.held[row]
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Only sequences ``rows`` stay, in that order."""
+        for name in _PER_ROW:
+            values = getattr(self, name)
+            if values is not None:
+                setattr(self, name, [values[i] for i in rows])
+
+    def splice(self, row: int, other: Occupancy) -> None:
+        """Row ``row`` takes the counts of ``other``'s one sequence (continuous batching)."""
+        batch = len(self.held)
+        for name in ("row_keep", "row_trigger", "prompt_held"):
+            if not getattr(self, name):  # no prefill in this cache: every row comes spliced
+                setattr(self, name, [None if name != "prompt_held" else 0] * batch)
+        for name in _PER_ROW:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine is not None:
+                mine[row] = list(theirs[0]) if isinstance(theirs[0], list) else theirs[0]

@@ -11,8 +11,8 @@ class QueryRing:
     """Queries [layers, B, H_q, W, D] with their positions and validity [B, W]; a ring, because a press takes
     the mean over the window's queries and their order does not matter."""
 
-    def __init__(self, num_layers: int, size: int):
-        self.num_layers, self.size = num_layers, size
+    def __init__(self, num_layers: int, size: int, batch: int):
+        self.num_layers, self.size, self.batch = num_layers, size, batch
         self.queries: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None
@@ -66,3 +66,25 @@ class QueryRing:
             return None
         n = self.num_layers
         return QueryWindow(self.queries.flatten(0, 1), self.positions.repeat(n, 1), self.valid.repeat(n, 1), scaling)
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Only the sequences at ``index`` stay, in that order."""
+        self.batch = len(index)
+        self.positions, self.valid = self.positions.index_select(0, index), self.valid.index_select(0, index)
+        if self.queries is not None:
+            self.queries = self.queries.index_select(1, index)
+
+    def splice(self, row: int, other: QueryRing) -> None:
+        """Row ``row`` takes ``other``'s one sequence, rotated so its oldest query sits where this ring writes
+        next (the window is a set; only which query is overwritten next matters)."""
+        shift = self.pointer - other.pointer
+        if self.positions is None:
+            self.positions = other.positions.new_zeros(self.batch, self.size)
+            self.valid = other.valid.new_zeros(self.batch, self.size)
+        self.positions[row] = other.positions[0].roll(shift)
+        self.valid[row] = other.valid[0].roll(shift)
+        if other.queries is not None:
+            if self.queries is None:
+                _, _, hq, w, d = other.queries.shape
+                self.queries = other.queries.new_zeros(self.num_layers, self.batch, hq, w, d)
+            self.queries[:, row] = other.queries[:, 0].roll(shift, dims=-2)

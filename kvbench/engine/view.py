@@ -58,6 +58,9 @@ class SlotView:
     #: presses that draw random numbers: a function of these and a slot's position is batch-invariant.
     seeds: torch.Tensor | None = None
     step: int = 0
+    #: [N] each row's own decoding step where rows joined the batch at different forwards (continuous batching);
+    #: None when every row is at ``step``.
+    row_step: torch.Tensor | None = None
     #: [N] prompt tokens of each row's sequence (positions below it are the prompt's).
     prompt_length: torch.Tensor | None = None
     layer_idx: int | None = None

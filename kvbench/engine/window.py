@@ -38,6 +38,8 @@ class KeptWindowAttention:
         self.capacity = capacity
         self.weights: torch.Tensor | None = None
         self.fresh = False  # False after a multi-token step: recompute every row at the next decoding step
+        #: Folded rows of sequences spliced in since the last update (continuous batching): recomputed whole.
+        self.stale: set[int] = set()
 
     def update(self, queries: torch.Tensor, query_positions: torch.Tensor, query_valid: torch.Tensor,
                keys: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float,
@@ -52,11 +54,24 @@ class KeptWindowAttention:
         else:
             rows = slice(0, window)
             self.weights.zero_()
-        logits, visible = masked_logits(queries[:, :, rows], query_positions[:, rows], query_valid[:, rows], keys,
-                                        positions, valid, scaling)
-        logits = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_().mul_(visible)
-        self.weights[:, :, :, rows, :s] = logits
+            self.stale.clear()
+        self.weights[:, :, :, rows, :s] = _weights(queries[:, :, rows], query_positions[:, rows],
+                                                   query_valid[:, rows], keys, positions, valid, scaling)
+        if self.stale:
+            new = torch.tensor(sorted(self.stale), device=keys.device)
+            self.weights[new] = 0.0
+            self.weights[new, :, :, :, :s] = _weights(queries[new], query_positions[new], query_valid[new], keys[new],
+                                                      positions[new], valid[new], scaling)
+            self.stale.clear()
         self.fresh = True
+
+    def keep_rows(self, rows: list[int], batch: int, layers: int) -> None:
+        """Only sequences ``rows`` (of ``batch``) stay, in that order; the folded rows follow them."""
+        folded = [layer * batch + row for layer in range(layers) for row in rows]
+        moved = {old: new for new, old in enumerate(folded)}
+        if self.weights is not None:
+            self.weights = self.weights.index_select(0, torch.tensor(folded, device=self.weights.device))
+        self.stale = {moved[old] for old in self.stale if old in moved}
 
     def drop(self, slots: torch.Tensor, dropped: torch.Tensor | None = None) -> None:
         """Zero the columns of evicted ``slots`` [N, H, k]; ``dropped`` [N, 1, 1] says which rows evicted."""
@@ -83,3 +98,9 @@ class KeptWindowAttention:
         if gqa == "max":
             return torch.matmul(scale[..., None, :], weights).view(n, h, group, used).amax(dim=2)
         raise ValueError(f"gqa aggregation must be 'mean' or 'max', got {gqa!r}")
+
+
+def _weights(queries, query_positions, query_valid, keys, positions, valid, scaling) -> torch.Tensor:
+    """Each query's ``exp(logit - row max)`` over the slots, zero where it may not look."""
+    logits, visible = masked_logits(queries, query_positions, query_valid, keys, positions, valid, scaling)
+    return logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_().mul_(visible)

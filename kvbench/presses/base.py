@@ -29,6 +29,9 @@ class View(Protocol):
     budget: int | None
     seeds: torch.Tensor | None
     step: int  # 0 = the prefill
+    #: [N] each row's own decoding step, or None when every row is at ``step``. Under continuous batching a
+    #: sequence joins a running batch, so a press that draws by step reads this to stay batch-invariant.
+    row_step: torch.Tensor | None
     prompt_length: torch.Tensor | None  # [N]
     layers: int
     window: Any  # the recent queries: ``queries`` [N, H_q, W, D], ``positions``, ``valid`` [N, W], ``scaling``

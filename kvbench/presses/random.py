@@ -19,7 +19,8 @@ class RandomPress(Press):
         # how many slots the batch holds or where a token sits, so a sequence evicts alike in any batch.
         h = view.positions.shape[1]
         heads = torch.arange(h, device=view.positions.device)
-        x = _mix(_mix(view.seeds * 1_000_003 + view.step)[:, None, None] ^ heads[None, :, None])
+        step = view.step if view.row_step is None else view.row_step  # each sequence's own step (continuous)
+        x = _mix(_mix(view.seeds * 1_000_003 + step)[:, None, None] ^ heads[None, :, None])
         x = _mix(x ^ view.positions)
         return ((x >> 11) & ((1 << 53) - 1)).double().div(2.0**53).float()
 
