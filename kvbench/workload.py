@@ -85,24 +85,47 @@ def _continuous(model, work: Workload, press, budget, settings, size: int) -> Ge
     return [done[i] for i in range(len(work.prompts))], stream.decoder.step
 
 
-def side_by_side(runs: dict[str, Generator], sync: Callable[[], None],
+def continuous_forwards(lengths: list[int], rows: int) -> int:
+    """The decoding forwards continuous batching takes for outputs of these lengths, each prompt taking the first
+    free row (as ``ContinuousGeneration`` does: a sequence of n tokens needs its prefill and n - 1 forwards)."""
+    queue, forwards = list(lengths), 0
+    running: list[list] = []  # [tokens left to choose, waiting for its choice]
+    while queue or running:
+        while len(running) < rows and queue:
+            running.append([queue.pop(0), True])
+        for row in running:
+            if row[1]:
+                row[0], row[1] = row[0] - 1, False
+        still = [row for row in running if row[0] > 0]
+        if len(still) < len(running):  # some finished: their rows take the next prompts before the forward
+            running = still
+            continue
+        forwards += 1
+        for row in running:
+            row[1] = True
+    return forwards
+
+
+def side_by_side(runs: dict[str, Generator], steps: dict[str, int], sync: Callable[[], None],
                  on_forward: Callable[[], None]) -> dict[str, tuple[float, int, list]]:
-    """Advance the runs in turn, one step each, timing each step: {name: (seconds, decoding forwards, outputs)}."""
+    """Advance the runs by one step each, always the one least far along (``steps``: about how many each takes),
+    so that they progress together and share the machine's conditions from start to end; each step timed.
+    Returns {name: (seconds, decoding forwards, outputs)}."""
     seconds = dict.fromkeys(runs, 0.0)
+    done = dict.fromkeys(runs, 0)
     results: dict[str, tuple[list, int]] = {}
     while len(results) < len(runs):
-        for name, run in runs.items():
-            if name in results:
-                continue
-            sync()
-            start = time.perf_counter()
-            try:
-                next(run)
-            except StopIteration as end:
-                results[name] = end.value
-            sync()
-            seconds[name] += time.perf_counter() - start
-            on_forward()
+        name = min((n for n in runs if n not in results), key=lambda n: done[n] / steps[n])
+        sync()
+        start = time.perf_counter()
+        try:
+            next(runs[name])
+        except StopIteration as end:
+            results[name] = end.value
+        sync()
+        seconds[name] += time.perf_counter() - start
+        done[name] += 1
+        on_forward()
     return {name: (seconds[name], results[name][1], results[name][0]) for name in runs}
 
 
@@ -114,10 +137,11 @@ def run_workload(config, cells: list[tuple[str, int | None]], model, presses: di
     vocab = model.config.get_text_config(decoder=True).vocab_size
     work = make_workload(config.examples, config.prompt_len, config.gen_len, vocab, config.seed)
     settings = GenerationSettings(max_new_tokens=config.gen_len, seed=config.seed)
-    per_batch = sum(len(o) for o in work.outputs) + sum(max(len(o) for o in work.outputs[i:i + b])
-                                                        for b in config.batch_sizes
-                                                        for i in range(0, config.examples, b))
-    total, done = per_batch * len(cells), 0
+    lengths = [len(o) for o in work.outputs]
+    steps = {size: {"batch 1": sum(lengths),
+                    "static": sum(max(lengths[i:i + size]) for i in range(0, len(lengths), size)),
+                    "continuous": continuous_forwards(lengths, size) + len(lengths)} for size in config.batch_sizes}
+    total, done = sum(sum(s.values()) for s in steps.values()) * len(cells), 0
     rows: list[BenchRow] = []
     for press_name, budget in cells:
         press = presses[press_name]
@@ -134,7 +158,7 @@ def run_workload(config, cells: list[tuple[str, int | None]], model, presses: di
                 done += 1
                 on_progress(label, min(done, total), total)
 
-            rows += workload_rows(press_name, budget, size, side_by_side(runs, sync, forward))
+            rows += workload_rows(press_name, budget, size, side_by_side(runs, steps[size], sync, forward))
     return rows
 
 
