@@ -51,11 +51,11 @@ def ranking_table(task: Task, cells: list[Cell], config: RunConfig) -> tuple[Tab
     n = len(cells[0].rows) if cells else 0
     table = Table(title=f"{config.model} on {task.name} (protocol {task.protocol}; n={n}; "
                         f"{config.max_new_tokens or 'the dataset default'} new tokens at most; store: {config.store})",
-                  caption="top-1 agreement and KL: the full cache's response replayed under the press (teacher "
-                          "forced); attention loss: attention mass on evicted entries; tok/s: wall clock of each "
-                          "cell, run one after another (`kvbench bench` times presses side by side)")
-    for name in ("press", "budget", "n", "top-1 agreement", "KL(full‖press)", "attention loss", "accuracy",
-                 "output tok", "tok/s", "peak KV MiB"):
+                  caption="top-1 and KL(full‖press): the full cache's response replayed under the press, "
+                          "teacher-forced (top-1: the press picks the full cache's next token); attention loss: "
+                          "attention mass on evicted entries; tok/s: each sequence's wall-clock rate, the cells run "
+                          "one after another (`kvbench bench` times presses side by side)")
+    for name in ("press", "budget", "n", "top-1", "KL", "attn loss", "accuracy", "out tok", "tok/s", "KV MiB"):
         table.add_column(name, justify="left" if name == "press" else "right")
     summaries = [summarize(cell) for cell in cells]
     best = best_presses(cells, summaries)
