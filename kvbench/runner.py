@@ -96,6 +96,8 @@ def store_cell(store: ResultStore, config: RunConfig, task: Task, examples: list
                     if on_example:
                         on_example(cell, chunk[index])
             except (RuntimeError, MemoryError, OSError) as err:  # out of memory, device or disk: record, go on
+                if not started:  # it failed before beginning any: the whole chunk fails
+                    started = set(range(len(chunk)))
                 record_failures(store, config, task, cell, [chunk[i] for i in sorted(started - finished)], err,
                                 on_example)
             todo = [e for i, e in enumerate(chunk) if i not in started] + todo[len(chunk):]

@@ -147,3 +147,15 @@ def test_run_stores_each_row_as_it_finishes_and_a_failure_loses_only_rows_in_fli
 
     execute(config("one", 1))
     assert rows("s") == rows("one") and not ResultStore(tmp_path / "s").failures()
+
+
+def test_a_failure_before_any_example_begins_fails_the_chunk_and_ends(tmp_path, monkeypatch):
+    import kvbench.engine.continuous as continuous
+    from kvbench.run import RunConfig, execute
+    from kvbench.store import ResultStore
+    from tests.conftest import fail_on_call
+
+    fail_on_call(monkeypatch, continuous, "build_cache", 1, "CUDA out of memory. Tried to allocate 9.00 GiB")
+    execute(RunConfig(model="tiny-llama", presses=("h2o",), budgets=(16,), num_samples=4, max_new_tokens=8,
+                      store=str(tmp_path / "s"), batch_size=2))
+    assert len(ResultStore(tmp_path / "s").failures()) == 4 and not ResultStore(tmp_path / "s").parts()
