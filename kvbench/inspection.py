@@ -87,14 +87,14 @@ def inspect(config: InspectConfig, on_cell: Callable[[str], None] | None = None)
         label = cell.press.name if cell.budget is None else f"{cell.press.name} @ {cell.budget}"
         if on_cell:
             on_cell(label)
-        counts: list[list[int]] = []
+        steps: list[tuple[list[int], int]] = []
         (result,) = generate(session.loaded.model, [prompt_ids], cell.press, cell.budget, settings,
                              decode=codec.decode, pad_token_id=session.loaded.tokenizer.pad_token_id,
-                             on_step=lambda cache, step, counts=counts: counts.append(held_counts(cache)))
+                             on_step=lambda cache, step, steps=steps: steps.append(held_counts(cache)))
         ids = prompt_ids + result.tokens
-        layers, heads = session.loaded.model.config.num_hidden_layers, _kv_heads(session.loaded.model)
+        counts = [row for row, _ in steps]
         written = [len(prompt_ids) + forward for forward in range(len(counts))]  # positions written so far
-        retention = Retention(label, [codec.decode([t]) for t in ids], len(prompt_ids), layers * heads,
+        retention = Retention(label, [codec.decode([t]) for t in ids], len(prompt_ids), steps[0][1],
                               finish_reason=result.finish_reason)
         retention.held = [[c if p < n else None for p, c in enumerate(_pad(row, len(ids)))]
                           for row, n in zip(counts, written)]
@@ -102,8 +102,9 @@ def inspect(config: InspectConfig, on_cell: Callable[[str], None] | None = None)
     return out
 
 
-def held_counts(cache) -> list[int]:
-    """[positions]: how many (layer, KV head) pairs of sequence 0 hold each position now."""
+def held_counts(cache) -> tuple[list[int], int]:
+    """How many (layer, KV head) pairs of sequence 0 hold each position now, and how many pairs the cache has
+    (read off its own shape, as it was built for the model)."""
     import torch
 
     positions, valid = cache.positions[:, 0], cache.valid[:, 0]  # [layers, heads, slots]
@@ -111,13 +112,8 @@ def held_counts(cache) -> list[int]:
     counts = torch.zeros(length + 1, dtype=torch.long, device=positions.device)
     counts.index_add_(0, torch.where(valid, positions, length).flatten().clamp(min=0),
                       torch.ones(valid.numel(), dtype=torch.long, device=positions.device))
-    return counts[:length].tolist()
+    return counts[:length].tolist(), valid.shape[0] * valid.shape[1]
 
 
 def _pad(row: list[int], length: int) -> list[int]:
     return row[:length] + [0] * (length - len(row))
-
-
-def _kv_heads(model) -> int:
-    config = model.config.get_text_config(decoder=True)
-    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
