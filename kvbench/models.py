@@ -280,13 +280,14 @@ def build_random(spec: ModelSpec, torch_dtype, device, seed: int = 0):
         return AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
 
 
-def build_tiny(name: str, seed: int = 0, vocab_size: int | None = None):
-    """A seeded random model of the alias's shape and the byte-level tokenizer that goes with it."""
+def build_tiny(name: str, seed: int = 0, vocab_size: int | None = None, **overrides):
+    """A seeded random model of the alias's shape (config fields in ``overrides`` replaced, e.g. the head counts)
+    and the byte-level tokenizer that goes with it."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = byte_tokenizer()
-    params = dict(TINY_CONFIGS[name])
+    params = {**TINY_CONFIGS[name], **overrides}
     model_type = params.pop("model_type")
     config = AutoConfig.for_model(
         model_type, vocab_size=vocab_size or len(tokenizer), max_position_embeddings=8192,

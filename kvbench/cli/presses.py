@@ -14,14 +14,14 @@ def presses() -> None:
     table.add_column("press", style="bold")
     table.add_column("rule (higher = keep)")
     table.add_column("parameters (default)")
-    table.add_column("source")
+    table.add_column("source (code checked in tests/reference/)")
     for name, cls in PRESSES.items():
         params = "\n".join(f"{p}={d!r}: {doc}" if doc else f"{p}={d!r}" for p, _, d, doc in press_parameters(name))
-        table.add_row(name, cls.summary, params, cls.source)
+        table.add_row(name, cls.summary, params, _source(cls))
     for name, cls in WRAPPERS.items():  # their own parameters; the wrapped press brings its own
         params = "\n".join(f"{p}={d!r}: {doc}" if doc else f"{p}={d!r}"
                            for p, _, d, doc in class_parameters(cls))
-        table.add_row(f"{name}:PRESS", cls.summary, params, cls.source)
+        table.add_row(f"{name}:PRESS", cls.summary, params, _source(cls))
     for name, found in plugin_presses().items():  # installed packages' presses (entry points kvbench.presses)
         origin = f"plug-in {installed()[name].value}"
         if isinstance(found, Exception):
@@ -30,3 +30,8 @@ def presses() -> None:
         params = "\n".join(f"{p}={d!r}: {doc}" if doc else f"{p}={d!r}" for p, _, d, doc in press_parameters(name))
         table.add_row(name, found.summary, params, f"{found.source}\n({origin})".strip())
     Console(width=160).print(table)
+
+
+def _source(cls) -> str:
+    """The paper a press comes from and the code its rule is transcribed from (``Press.reference``)."""
+    return f"{cls.source}\ncode: {cls.reference}" if cls.reference else cls.source

@@ -114,6 +114,7 @@ class BudgetCache(DynamicCache):
         #: presses; a press bounded by its budget keeps less).
         self.budget, self.trigger = press.cadence(budget) if press.evicts and budget is not None else (None, None)
         self.requested_budget = budget
+        self.num_kv_heads = num_kv_heads
         #: Entries each layer keeps per KV head on average at a compression; layers or heads keep different
         #: numbers under a press that ``allocates`` (PyramidKV, AdaKV), which then frees slots by rank.
         self.layer_keep = press.layer_budgets(self.budget, num_layers) if self.budget is not None else None
@@ -242,28 +243,38 @@ class BudgetCache(DynamicCache):
 
     def _compressed(self, row: int, keep: int) -> None:
         """Host bookkeeping of sequence ``row`` after a compression that keeps ``keep``; its next schedule."""
-        self.occupancy.compressed(row, keep, self.layer_keep, self.head_capacity)
+        layer_keep = self.occupancy.layer_keep[row]
+        head_capacity = self.head_capacity if layer_keep is None else [
+            self.press.head_capacity(b, self.num_kv_heads) for b in layer_keep]
+        self.occupancy.compressed(row, keep, layer_keep or self.layer_keep, head_capacity)
         self._schedule(row)
 
     def _schedule(self, row: int) -> None:
-        """Sequence ``row``'s next (keep, trigger), after its compressions so far."""
+        """Sequence ``row``'s next (keep, trigger, and what each layer keeps where layers differ), after its
+        compressions so far."""
         occupancy = self.occupancy
-        keep, trigger = (None, None) if self.budget is None else self.press.row_cadence(
-            self.requested_budget, occupancy.prompt_held[row], occupancy.compressions[row])
-        occupancy.set_schedule(row, keep, trigger)
+        if self.budget is None:
+            occupancy.set_schedule(row, None, None)
+            return
+        cadence = (self.requested_budget, occupancy.prompt_held[row], occupancy.compressions[row])
+        keep, trigger = self.press.row_cadence(*cadence)
+        occupancy.set_schedule(row, keep, trigger, self.press.layer_keeps(*cadence, len(self.layers)))
 
     def _evict_in_place(self, view: SlotView) -> None:
         """Free the ``count - budget`` lowest-scored slots of each full sequence, per KV head, in every layer."""
         occupancy = self.occupancy
         full = occupancy.at_trigger()
         keeps = list(occupancy.row_keep)
+        if self.allocates:
+            view.compress_to, keep = self._layer_keep_rows(full)
+        else:
+            view.compress_to = [k if f else self.capacity for k, f in zip(keeps, full)] * len(self.layers)
         scores = self.press.score(view).float().masked_fill(~view.valid, -torch.inf)
         if self.allocates:
-            keep = self._layer_keep_rows(full)
             view.valid &= self.keep_mask(scores, view.positions, keep)
         elif self.capacity > min(occupancy.row_trigger):  # a growing schedule: those at their trigger hold free slots
-            keep = [k if f else self.capacity for k, f in zip(keeps, full)] * len(self.layers)
-            view.valid &= slot_ranks(scores, view.positions) < torch.tensor(keep, device=scores.device)[:, None, None]
+            keep = torch.tensor(view.compress_to, device=scores.device)
+            view.valid &= slot_ranks(scores, view.positions) < keep[:, None, None]
         else:
             surplus = {c - k for c, k, f in zip(occupancy.held, keeps, full) if f}
             if len(surplus) != 1:
@@ -289,14 +300,17 @@ class BudgetCache(DynamicCache):
             counts = keep[:, None]
         return slot_ranks(scores, positions) < counts[..., None]
 
-    def _layer_keep_rows(self, full: tuple[bool, ...], layer: int | None = None) -> torch.Tensor:
-        """Mean keep per head of each row (all layers folded, or one layer): its layer's share if the sequence is
-        full, every slot otherwise. Cached, so it crosses to the device once."""
-        key = (full, layer)
+    def _layer_keep_rows(self, full: tuple[bool, ...], layer: int | None = None) -> tuple[list[int], torch.Tensor]:
+        """Mean keep per head of each row (all layers folded, or one layer), on the host and on the device: its
+        layer's share if the sequence is full (the sequence's own shares where the press staggers its layers),
+        every slot otherwise. Cached, so it crosses to the device once."""
+        per_row = tuple(self.occupancy.layer_keep)
+        key = (full, layer, per_row)
         if key not in self._keep_rows:
             layers = range(len(self.layers)) if layer is None else [layer]
-            keep = [self.layer_keep[i] if is_full else self.capacity for i in layers for is_full in full]
-            self._keep_rows[key] = torch.tensor(keep, device=self.keys.device)
+            keep = [(own or self.layer_keep)[i] if is_full else self.capacity
+                    for i in layers for is_full, own in zip(full, per_row)]
+            self._keep_rows[key] = keep, torch.tensor(keep, device=self.keys.device)
         return self._keep_rows[key]
 
     def _update_kept_window(self, view: SlotView) -> None:

@@ -171,6 +171,12 @@ class BudgetLayer(DynamicLayer):
         """Keep the best ``budget`` of slots + new tokens per KV head (all of them if under the trigger)."""
         cache = self.cache
         keep_n = cache.step.keep_n
+        full = tuple(keep != count for keep, count in zip(keep_n, cache.occupancy.held))
+        layer_keep = None
+        if cache.allocates and cache.step.overflow_evicts:
+            view.compress_to, layer_keep = cache._layer_keep_rows(full, self.layer_idx)
+        else:
+            view.compress_to = list(keep_n)
         if cache.step.overflow_evicts:
             scores = cache.press.score(view).float().masked_fill(~view.valid, -torch.inf)
         else:  # nothing to drop: keep every valid slot, newest first
@@ -178,11 +184,9 @@ class BudgetLayer(DynamicLayer):
         ranked = rank_slots(scores, view.positions)
         k = cache.used_after
         order = ranked[..., :k]  # [B, H, k], best first
-        if cache.allocates and cache.step.overflow_evicts:  # this layer's share, split among heads by the press
-            full = tuple(keep != count for keep, count in zip(keep_n, cache.occupancy.held))
-            keep = cache._layer_keep_rows(full, self.layer_idx)
-            counts = cache.press.head_counts(scores, view.positions, keep)
-            limit = (keep[:, None] if counts is None else counts)[..., None]  # [B, H or 1, 1]
+        if layer_keep is not None:  # this layer's share, split among heads by the press
+            counts = cache.press.head_counts(scores, view.positions, layer_keep)
+            limit = (layer_keep[:, None] if counts is None else counts)[..., None]  # [B, H or 1, 1]
         else:
             limit = torch.tensor(keep_n, device=self.device)[:, None, None]
         rank_ok = torch.arange(k, device=self.device) < limit

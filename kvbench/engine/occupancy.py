@@ -4,8 +4,8 @@ device synchronisation."""
 from __future__ import annotations
 
 #: What ``Occupancy`` keeps per sequence.
-_PER_ROW = ("held", "layer_held", "head_most", "peak", "evicted", "row_keep", "row_trigger", "compressions",
-            "prompt_held", "high")
+_PER_ROW = ("held", "layer_held", "head_most", "peak", "evicted", "row_keep", "row_trigger", "layer_keep",
+            "compressions", "prompt_held", "high")
 
 
 class Occupancy:
@@ -27,6 +27,9 @@ class Occupancy:
         self.evicted = [0] * batch
         self.row_keep: list[int | None] = []
         self.row_trigger: list[int | None] = []
+        #: What each layer keeps at the sequence's next compression, where the press staggers its layers (None:
+        #: the cache's ``layer_keep``).
+        self.layer_keep: list[tuple[int, ...] | None] = []
         self.compressions = [0] * batch
         self.prompt_held: list[int] = []  # set by the prefill
         #: The most entries one head of each sequence has held: its valid slots all lie below it.
@@ -65,12 +68,15 @@ class Occupancy:
         self.held[row] = keep
         self.compressions[row] += 1
 
-    def set_schedule(self, row: int, keep: int | None, trigger: int | None) -> None:
+    def set_schedule(self, row: int, keep: int | None, trigger: int | None,
+                     layer_keep: list[int] | None = None) -> None:
+        own = None if layer_keep is None else tuple(layer_keep)
         if row == len(self.row_keep):
             self.row_keep.append(keep)
             self.row_trigger.append(trigger)
+            self.layer_keep.append(own)
         else:
-            self.row_keep[row], self.row_trigger[row] = keep, trigger
+            self.row_keep[row], self.row_trigger[row], self.layer_keep[row] = keep, trigger, own
 
     def entries(self, row: int) -> float:
         """Valid entries per KV head held by sequence ``row``, averaged over layers."""
@@ -86,7 +92,7 @@ class Occupancy:
     def splice(self, row: int, other: Occupancy) -> None:
         """Row ``row`` takes the counts of ``other``'s one sequence (continuous batching)."""
         batch = len(self.held)
-        for name in ("row_keep", "row_trigger", "prompt_held"):
+        for name in ("row_keep", "row_trigger", "layer_keep", "prompt_held"):
             if not getattr(self, name):  # no prefill in this cache: every row comes spliced
                 setattr(self, name, [None if name != "prompt_held" else 0] * batch)
         for name in _PER_ROW:

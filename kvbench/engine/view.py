@@ -67,6 +67,9 @@ class SlotView:
     #: Layers folded into the rows (row ``l * batch + b``): 1 for a one-layer view.
     layers: int = 1
     window: QueryWindow | None = None
+    #: Entries each row keeps at the compression the press is scoring for (a row keeping at least what it holds
+    #: keeps all); None outside the engine's compressions.
+    compress_to: list[int] | None = None
     #: Overrides ``attention``: the cache's kept window attention, or attention that tests make by hand.
     attention_override: Callable[[str], torch.Tensor] | None = None
 

@@ -35,6 +35,9 @@ class View(Protocol):
     prompt_length: torch.Tensor | None  # [N]
     layers: int
     window: Any  # the recent queries: ``queries`` [N, H_q, W, D], ``positions``, ``valid`` [N, W], ``scaling``
+    #: Entries each row keeps at this compression (a row keeping at least what it holds keeps all); None when the
+    #: view is not scored for one of the engine's compressions.
+    compress_to: list[int] | None
 
     def attention(self, gqa: str = "mean", last: int | None = None) -> torch.Tensor: ...
 
@@ -46,6 +49,9 @@ class Press:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     source: ClassVar[str] = ""
+    #: The code this press's rule is transcribed from (``owner/repo@commit path (function)``) and checked against
+    #: in ``tests/reference/``; empty for a press with no source code (the full cache, plug-ins).
+    reference: ClassVar[str] = ""
     #: False only for the full cache: the engine then never evicts.
     evicts: ClassVar[bool] = True
     #: True for sparse attention over every token seen (ShadowKV): the engine builds a ``ShadowCache``.
@@ -74,6 +80,11 @@ class Press:
         """``cadence`` for a sequence with ``prompt_length`` prompt tokens after ``compressions`` compressions: the
         same for every press but one whose schedule grows with the sequence (RPC's)."""
         return self.cadence(budget)
+
+    def layer_keeps(self, budget: int, prompt_length: int, compressions: int, n_layers: int) -> list[int] | None:
+        """What each layer keeps at that compression, for a press whose layers compress at different steps (a
+        layer keeping at least what it holds does not compress); None: ``layer_budgets`` (needs ``allocates``)."""
+        return None
 
     def capacity(self, budget: int, n_layers: int, n_heads: int) -> int:
         """Slots per KV head the cache allocates at ``budget``: the most one head may hold."""
