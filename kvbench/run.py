@@ -182,6 +182,8 @@ def run_key(config: RunConfig, task: Task, cell: Cell, model_revision: str | Non
         payload["press_class"] = cell.press.origin
     if config.protocol != DEFAULT_PROTOCOL:
         payload["protocol"] = config.protocol
+    if get_protocol(config.protocol).revision > 1:  # what the protocol feeds the model changed
+        payload["protocol_revision"] = get_protocol(config.protocol).revision
     if sampling["temperature"] > 0 and sampling["top_k"]:
         payload["top_k"] = sampling["top_k"]
     if sampling["repetition_penalty"] != 1.0:

@@ -8,6 +8,7 @@ from functools import cached_property
 from pathlib import Path
 
 from kvbench import __version__
+from kvbench.fork_tokenizer import encode_raw, fork_adds_bos, tokenizer_config
 from kvbench.tasks import Example, Task
 from kvbench.tasks.extract import THINK_CLOSE, THINK_OPEN
 from kvbench.tasks.protocols import Protocol, get_protocol
@@ -25,7 +26,18 @@ class Session:
 
     def codec(self, task: Task) -> Codec:
         """Prompt rendering, encoding and decoding for ``task`` under the protocol it was prepared for."""
-        return Codec(self.loaded.tokenizer, self.loaded.model, task, get_protocol(task.protocol))
+        protocol = get_protocol(task.protocol)
+        return Codec(self.loaded.tokenizer, self.loaded.model, task, protocol,
+                     fork_bos=self.fork_bos if protocol.raw_text else None)
+
+    @cached_property
+    def fork_bos(self) -> bool | None:
+        """Whether the paper's harness's tokenizer put a BOS before raw text for this model (``fork_tokenizer``)."""
+        spec = getattr(self.loaded, "spec", None)
+        if spec is None:
+            return None
+        config = tokenizer_config(spec.path, spec.source, spec.revision)
+        return fork_adds_bos(config, getattr(self.loaded.model.config, "model_type", None), spec.source == "gguf")
 
 
 @dataclass
@@ -36,6 +48,8 @@ class Codec:
     model: object
     task: Task
     protocol: Protocol
+    #: Raw text only: a BOS first or not, as the paper's harness's transformers decided (None: the tokenizer's own).
+    fork_bos: bool | None = None
 
     def prompt(self, example: Example) -> str:
         """The text the model reads: the chat template over the task's messages, or the raw prompt."""
@@ -45,8 +59,10 @@ class Codec:
                                                   add_generation_prompt=True)
 
     def encode(self, prompt: str) -> list[int]:
-        # A rendered chat template carries its own BOS; raw text gets the tokenizer's, as ``tokenizer(text)``.
-        return self.tokenizer(prompt, add_special_tokens=self.protocol.raw_text)["input_ids"]
+        # A rendered chat template carries its own BOS; raw text gets the one the fork's stack put there.
+        if self.protocol.raw_text:
+            return encode_raw(self.tokenizer, prompt, self.fork_bos)
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
         """Generated ids as text without special tokens, except think tags that the tokenizer marks special."""

@@ -1,6 +1,7 @@
 """Protocols: the paper's harness's prompts, golds, subset draw, extractors, scorers and stopping rule, against
 golden files written from reading its ``reason/`` code; reasoning-model outputs scored from the stored prompt."""
 
+import json
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,7 +16,7 @@ from kvbench.run import RunConfig, plan
 from kvbench.session import Codec
 from kvbench.tasks import load_examples, load_task, subset_indices
 from kvbench.tasks.extract import opens_thinking
-from kvbench.tasks.hott import hott_default, hott_drop_chars, hott_exact, hott_exact_ci, hott_label
+from kvbench.tasks.hott import hott_default, hott_drop_chars, hott_exact, hott_exact_ci, hott_folio, hott_strategyqa
 from kvbench.tasks.protocols import HOTT, KVBENCH, PROTOCOLS, get_protocol
 
 from .test_tasks import SHARED_DATA
@@ -97,10 +98,38 @@ def test_hott_default_extractor_behaves_as_the_fork():
     assert hott_default("12 apples, 3 pears") is None
 
 
-def test_hott_label_extractor_unwraps_text():
-    assert hott_label("so \\boxed{\\text{True}}") == "True"
-    assert hott_label("false") == "false"
-    assert hott_label("Answer: Uncertain.") == "uncertain"
+def test_hott_label_extractors_are_the_forks_strategyqa_and_folio_extractors():
+    # what reason/strategyqa.py's and reason/folio.py's extractors (43d9e37) return, "" written as None
+    cases = {
+        "so \\boxed{\\text{True}}": ("True", "True"),
+        "false": ("false", "false"), " True ": ("true", "True"),
+        "Uncertain": (None, "Uncertain"), " uncertain ": (None, "uncertain"),  # strategyqa knows no "uncertain"
+        "Answer: Uncertain.": ("uncertain", "uncertain"), "The answer is: uncertain": (": uncertain", ": uncertain"),
+        "\\boxed{Uncertain}": ("Uncertain", "Uncertain"), "uncertain.": (None, None), "**Uncertain**": (None, None),
+    }
+    for response, (strategyqa, folio) in cases.items():
+        assert (hott_strategyqa(response), hott_folio(response)) == (strategyqa, folio), response
+
+
+def test_hott_strategyqa_prompt_is_the_forks_on_every_local_row():
+    """``strategyqa_formatter`` (reason/strategyqa.py @43d9e37, lines 8-14) on every one of the 2,290 local rows:
+    the question as stored, trailing spaces included (31 rows end in one)."""
+    task, examples = hott_examples("strategyqa")
+    prompt = "Given some facts and a related question, answer the question with true or false."
+    prefix = 'Solve the problem step by step. Answer with true or false and wrap your final answer in "\\boxed{}".'
+    records = {}
+    for split in ("dev", "train"):
+        for line in (SHARED_DATA / "strategyqa" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            records[record["qid"]] = record
+    assert len(examples) == len(records) == 2290
+    spaced = 0
+    for example in examples:
+        record = records[example.id]
+        spaced += record["question"] != record["question"].strip()
+        fork = f"{prompt}\\Facts:\n{record['facts']}\\Question:\n{record['question']}\n{prefix}"
+        assert task.user_content(example)[0] == fork, example.id
+    assert spaced == 31
 
 
 def test_hott_scorers_are_string_comparisons():

@@ -9,8 +9,10 @@ paper's numbers meant:
   "answer:" (and then "option" / "answer"), lower-cased, up to the first newline and the first period. Its
   ``\\text{...}`` unwrapping raises a ``NameError`` (``re`` is not imported) that the fork catches, so
   ``\\boxed{\\text{A}}`` yields ``\\text{A}``.
-- ``hott_label`` (``strategyqa_extractor``, ``folio_extractor``): the same chain where ``\\text{...}`` is
-  unwrapped, without the "option" fallbacks; a bare true/false(/uncertain) response is the answer.
+- ``hott_strategyqa`` / ``hott_folio`` (``strategyqa_extractor`` / ``folio_extractor``): the same chain where
+  ``\\text{...}`` is unwrapped, without the "option" fallbacks; a bare response that is a label is the answer:
+  true/false for StrategyQA (lower-cased, so a bare "Uncertain" extracts nothing), true/false/uncertain for FOLIO
+  (as written).
 - Scorers: ``hott_exact`` (``prediction == answer``: GSM8K, MATH-500), ``hott_exact_ci`` (case-insensitive:
   multiple choice, StrategyQA, FOLIO), ``hott_drop_chars`` (DROP: the gold is the text of a Python list and the
   prediction must equal one of its *characters*, so only one-character predictions can score).
@@ -73,11 +75,26 @@ def hott_default(text: str) -> str | None:
     return answer or None
 
 
-def hott_label(text: str) -> str | None:
-    """The fork's ``strategyqa_extractor`` / ``folio_extractor``: ``\\text{}`` unwrapped, no "option" fallback."""
+def hott_strategyqa(text: str) -> str | None:
+    """The fork's ``strategyqa_extractor``: a bare true/false (lower-cased), else ``hott_label``'s chain."""
+    response = text.strip()
+    if response.lower() in ("true", "false"):
+        return response.lower()
+    return hott_label(response)
+
+
+def hott_folio(text: str) -> str | None:
+    """The fork's ``folio_extractor``: a bare true/false/uncertain as written, else ``hott_label``'s chain."""
     response = text.strip()
     if response.lower() in ("true", "false", "uncertain"):
         return response
+    return hott_label(response)
+
+
+def hott_label(text: str) -> str | None:
+    """What the fork's ``strategyqa_extractor`` and ``folio_extractor`` share after their bare-label test: the last
+    ``\\boxed{}`` with ``\\text{}`` unwrapped, else the text after the last answer flag (no "option" fallback)."""
+    response = text.strip()
     if "boxed{" in response:
         boxes = boxed_contents(response)
         if boxes:
@@ -101,5 +118,5 @@ def hott_drop_chars(extracted: str, gold: str) -> tuple[bool, dict]:
     return extracted.lower() in [ch.lower() for ch in gold], {}
 
 
-EXTRACTORS = {"hott_default": hott_default, "hott_label": hott_label}
+EXTRACTORS = {"hott_default": hott_default, "hott_strategyqa": hott_strategyqa, "hott_folio": hott_folio}
 SCORERS = {"hott_exact": hott_exact, "hott_exact_ci": hott_exact_ci, "hott_drop_chars": hott_drop_chars}

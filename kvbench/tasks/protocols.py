@@ -51,6 +51,8 @@ class Protocol:
     #: 0 = no top-k filter.
     top_k: int = 0
     repetition_penalty: float = 1.0
+    #: Raised when what a protocol feeds the model changes, so stored runs are not reused as its own.
+    revision: int = 1
 
     @property
     def raw_text(self) -> bool:
@@ -66,12 +68,14 @@ HOTT = Protocol(
     "scorers, shuffle(seed=42) subset, greedy, tokenizer EOS, repetition stop",
     prompts="hott", chat_template=False, strip_thinking=False, keep_think_tags=False, eos="tokenizer",
     subset="hf-shuffle", subset_seed=42, repetition_stop=True,
+    revision=2,  # BOS as transformers 4.51.3 put it; StrategyQA's question unstripped (1: the installed tokenizer's)
 )
 HOTT_SAMPLING = Protocol(
     "hott-sampling", "the fork's reason/ code before 2025-10-06: as hott, but sampling (temperature 0.7, top-p 0.9, "
     "top-k 50, repetition penalty 1.2), generation-config EOS, no repetition stop",
     prompts="hott", chat_template=False, strip_thinking=False, keep_think_tags=False, eos="generation_config",
     subset="hf-shuffle", subset_seed=42, temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.2,
+    revision=2,  # as hott's
 )
 PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (KVBENCH, HOTT, HOTT_SAMPLING)}
 DEFAULT_PROTOCOL = KVBENCH.name
