@@ -21,11 +21,12 @@ REFERENCES = {"hott": "hott_poster_accuracy.csv"}
 REFERENCE_PROTOCOL = {"hott": "hott"}
 
 #: The paper's press -> our press that runs its code (None: no code behind the published number).
-COUNTERPART = {"full": "full", "h2o": "hott-h2o", "knorm": "knorm", "rkv": "hott-rkv", "snapkv-d": "hott-snapkv-d",
+COUNTERPART = {"full": "full", "h2o": "hott-h2o", "knorm": "hott-knorm", "rkv": "hott-rkv", "snapkv-d": "hott-snapkv-d",
                "streaming_llm": "hott-streaming_llm", "shadowkv": None}
 #: Our presses that implement one of the paper's methods -> the paper's press row.
 FAMILY = {
-    "full": "full", "h2o": "h2o", "hott-h2o": "h2o", "hott-h2o-fixed": "h2o", "knorm": "knorm", "rkv": "rkv",
+    "full": "full", "h2o": "h2o", "hott-h2o": "h2o", "hott-h2o-fixed": "h2o", "knorm": "knorm",
+    "hott-knorm": "knorm", "rkv": "rkv",
     "hott-rkv": "rkv", "hott-rkv-fixed": "rkv", "snapkv-d": "snapkv-d", "hott-snapkv-d": "snapkv-d",
     "hott-snapkv-d-fixed": "snapkv-d", "streaming_llm": "streaming_llm", "hott-streaming_llm": "streaming_llm",
     "shadowkv": "shadowkv",
@@ -44,6 +45,8 @@ PRESS_DIFFERS = {
                 "current query only, by cache index (hott-snapkv-d)",
     "hott-snapkv-d-fixed": "the fork's SnapKV parameters with 64 real window queries; the fork's only decoding path "
                            "that runs saw the current query only (hott-snapkv-d)",
+    "knorm": "norms rounded to 16 significant bits, ties to the newest; the fork's exact norms in the keys' dtype "
+             "over its topk-ordered cache (hott-knorm)",
     "streaming_llm": "sinks and recent tokens by position; the fork's index rule over topk's tie order "
                      "(hott-streaming_llm) is the same only where topk keeps tied indices in order",
     "shadowkv": "no ShadowKV implementation exists in the fork: the published value has no code to compare with",
@@ -61,8 +64,8 @@ COMPARABLE_CAVEAT = ("same code path as the paper's harness; still differing: th
 UNTRACEABLE = {
     "snapkv-d": "the fork's published SnapKV-D runs only with eager attention, which its harness never asked for "
                 "(by default it raises, or scores NaN in later versions): what produced this column is not known",
-    "rkv": "the fork's published R-KV cannot run on the paper's models (a hard-coded hidden width) and compresses "
-           "only layer 0 while decoding: what produced this column is not known",
+    "rkv": "the fork's published R-KV cannot run on the paper's models (a hard-coded hidden width of 5120): what "
+           "produced this column is not known",
 }
 
 

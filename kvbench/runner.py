@@ -133,7 +133,8 @@ def run_cell(
             yield from enumerate(zip(prompts, outputs))
             return
         stream = ContinuousGeneration(session.loaded.model, ids, cell.press, cell.budget, settings,
-                                      config.batch_size, decode=codec.decode, pad_token_id=tokenizer.pad_token_id,
+                                      batch_size(config, cell), decode=codec.decode,
+                                      pad_token_id=tokenizer.pad_token_id,
                                       hooks=Hooks(attention_loss=loss, critical_positions=critical),
                                       on_admit=started.add)
         for finished in stream.steps():
@@ -151,7 +152,7 @@ def run_cell(
         }
 
     return store_cell(ResultStore(config.store), config, task, examples, cell, produce, row_of,
-                      None if continuous else config.batch_size, retry_failed, on_example)
+                      None if continuous else batch_size(config, cell), retry_failed, on_example)
 
 
 def run_fidelity_cell(
@@ -181,9 +182,14 @@ def run_fidelity_cell(
 def batching(config: RunConfig, cell: Cell) -> str:
     """How the cell's examples are batched: ``config.batching``, except that ShadowKV's sparse cache (which
     cannot take a sequence into a running batch) and batch 1 are static."""
-    if config.batch_size == 1 or cell.press.sparse:
+    if batch_size(config, cell) == 1 or cell.press.sparse:
         return "static"
     return config.batching
+
+
+def batch_size(config: RunConfig, cell: Cell) -> int:
+    """Sequences decoded at once: ``--batch-size``, or 1 for a press whose choices are not batch-invariant."""
+    return config.batch_size if cell.press.batch_invariant else 1
 
 
 def generation_settings(session: Session, config: RunConfig, task: Task):
@@ -217,7 +223,7 @@ def base_row(session: Session, config: RunConfig, task: Task, cell: Cell, exampl
         "prefill_s": out.prefill_s, "decode_s": out.decode_s, "tokens_per_s": out.tokens_per_s,
         "peak_kv_bytes": out.peak_kv_bytes, "host_kv_bytes": out.host_kv_bytes, "evicted_tokens": out.evicted_tokens,
         "mean_cache_len": out.mean_cache_len, "looped": out.looped, "loop_start": out.loop_start,
-        "kv_byte_steps": out.kv_byte_steps, "batch_size": config.batch_size, "batching": batching(config, cell),
+        "kv_byte_steps": out.kv_byte_steps, "batch_size": batch_size(config, cell), "batching": batching(config, cell),
         **session.provenance,
     }
 

@@ -52,7 +52,8 @@ def _early_eos(model, tokenizer, press_name: str, n_new: int) -> tuple[int, ...]
     return () if eos is None else (eos,)
 
 
-@pytest.mark.parametrize("press_name", [p for p in ALL_PRESSES if not make_press(p).sparse])
+@pytest.mark.parametrize("press_name", [p for p in ALL_PRESSES
+                                        if not make_press(p).sparse and make_press(p).batch_invariant])
 def test_continuous_equals_batch_one_for_every_press(tiny_llama, press_name):
     model, tokenizer = tiny_llama
     settings = GenerationSettings(max_new_tokens=40, seed=1, eos_token_ids=_early_eos(model, tokenizer, press_name, 40))
@@ -159,3 +160,19 @@ def test_a_failure_before_any_example_begins_fails_the_chunk_and_ends(tmp_path, 
     execute(RunConfig(model="tiny-llama", presses=("h2o",), budgets=(16,), num_samples=4, max_new_tokens=8,
                       store=str(tmp_path / "s"), batch_size=2))
     assert len(ResultStore(tmp_path / "s").failures()) == 4 and not ResultStore(tmp_path / "s").parts()
+
+
+def test_a_press_that_is_not_batch_invariant_runs_one_sequence_at_a_time(tmp_path):
+    from kvbench.run import RunConfig, execute
+    from kvbench.store import ResultStore
+
+    def rows(batch_size):
+        store = str(tmp_path / f"b{batch_size}")
+        execute(RunConfig(model="tiny-llama", presses=("hott-knorm", "knorm"), budgets=(16,), num_samples=3,
+                          max_new_tokens=12, store=store, batch_size=batch_size))
+        table = ResultStore(store).read(["press", "example_id", "response", "batch_size", "batching"]).to_pylist()
+        return sorted(tuple(r.values()) for r in table)
+
+    three, one = rows(3), rows(1)
+    assert {(r[0], r[3], r[4]) for r in three} == {("hott-knorm", 1, "static"), ("knorm", 3, "continuous")}
+    assert [r[:3] for r in three] == [r[:3] for r in one]

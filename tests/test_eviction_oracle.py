@@ -266,8 +266,9 @@ def test_shadowkv_attention_over_the_selected_tokens_equals_a_masked_forward(tin
     assert any(len(s) < q for q in range(n, total) for s in attended[q - n + 1][0]), "nothing was left out"
     expected = masked_logits(model, tokens, masks)
     torch.testing.assert_close(torch.stack(out.logits), expected[n - 1:], atol=1e-4, rtol=1e-4)
-    # The chunks chosen are those whose landmark (mean post-RoPE key) has the highest mean logit over the
-    # query group, recomputed from the oracle's own queries and keys; the outlier chunk is attended whatever.
+    # The chunks chosen are those whose landmark (mean post-RoPE key) scores highest by ShadowKV's rule (each query
+    # head's softmax over the chunks of logits / sqrt(128), the group's maximum), recomputed from the oracle's own
+    # queries and keys; the outlier chunk is attended whatever.
     group = cfg.num_attention_heads // cfg.num_key_value_heads
     c, last, chunked = 4, total - 1, ends[-2] // 4
     for layer in range(cfg.num_hidden_layers):
@@ -276,8 +277,10 @@ def test_shadowkv_attention_over_the_selected_tokens_equals_a_masked_forward(tin
         for h, seen in enumerate(attended[-1][layer]):
             assert set(range(ends[-2], last + 1)) <= seen  # the ring
             landmarks = keys[h, : chunked * c].view(chunked, c, -1).mean(1)
-            scores = (query[h * group:(h + 1) * group] @ landmarks.T).mean(0).tolist()
             outliers = {p // c for p in outlier_positions[h].tolist() if p >= 0}
+            logits = query[h * group:(h + 1) * group] @ landmarks.T / 128**0.5  # outliers do not compete
+            logits[:, sorted(outliers)] = -torch.inf
+            scores = torch.softmax(logits, -1).amax(0).tolist()
             chosen = {j for j in range(chunked) if set(range(j * c, j * c + c)) <= seen} - outliers
             others = set(range(chunked)) - chosen - outliers
             assert outliers <= {p // c for p in seen} and chosen and others

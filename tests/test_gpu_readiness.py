@@ -13,6 +13,7 @@ from kvbench.engine.generate import GenerationSettings, generate
 from kvbench.models import build_tiny, byte_tokenizer
 from kvbench.opcount import hf_generate_step, kvbench_step
 from kvbench.presses import make_press
+from kvbench.presses.source_order import STATE
 from kvbench.verify.invariants import bounded
 from kvbench.verify.oracle import masked_logits, masks_from_kept
 from kvbench.verify.outputs import batched, full_cache, masking
@@ -140,7 +141,8 @@ def test_oracles_hold_at_the_real_head_geometry(alias):
 def test_a_decoding_step_launches_about_what_hf_generate_launches_and_never_more_as_it_goes(tiny_llama):
     """Operators per decoding step, counted by a dispatch mode (machine independent): the full cache within 10% of
     transformers' generate with its DynamicCache; one host synchronisation per step (the stopping check) for
-    kvbench's presses (the paper's bug-compatible ones reproduce its code's host reads); the count does not depend
+    kvbench's presses (the paper's bug-compatible ones reproduce its code's host reads, and a press that keeps its
+    source's cache order, rkv, reads the entries held once per compression); the count does not depend
     on the batch and, once the cache is full, does not grow with the generated length."""
     model, tokenizer = tiny_llama
     prompt = prompt_ids(tokenizer)[:30]
@@ -152,7 +154,8 @@ def test_a_decoding_step_launches_about_what_hf_generate_launches_and_never_more
         press = make_press(press_name, args)
         one = kvbench_step(model, [prompt], press, 16)
         assert one.growth == 0, (press_name, one)
-        assert one.syncs == 1 or press_name.startswith("hott-") or press.sparse, (press_name, one)
+        source_order = STATE in press.state_names and one.syncs <= 2
+        assert one.syncs == 1 or press_name.startswith("hott-") or press.sparse or source_order, (press_name, one)
         if press_name in ("snapkv-d", "h2o", "adakv:snapkv-d"):
             assert kvbench_step(model, [prompt] * 4, press, 16) == one, press_name
 

@@ -7,7 +7,7 @@ import torch
 from kvbench.engine.generate import GenerationSettings, generate
 from kvbench.engine.view import QueryWindow, SlotView
 from kvbench.presses import make_press
-from kvbench.presses.hott_order import STATE
+from kvbench.presses.source_order import STATE
 from tests.conftest import prompt_ids
 
 
@@ -138,13 +138,14 @@ def test_hott_rkv_keeps_the_most_redundant_keys_where_rkv_keeps_the_least():
     copy, unique, window = [1., 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1]
     keys = torch.tensor([copy, copy, copy, unique, window]).view(1, 1, 5, 4)
     args = {"window_size": "1", "buffer": "2"}
+    # a zero query attends uniformly: importance ties, redundancy decides
+    zero_query = QueryWindow(torch.zeros(1, 1, 1, 4), torch.tensor([[4]]), torch.ones(1, 1, dtype=torch.bool), 1.0)
     fork = make_press("hott-rkv", args).score(view_of([0, 1, 2, 3, 4], keys=keys, state={STATE: torch.zeros(5)},
-                                                      attention=torch.full((5,), 0.2)))
+                                                      window=zero_query))
     kept = {p for p in range(5) if fork[0, 0, p] > -torch.inf}
     assert 3 not in kept and 4 in kept and len(kept) == 3  # the unique key goes, two copies stay
-    zero_query = QueryWindow(torch.zeros(1, 1, 1, 4), torch.tensor([[4]]), torch.ones(1, 1, dtype=torch.bool), 1.0)
     fixed = make_press("hott-rkv-fixed", args).score(view_of([0, 1, 2, 3, 4], keys=keys, window=zero_query))[0, 0]
-    # R-KV's sign: the unique key outranks the older copies (the latest copy is exempt, as in R-KV)
+    # R-KV's sign: the unique key outranks the copies
     assert fixed[3] > fixed[0] and fixed[3] > fixed[1] and fixed[3] >= fixed[2]
 
 
@@ -164,3 +165,21 @@ def test_fixed_variants_are_the_forks_parameters():
     assert make_press("hott-snapkv-d-fixed").window_size == 64
     rkv = make_press("hott-rkv-fixed")
     assert (rkv.buffer, rkv.kernel_size, rkv.window_size, rkv.mix_lambda) == (64, 5, 8, 0.1)
+
+
+# --- KNorm: exact norms in the keys' dtype, topk's order ----------------------------------------------------------
+
+
+def test_hott_knorm_ranks_exact_norms_where_knorm_rounds_them_to_a_tie():
+    # two norms 2 float32 steps apart (seen on the embedded model's layer 0) and a small one; budget 2 at the prefill
+    keys = torch.zeros(1, 1, 3, 4)
+    keys[0, 0, :, 0] = torch.tensor([14.9573946, 14.9573965, 1.0])
+    state = {STATE: torch.zeros(1, 3)}
+    scores = make_press("hott-knorm").score(view_of([0, 1, 2], keys=keys, state=state, budget=2, step=0))[0, 0]
+    assert scores[1] == -torch.inf and scores[0] > -torch.inf and scores[2] > -torch.inf  # the larger norm goes
+    rounded = make_press("knorm").score(view_of([0, 1, 2], keys=keys, budget=2, step=0))[0, 0]
+    assert rounded[0] == rounded[1]  # knorm: a tie, which its engine gives to the newest (position 1)
+    # in bfloat16 keys the fork's norms are bfloat16: these two tie, and topk's order decides
+    bf16 = make_press("hott-knorm").score(view_of([0, 1, 2], keys=keys.bfloat16(), state=state, budget=2, step=0))
+    fork = (-keys.bfloat16().norm(dim=-1))[0, 0].topk(2).indices.tolist()
+    assert sorted(i for i in range(3) if bf16[0, 0, i] > -torch.inf) == sorted(fork)

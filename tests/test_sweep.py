@@ -175,7 +175,7 @@ def test_shipped_grids_validate(monkeypatch):
 @pytest.mark.parametrize(("grid", "protocol", "presses"), [
     ("paper.csv", "kvbench", {"full", "hott-h2o-fixed", "knorm", "hott-rkv-fixed", "hott-snapkv-d-fixed",
                               "streaming_llm"}),
-    ("paper-hott.csv", "hott", {"full", "hott-h2o", "knorm", "hott-rkv", "hott-snapkv-d", "hott-streaming_llm"}),
+    ("paper-hott.csv", "hott", {"full", "hott-h2o", "hott-knorm", "hott-rkv", "hott-snapkv-d", "hott-streaming_llm"}),
 ])
 def test_paper_grids_validate(monkeypatch, tmp_path, grid, protocol, presses):
     """The paper's settings: 4 models x 8 datasets x (full + 5 presses x 4 budgets), 100 questions, 2048 tokens."""

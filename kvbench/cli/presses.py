@@ -14,7 +14,7 @@ def presses() -> None:
     table.add_column("press", style="bold")
     table.add_column("rule (higher = keep)")
     table.add_column("parameters (default)")
-    table.add_column("source (code checked in tests/reference/)")
+    table.add_column("source (code checked in tests/reference/)", min_width=48)
     for name, cls in PRESSES.items():
         params = "\n".join(f"{p}={d!r}: {doc}" if doc else f"{p}={d!r}" for p, _, d, doc in press_parameters(name))
         table.add_row(name, cls.summary, params, _source(cls))

@@ -4,13 +4,15 @@ Per layer and sequence, stored by token position: on the device, rank-r coeffici
 over a basis from the prompt's SVD, one landmark (mean post-RoPE key) per chunk and KV head, the outlier chunks
 exact, and the tokens after the last chunk exact (the prompt's tail and every generated token; with
 ``generated=projected``, a ring of the most recent ones); on the host, every chunked token's values. A decoding step
-attends to the outliers, the ring and, per KV head, the chunks whose landmark has the highest mean logit over
-the head's query group, rebuilt: keys from the coefficients with RoPE at their positions, values from the host.
-The prefill attends exactly (ShadowKV compresses after the prompt's own attention).
+attends to the outliers, the ring and, per KV head, the chunks whose landmark scores highest for the head's query
+group (``chunk_scores``: the group's mean logit, or ShadowKV's maximum over the group of each query head's
+softmax), rebuilt: keys from the coefficients with RoPE at their positions, values from the host. The
+prefill attends exactly (ShadowKV compresses after the prompt's own attention).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -156,9 +158,14 @@ class ShadowLayer(DynamicLayer):
         group = hq // h
         c = press.chunk_size
         q = query.view(b, h, group, d)
-        # Chunk scores: the group's mean logit on each landmark; only full, non-outlier chunks compete.
-        scores = torch.matmul(q.float(), self.landmarks.transpose(-1, -2)).mean(dim=2)  # [B, H, chunks]
-        scores = scores.masked_fill(~self.chunk_valid, -torch.inf)
+        # Chunk scores; only full, non-outlier chunks compete.
+        logits = torch.matmul(q.float(), self.landmarks.transpose(-1, -2))  # [B, H, group, chunks]
+        if press.chunk_scores == "softmax-max":  # ShadowKV: each query head's softmax (/ sqrt(128)), the group's max
+            logits = logits.div_(math.sqrt(128)).masked_fill_(~self.chunk_valid[:, :, None], -torch.inf)
+            scores = torch.softmax(logits, dim=-1).amax(dim=2)
+        else:  # the group's mean logit
+            scores = logits.mean(dim=2)
+        scores = scores.masked_fill(~self.chunk_valid, -torch.inf)  # [B, H, chunks]
         k = min(cache.selected_chunks, scores.shape[-1])
         top = scores.topk(k, dim=-1)
         # Each sequence rebuilds what its budget leaves after its ring and outliers (all chunks if it covers all).

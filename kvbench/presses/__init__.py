@@ -14,6 +14,7 @@ from kvbench.presses.full import FullPress
 from kvbench.presses.h2o import H2OPress
 from kvbench.presses.hott_fixed import HottH2OFixedPress, HottRKVFixedPress, HottSnapKVDFixedPress
 from kvbench.presses.hott_h2o import HottH2OPress
+from kvbench.presses.hott_knorm import HottKNormPress
 from kvbench.presses.hott_rkv import HottRKVPress
 from kvbench.presses.hott_snapkv_d import HottSnapKVDPress
 from kvbench.presses.hott_streaming_llm import HottStreamingLLMPress
@@ -37,7 +38,7 @@ PRESSES: dict[str, type[Press]] = {
         RPCPress, SCOPEPress, ShadowKVPress,
         # the paper's harness: its rules with its defects fixed, and bug-compatible with its code
         HottH2OFixedPress, HottSnapKVDFixedPress, HottRKVFixedPress,
-        HottH2OPress, HottSnapKVDPress, HottRKVPress, HottStreamingLLMPress,
+        HottH2OPress, HottSnapKVDPress, HottRKVPress, HottStreamingLLMPress, HottKNormPress,
     )
 }
 #: Allocation wrappers, composed with a scoring press as ``wrapper:press`` (``pyramidkv:adakv:snapkv-d``).

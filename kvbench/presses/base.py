@@ -64,6 +64,9 @@ class Press:
     origin: ClassVar[str | None] = None
     #: False if decoding scores read only the newest query of the window (the engine then keeps no window rows).
     reads_whole_window: ClassVar[bool] = True
+    #: False where the rule's exact arithmetic lets float noise that differs between batch shapes decide what is
+    #: kept (``hott-knorm``'s unrounded norms): runs then decode such a press one sequence at a time.
+    batch_invariant: ClassVar[bool] = True
 
     #: Entries added between two compressions: the cache holds at most ``budget + buffer`` entries.
     buffer: int = 1

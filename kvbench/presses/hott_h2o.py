@@ -3,7 +3,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.presses.base import Press
-from kvbench.presses.hott_order import STATE, fork_index, fork_topk, from_fork_order, reorder, to_fork_order
+from kvbench.presses.source_order import STATE, fork_index, fork_topk, from_fork_order, reorder, to_fork_order
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -25,13 +25,20 @@ class HottH2OPress(Press):
       of about 0.002 to a sum of 1 is lost, so scores stop moving within a few hundred steps.
 
     Emulated here with per-slot state (each layer's accumulator, count and index in the fork's cache) and the
-    fork's own ``topk`` in ``state_dtype``. Ties within ``topk`` fall as topk orders them; the attention is
-    rounded to ``state_dtype`` after its sum and group mean (the fork summed bf16 probabilities).
+    fork's own ``topk`` in ``state_dtype``; ties within ``topk`` fall as topk orders them. With ``state_dtype`` =
+    the attention's dtype of a float32 model this keeps exactly what the fork's code keeps
+    (``tests/reference/test_hott_h2o.py``). In bf16 it is an approximation: the engine hands the press the step's
+    attention in float32, summed over the queries and averaged over each group, and the press adds it to the
+    state in float32 and rounds the sum once, where the fork rounds each head's probabilities to bf16 (and its
+    logits are bf16 matmuls), then their sum, group mean and addition, each in bf16; the kept sets agree for the
+    first compressions, then drift.
     """
 
     name = "hott-h2o"
     summary = "the paper's harness's H2O: one bf16 accumulator shared by all layers, misaligned (bug-compatible)"
     source = "the kvpress fork of arXiv 2512.12008 (h2o_press.py @43d9e37)"
+    reference = ("minghui-liu/kvpress@43d9e37 kvpress/presses/h2o_press.py (H2OPress.score, compress_prefilling, "
+                 "compress_decoding)")
     state_names = (STATE, "accumulated", "count", "keep")
 
     #: Dtype of the shared accumulator and count (the attention dtype: bf16 for the paper's models).

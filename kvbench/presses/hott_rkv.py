@@ -1,16 +1,16 @@
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from kvbench.presses.base import Press
-from kvbench.presses.hott_order import (
+from kvbench.presses.source_order import (
     STATE,
     compress,
     fork_index,
     fork_topk,
     reorder,
-    to_fork_order,
     valid_lengths,
     window_padded,
 )
@@ -20,11 +20,14 @@ from kvbench.presses.hott_order import (
 class HottRKVPress(Press):
     """R-KV as the paper's harness's ``rkv_press.py`` (43d9e37) scores it: the most redundant keys kept.
 
-    Bug-compatible in its rule: ``0.1 * importance + 0.9 * redundancy`` (R-KV subtracts redundancy, so the fork
-    keeps the keys most similar to the others); redundancy is each key's mean cosine similarity to the other
-    non-window keys (self-similarity zeroed, no R-KV "latest copy" exemption), softmaxed; importance is the mean
-    attention of the window's queries, GQA max, max-pooled (kernel 5) along the cache's physical order; the last
-    8 cache entries are padded with the layer's maximum; ``topk(budget)`` is gathered in topk's order.
+    Bug-compatible in its rule, each operation in the model's dtype as the fork runs it (``fork_rkv_score``):
+    ``0.1 * importance + 0.9 * redundancy`` (R-KV subtracts redundancy, so the fork keeps the keys most similar to
+    the others); redundancy is each key's mean cosine similarity to the other non-window keys (self-similarity
+    zeroed, no R-KV "latest copy" exemption), softmaxed; importance is the mean attention of the window's queries
+    on the entries before the last 8 cache entries, GQA max, max-pooled (kernel 5) along the cache's physical
+    order; while decoding the fork masks window row ``i`` to cache indices ``0..i`` (its ``triu(diagonal=1)`` over
+    an 8-row window), so importance is zero past the first few cache entries; the last 8 cache entries are padded
+    with the layer's maximum; ``topk(budget)`` is gathered in topk's order.
 
     And in its schedule, which is the fork's counter as its code runs it (``compress_decoding``): one counter for
     all layers, advanced only by layer 0 on every decoding step once its cache holds more than the budget, reset
@@ -36,7 +39,8 @@ class HottRKVPress(Press):
     Not reproduced, because it cannot be on a working model: the fork's window queries are rebuilt from a
     hidden-state buffer of hard-coded width (5120 on main, which fits none of the paper's four models) that
     every layer overwrites, rotated at the current position and masked so that they see only the first 8 cache
-    entries; here they are each layer's 8 newest queries at their own positions.
+    entries; here they are each layer's 8 newest queries at their own positions (the mask is the fork's).
+    Checked against a transcription of the fork's code in ``tests/reference/test_hott_rkv.py``.
     """
 
     name = "hott-rkv"
@@ -44,7 +48,9 @@ class HottRKVPress(Press):
                "step behind")
     source = "the kvpress fork of arXiv 2512.12008 (rkv_press.py @43d9e37)"
     reference = "minghui-liu/kvpress@43d9e37 kvpress/presses/rkv_press.py (RKVPress.score, compress_decoding)"
-    revision = 2  # the fork's per-layer schedule and prefill cut (1: every layer at budget + 65, prompt kept whole)
+    #: 2: the fork's per-layer schedule, prefill cut, decoding mask and dtype (1: every layer at budget + 65, the
+    #: prompt kept whole, a causal window, float32 scores)
+    revision = 2
     state_names = (STATE,)
 
     #: The most entries held past the budget (65); the fork's ``compress_interval`` is one less (64).
@@ -93,17 +99,18 @@ class HottRKVPress(Press):
 
     def score(self, view) -> torch.Tensor:
         index, lengths = fork_index(view), valid_lengths(view)
-        width = max(lengths)
-        importance = to_fork_order(view.attention(gqa="max"), index, view.valid, width)
-        similarity = _redundancy_terms(view, index, torch.tensor(lengths, device=index.device) - self.window_size)
-        redundancy = to_fork_order(similarity, index, view.valid, width)
+        order = index.argsort(dim=-1)  # slots in the fork's cache order, the invalid ones last
+        keys = view.keys.gather(2, order[..., None].expand(-1, -1, -1, view.keys.shape[-1]))
+        key_positions = view.positions.gather(2, order)
+        queries, query_positions = window_queries(view)
 
         def mixed(rows: list[int], prefix: int) -> torch.Tensor:
-            pooled = F.max_pool1d(importance[rows, :, :prefix], self.kernel_size, stride=1,
-                                  padding=self.kernel_size // 2)
-            return self.mix_lambda * pooled + (1 - self.mix_lambda) * torch.softmax(redundancy[rows, :, :prefix], -1)
+            length = prefix + self.window_size
+            return fork_rkv_score(queries[rows], query_positions[rows], keys[rows, :, :length],
+                                  key_positions[rows, :, :length], prefix, self.kernel_size, self.mix_lambda,
+                                  sign=1.0, fork_mask=view.step > 0).float()  # the topk casts back exactly
 
-        scores = window_padded(lengths, self.window_size, importance.shape[:2], importance.device, mixed)
+        scores = window_padded(lengths, self.window_size, index.shape[:2], index.device, mixed)
         if view.compress_to is None:  # scored outside the engine: the nominal cadence
             return compress(self, view, index, lengths, scores)
         # the layers that compress now are those the engine asks to keep fewer entries than they hold
@@ -111,11 +118,39 @@ class HottRKVPress(Press):
         return reorder(view, index, fork_topk(scores.to(view.keys.dtype), lengths, view.budget, 1))
 
 
-def _redundancy_terms(view, index: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
-    """Each non-window key's mean cosine similarity to the non-window keys (its own term zeroed), per slot."""
-    keys = view.keys.float()
+def window_queries(view) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query window in position order: [N, H_q, W, D] in the model's dtype, positions [N, W] (-1: none)."""
+    window = view.window
+    positions = window.positions.masked_fill(~window.valid, -1)
+    order = positions.argsort(dim=-1)
+    queries = window.queries.gather(2, order[:, None, :, None].expand(-1, window.queries.shape[1], -1,
+                                                                        window.queries.shape[-1]))
+    return queries.to(view.keys.dtype), positions.gather(1, order)
+
+
+def fork_rkv_score(queries, query_positions, keys, key_positions, prefix: int, kernel: int, mix_lambda: float,
+                   sign: float = -1.0, fork_mask: bool = False) -> torch.Tensor:
+    """``RKVPress.score`` (rkv_press.py:137-179) before the window's padding, each op in the model's dtype as the
+    fork runs it: [N, H, prefix] in the cache's order, from the window's queries [N, H_q, W, D] in position order
+    and the keys [N, H, S, D] in the fork's cache order. ``sign=-1``: R-KV's sign (the fork's is +1). The window's
+    queries are masked causally by position, or with ``fork_mask`` as the fork's decoding path masks them
+    (``triu(diagonal=1)``: window row ``i`` sees cache indices ``0..i``)."""
+    n, heads, _, head_dim = keys.shape
+    group = queries.shape[1] // heads
+    logits = torch.matmul(queries, keys.repeat_interleave(group, dim=1).transpose(2, 3)) / math.sqrt(head_dim)
+    if fork_mask:
+        rows, columns = torch.arange(logits.shape[-2], device=keys.device), torch.arange(keys.shape[2],
+                                                                                          device=keys.device)
+        future = (columns[None, :] > rows[:, None]).expand_as(logits)
+    else:
+        future = key_positions.repeat_interleave(group, dim=1)[:, :, None, :] > query_positions[:, None, :, None]
+    attention = torch.softmax(logits.masked_fill(future, -math.inf), dim=-1, dtype=torch.float32)
+    attention = attention.nan_to_num(0.0).to(queries.dtype)[..., :prefix]
+    importance = attention.mean(dim=-2).view(n, heads, group, prefix).max(dim=-2).values
+    importance = F.max_pool1d(importance, kernel_size=kernel, padding=kernel // 2, stride=1)
     unit = keys / (keys.norm(dim=-1, keepdim=True) + 1e-8)
-    in_prefix = view.valid & (index < prefix[:, None, None])
-    sim = (unit @ unit.transpose(-1, -2)) * in_prefix[..., None, :]
-    sim = sim - torch.diagonal(sim, dim1=-2, dim2=-1).diag_embed()
-    return sim.sum(dim=-1) / prefix.clamp(min=1)[:, None, None]
+    flat = unit[:, :, :prefix]
+    similarity = torch.einsum("bhqd,bhkd->bhqk", flat, flat)
+    similarity = similarity * (1 - torch.eye(prefix, device=keys.device))  # float32, as the fork's: promotes
+    redundancy = torch.softmax(similarity.mean(dim=-1), dim=-1, dtype=torch.float32).to(importance.dtype)
+    return mix_lambda * importance + sign * (1 - mix_lambda) * redundancy

@@ -5,11 +5,10 @@ import torch.nn.functional as F
 
 from kvbench.errors import KvbenchError
 from kvbench.presses.base import Press
-from kvbench.presses.hott_order import (
+from kvbench.presses.source_order import (
     STATE,
     compress,
     fork_index,
-    to_fork_order,
     valid_lengths,
     window_padded,
 )
@@ -26,13 +25,20 @@ class HottSnapKVDPress(Press):
     entries with the maximum score of the layer and keeps ``topk(budget)``, gathered in topk's order. So its
     "window" is the last 64 entries of a cache reordered by score at every step (the newest token and the 63
     lowest-ranked survivors), and its pooling neighbours are score-order neighbours. The prefill uses the prompt's
-    last 64 queries, as SnapKV. Emulated over each slot's fork index with the fork's ``topk``; the attention is
-    rounded to the model's dtype, as eager attention returns it.
+    last 64 queries, as SnapKV. Emulated over each slot's fork index with the fork's ``topk`` on the scores laid
+    out in the fork's order; the scores are computed by the fork's own sequence of operations, in the model's
+    dtype: eager attention per query head (``q @ k`` then the scaling, softmax in float32 cast back), the mean
+    over the rows, the pooling per query head, then the group's mean, so that equal scores are equal (and near
+    ties fall) as they did there.
     """
 
     name = "hott-snapkv-d"
     summary = "the paper's harness's SnapKV-D: current query only, window and pooling by cache index (bug-compatible)"
     source = "the kvpress fork of arXiv 2512.12008 (snapkv_press.py @43d9e37, eager decoding path)"
+    reference = "minghui-liu/kvpress@43d9e37 kvpress/presses/snapkv_press.py (SnapKVPress.score, eager attentions)"
+    #: 2: the fork's operations in its order and dtype (1 averaged the group's attention before pooling, and
+    #: computed the logits as (q * scaling) @ k in float32, so near-equal scores could rank differently)
+    revision = 2
     state_names = (STATE,)
     #: Decoding scores read the newest query of the window only.
     reads_whole_window = False
@@ -59,11 +65,41 @@ class HottSnapKVDPress(Press):
 
     def score(self, view) -> torch.Tensor:
         index, lengths = fork_index(view), valid_lengths(view)
-        attention = view.attention(gqa="mean", last=None if view.step == 0 else 1).to(view.keys.dtype).float()
-        ordered = to_fork_order(attention, index, view.valid, max(lengths))
+        order = index.argsort(dim=-1)  # slots in the fork's cache order, the invalid ones last
+        keys = view.keys.gather(2, order[..., None].expand(-1, -1, -1, view.keys.shape[-1]))
+        key_positions = view.positions.gather(2, order)
+        queries, query_positions = self._queries(view)
+        heads = keys.shape[1]
 
         def pooled(rows: list[int], prefix: int) -> torch.Tensor:
-            return F.avg_pool1d(ordered[rows, :, :prefix], self.kernel_size, stride=1, padding=self.kernel_size // 2)
+            # snapkv_press.py:83-94 on the eager attention, each op in the model's dtype as the fork ran it
+            length = prefix + self.window_size
+            attention = _eager_attention(queries[rows], query_positions[rows], keys[rows, :, :length],
+                                         key_positions[rows, :, :length], view.window.scaling)
+            scores = attention[..., :prefix].mean(dim=-2)
+            scores = F.avg_pool1d(scores, self.kernel_size, stride=1, padding=self.kernel_size // 2)
+            return scores.view(len(rows), heads, -1, prefix).mean(2).float()  # exact: compress casts back
 
-        scores = window_padded(lengths, self.window_size, ordered.shape[:2], ordered.device, pooled)
+        scores = window_padded(lengths, self.window_size, index.shape[:2], index.device, pooled)
         return compress(self, view, index, lengths, scores)
+
+    def _queries(self, view) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of the fork's ``attentions[..., -window:, :]``: the prompt's last ``window_size`` queries at the
+        prefill, the current query alone in decoding; [N, H_q, rows, D] in position order, positions [N, rows]."""
+        window = view.window
+        positions = window.positions.masked_fill(~window.valid, -1)
+        rows = 1 if view.step > 0 else min(self.window_size, positions.shape[-1])
+        newest = positions.topk(rows, dim=-1).indices.flip(-1)  # position order
+        queries = window.queries.gather(2, newest[:, None, :, None].expand(-1, window.queries.shape[1], -1,
+                                                                             window.queries.shape[-1]))
+        return queries.to(view.keys.dtype), positions.gather(1, newest)
+
+
+def _eager_attention(queries, query_positions, keys, key_positions, scaling) -> torch.Tensor:
+    """transformers' eager attention weights: ``matmul(q, repeat_kv(k)) * scaling`` in the model's dtype, the causal
+    mask, softmax in float32 cast back to the model's dtype. [N, H_q, rows, S]."""
+    group = queries.shape[1] // keys.shape[1]
+    logits = torch.matmul(queries, keys.repeat_interleave(group, dim=1).transpose(2, 3)) * scaling
+    future = key_positions.repeat_interleave(group, dim=1)[:, :, None, :] > query_positions[:, None, :, None]
+    logits = logits.masked_fill(future, torch.finfo(logits.dtype).min)
+    return torch.softmax(logits, dim=-1, dtype=torch.float32).to(queries.dtype)

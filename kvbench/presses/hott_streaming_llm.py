@@ -3,7 +3,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.presses.base import Press
-from kvbench.presses.hott_order import STATE, compress, fork_index, valid_lengths
+from kvbench.presses.source_order import STATE, compress, fork_index, valid_lengths
 
 
 @dataclass
@@ -23,6 +23,8 @@ class HottStreamingLLMPress(Press):
     name = "hott-streaming_llm"
     summary = "the paper's harness's StreamingLLM: index rule over its topk-reordered cache (bug-compatible)"
     source = "the kvpress fork of arXiv 2512.12008 (streaming_llm_press.py @43d9e37)"
+    reference = ("minghui-liu/kvpress@43d9e37 kvpress/presses/streaming_llm_press.py (StreamingLLMPress.score; "
+                 "ScorerPress.compress_prefilling, compress_decoding)")
     state_names = (STATE,)
 
     #: Attention-sink entries the fork's rule keeps by index (4, as StreamingLLM).

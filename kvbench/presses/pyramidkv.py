@@ -8,13 +8,20 @@ class PyramidKVPress(WrapperPress):
     """PyramidKV: shallow layers keep more, deep layers less; the mean over layers is the budget.
 
     Layer budgets fall linearly from ``(2 - 1/beta) x budget`` at the first layer to ``budget / beta`` at the
-    last, rounded so that they add up to exactly ``layers x budget``. The inner press chooses the entries. Every
-    layer's budget includes the inner press's protected tokens (PyramidKV's code adds its window on top).
+    last, rounded so that they add up to exactly ``layers x budget``. The inner press chooses the entries. The
+    allocation differs from PyramidKV's code (``tests/reference/test_pyramidkv.py`` measures each): every layer's
+    budget includes the inner press's protected tokens, where PyramidKV shares ``budget - window`` and adds its
+    window to every layer (so kvbench's deepest layers can keep fewer entries than snapkv-d protects and hold only
+    the most recent tokens: at budget 128 over 28 layers the last three keep 25, 16 and 7); the pyramid applies at
+    every compression, where PyramidKV's applies only to a cache of at least ``2 x (budget - window)`` entries
+    (a long prompt) and is uniform otherwise, so its own rule at a decoding compression is SnapKV's; and PyramidKV
+    floors the smallest share and the step, so its layers do not add up to ``layers x budget``.
     """
 
     name = "pyramidkv"
     summary = "per-layer budgets falling linearly with depth, same total; wraps a scoring press"
     source = "Cai et al. 2024, arXiv 2406.02069"
+    reference = "Zefan-Cai/KVCache-Factory@c97f9d7 pyramidkv/pyramidkv_utils.py (PyramidKVCluster.update_kv)"
 
     #: The last layer keeps 1/beta of the mean budget, the first 2 - 1/beta of it (PyramidKV's beta = 20).
     beta: float = 20.0

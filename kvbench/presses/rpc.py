@@ -3,7 +3,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.errors import KvbenchError
-from kvbench.presses.base import INF, Press, pool_by_position, protect, recent_positions, window_softmax
+from kvbench.presses.base import INF, Press, pool_by_position, protect, recent_positions
 
 _UNBOUNDED = 2**62
 
@@ -12,11 +12,17 @@ _UNBOUNDED = 2**62
 class RPCPress(Press):
     """Reasoning Path Compression: the prompt stays; the reasoning so far is periodically re-selected.
 
-    The reasoning tokens (after the prompt, before the last ``window_size``) are scored as RPC's code does: each
-    of the last ``window_size`` queries (post-RoPE, at its own position) softmaxed over those tokens only, summed,
-    averaged over all query heads (``aggregation=all``: one selection for every KV head) or over each KV head's
-    group (``group``), then average-pooled along the sequence (``kernel_size``, zero padding counted). The prompt
-    and the window's own tokens are kept.
+    The reasoning tokens (after the prompt, before the last ``window_size``) are scored as RPC's code does
+    (``RPCCluster.compress_kv``): the selector queries (post-RoPE, each at its own position) softmaxed over those
+    tokens only, summed over the selectors, averaged over all query heads (``aggregation=all``: one selection for
+    every KV head) or over each KV head's group (``group``), then average-pooled along the sequence
+    (``kernel_size``, zero padding counted). The prompt and the window's own tokens are kept.
+
+    ``query_weights=rpc`` (RPC's code): the selectors are the last ``window_size - 1`` queries with the newest
+    counted twice: RPC caches a query only while ``target_length > P - R`` (``qwen2_custom.py`` 95-97), which
+    holds for the last R - 1 forwards before a compression, the compressing one included, and ``compress_kv``
+    then appends the current query again (``rpc_utils.py`` 96-97). ``query_weights=uniform`` (kvbench's revision
+    2, a variant): each of the last ``window_size`` queries once.
 
     ``schedule=growth`` (RPC's published schedule; its code's ``P``, ``R``, ``c``): ``--budget`` is the period
     ``P``. No compression until ``P + R`` tokens have been generated; then every ``P`` tokens the reasoning is
@@ -25,12 +31,20 @@ class RPCPress(Press):
     ``schedule=budget`` (a kvbench variant, not RPC's): the cache holds at most ``budget`` entries, prompt
     included; every ``buffer`` tokens (0 = a quarter of the budget) a compression keeps ``budget - buffer``; a
     prompt longer than the budget is compressed like SnapKV at the prefill.
+
+    Differences from RPC's code that remain: scores are computed in float32 (RPC: its softmax in float32, the
+    sums, means and pooling in the model's dtype, bf16 in its runs), and equal scores are kept newest first
+    (RPC: ``topk``'s order), so near-ties can fall differently; logits are scaled by the model's attention
+    scaling (RPC: ``1/sqrt(head_dim)``, the same for Qwen and Llama); RPC's scripts decode batches of 8
+    left-padded prompts whose ``prompt_len`` and schedule are the padded batch's, kvbench each sequence's own.
     """
 
     name = "rpc"
     summary = "prompt kept; every P tokens the reasoning is re-selected by the last R queries, growing at ratio 1/c"
     source = "Song et al. 2025, arXiv 2505.13866"
-    revision = 2  # published growth schedule by default; selector softmax over the reasoning tokens only
+    reference = "jiwonsong-dev/ReasoningPathCompression@00e64b7 rpc/rpc_utils.py (RPCCluster.compress_kv)"
+    # 3: RPC's selectors (the last R - 1 queries, the newest twice); 2: growth schedule, softmax over the reasoning
+    revision = 3
     reads_whole_window = False
 
     #: growth: RPC's schedule (--budget = its period P); budget: bounded by the budget (a kvbench variant).
@@ -48,6 +62,9 @@ class RPCPress(Press):
     #: all: one selection for every KV head, from the mean over all query heads (RPC's default aggregation);
     #: group: each KV head by its own GQA group's mean.
     aggregation: str = "all"
+    #: rpc: the last window_size - 1 queries select, the newest counted twice (RPC's code); uniform: each of the
+    #: last window_size once (kvbench's revision 2).
+    query_weights: str = "rpc"
 
     def __post_init__(self) -> None:
         if self.schedule not in ("growth", "budget"):
@@ -61,6 +78,8 @@ class RPCPress(Press):
             raise ValueError(f"rpc: pooling must be 'avg' or 'max', got {self.pooling!r}")
         if self.aggregation not in ("all", "group"):
             raise ValueError(f"rpc: aggregation must be 'all' or 'group', got {self.aggregation!r}")
+        if self.query_weights not in ("rpc", "uniform"):
+            raise ValueError(f"rpc: query_weights must be 'rpc' or 'uniform', got {self.query_weights!r}")
 
     @property
     def grows(self) -> bool:
@@ -99,9 +118,27 @@ class RPCPress(Press):
         if view.step == 0:  # budget schedule, a prompt longer than the budget: compressed like SnapKV
             prompt = torch.zeros_like(prompt)
         reasoning = view.valid & ~prompt & ~recent
-        attention = window_softmax(view, reasoning, gqa="mean")
+        attention = self._selector_attention(view, reasoning)
         if self.aggregation == "all":
             attention = attention.mean(dim=1, keepdim=True).expand_as(attention)
         scores = pool_by_position(attention, view, self.kernel_size, self.pooling, among=reasoning,
                                   count_padding=True)
         return protect(scores, view, recent=self.window_size).masked_fill(prompt, INF)
+
+    def _selector_attention(self, view, reasoning: torch.Tensor) -> torch.Tensor:
+        """[N, H, S]: each selector query's softmax over the ``reasoning`` slots, summed over the selectors with
+        their weights, averaged over each KV head's query heads (``rpc_utils.py`` 109-113, 125-131)."""
+        window = view.window
+        n, hq, w, d = window.queries.shape
+        h = view.keys.shape[1]
+        queries = window.queries.float().view(n, h, hq // h, w, d)
+        logits = torch.einsum("nhgwd,nhsd->nhgws", queries, view.keys.float()) * window.scaling
+        probs = torch.softmax(logits.masked_fill(~reasoning[:, :, None, None, :], -torch.inf), dim=-1)
+        weights = window.valid.float()
+        if self.query_weights == "rpc":  # the oldest query out, the newest twice
+            stamp = window.positions.masked_fill(~window.valid, -1)
+            newest = stamp.argmax(dim=-1, keepdim=True)
+            oldest = window.positions.masked_fill(~window.valid, torch.iinfo(torch.long).max).argmin(-1, keepdim=True)
+            weights = weights.scatter(-1, oldest, 0.0).scatter_add(-1, newest, torch.ones_like(weights[:, :1]))
+        summed = (probs.nan_to_num(0.0) * weights[:, None, None, :, None]).sum(dim=3)
+        return summed.mean(dim=2)

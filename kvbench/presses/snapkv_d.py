@@ -11,21 +11,25 @@ class SnapKVDecodingPress(Press):
 
     Scores are the mean attention of the last ``window_size`` queries (each kept post-RoPE with its own
     position), pooled along the sequence over the tokens before the window (zero padding counted, as SnapKV's
-    ``avg_pool1d``); the last ``window_size`` tokens are protected. GQA: the group's mean (kvpress), where
-    SnapKV's code selects per query head.
+    ``avg_pool1d``); the last ``window_size`` tokens are protected. SnapKV's ``update_kv`` rule, which SnapKV runs
+    on the prompt only, with these differences (``tests/reference/test_snapkv_d.py`` measures each): GQA: the
+    group's mean (kvpress), where SnapKV's code selects per query head; pooling along token order, where SnapKV's
+    own cache, re-applied during decoding, would be in ``topk``'s score order and pool over score-order neighbours;
+    equal scores (max pooling makes them) ranked newest first, where SnapKV keeps ``topk``'s order.
     """
 
     name = "snapkv-d"
     summary = "attention of a window of recent queries, pooled; window protected"
     source = "Li et al. 2024, arXiv 2404.14469; decoding variant: the paper, arXiv 2512.12008"
     revision = 2  # pools the scored prefix only, zero padding counted (1: every slot, padding not counted)
+    reference = "FasterDecoding/SnapKV@e216ddc snapkv/monkeypatch/snapkv_utils.py (SnapKVCluster.update_kv)"
 
     #: Observation window (recent queries) and protected recent tokens: 32, SnapKV's runtime default
     #: (``init_snapkv``) and its LongBench configs; its class default and kvpress use 64 (hott-snapkv-d-fixed).
     window_size: int = 32
-    #: Pooling kernel over token order (5 in SnapKV's code and kvpress).
+    #: Pooling kernel over token order (5 in SnapKV's code and kvpress; 7 in SnapKV's LongBench configs).
     kernel_size: int = 5
-    #: Pooling: avg (SnapKV's code default) or max.
+    #: Pooling: avg (SnapKV's code default) or max (SnapKV's LongBench configs).
     pooling: str = "avg"
     #: How the query heads of a GQA group are combined: mean (SnapKV issue #22, kvpress) or max.
     gqa: str = "mean"

@@ -79,6 +79,8 @@ def batched(subject: Subject, budget: int) -> Outcome:
     """Prompts of different lengths decoded together give, token for token and eviction for eviction, what each
     gives alone, some ending early (EOS) beside others that go on."""
     press = subject.make()
+    if not press.batch_invariant:
+        raise NotApplicable("not batch-invariant by design: runs decode it one sequence at a time")
     ids = subject.prompt(31)
     prompts = [ids[:31], ids[5:14], ids[:22], ids[3:7]]
     n_new = decode_length(press, budget, 31, floor=30)

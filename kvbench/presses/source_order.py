@@ -1,4 +1,5 @@
-"""The physical order of the paper's harness's cache, for the bug-compatible ``hott-*`` presses.
+"""The physical order of a source's cache, for presses whose source's rules read it: the bug-compatible ``hott-*``
+presses and ``rkv`` (R-KV stores its kept entries in ``topk``'s order too).
 
 The kvpress fork keeps each layer's cache as a tensor whose order is the order ``scores.topk(budget)`` returned
 at the last compression (by score, ties in ``topk``'s own order), with newer tokens appended at the end. Its
