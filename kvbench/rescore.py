@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvbench.checks import store_to_read
+from kvbench.compaction import compaction_lock
 from kvbench.store import ResultStore
 from kvbench.tasks import Task, load_task
 from kvbench.tasks.protocols import DEFAULT_PROTOCOL, get_protocol
@@ -31,29 +32,35 @@ def rescore(store_path: str, dataset: str | None = None, dry_run: bool = False,
     """
     tasks = stored_tasks(store_path, dataset) if tasks is None else tasks  # all checked before any part changes
     store = ResultStore(store_path)
-    parts = store.parts()
     summary = RescoreSummary()
-    for part in parts:
-        rows = store.read_part(part).to_pylist()
-        touched = False
-        for row in rows:
-            if dataset and row["dataset"] != dataset:
-                continue
-            task = tasks[(row["dataset"], row["protocol"] or DEFAULT_PROTOCOL)]
-            new = task.score(row["response"], row["gold"], row["prompt"]).columns()
-            summary.rows += 1
-            if any(row[k] != new[k] for k in new):
-                summary.changed += 1
-                summary.newly_correct += int(new["correct"] and not row["correct"])
-                summary.newly_wrong += int(row["correct"] and not new["correct"])
-                row.update(new)
-                touched = True
-        if touched and not dry_run:
-            store.replace_part(part, rows)
-            summary.parts_rewritten += 1
-        if on_part:
-            on_part()
+    with compaction_lock(store):  # no part is merged away while it is rewritten
+        for part in store.parts():
+            _rescore_part(store, part, tasks, dataset, dry_run, summary)
+            if on_part:
+                on_part()
     return summary
+
+
+def _rescore_part(store: ResultStore, part, tasks: dict, dataset: str | None, dry_run: bool,
+                  summary: RescoreSummary) -> None:
+    """Re-score one part's rows into ``summary``; rewrite the part if any changed (unless ``dry_run``)."""
+    rows = store.read_part(part).to_pylist()
+    touched = False
+    for row in rows:
+        if dataset and row["dataset"] != dataset:
+            continue
+        task = tasks[(row["dataset"], row["protocol"] or DEFAULT_PROTOCOL)]
+        new = task.score(row["response"], row["gold"], row["prompt"]).columns()
+        summary.rows += 1
+        if any(row[k] != new[k] for k in new):
+            summary.changed += 1
+            summary.newly_correct += int(new["correct"] and not row["correct"])
+            summary.newly_wrong += int(row["correct"] and not new["correct"])
+            row.update(new)
+            touched = True
+    if touched and not dry_run:
+        store.replace_part(part, rows)
+        summary.parts_rewritten += 1
 
 
 def stored_tasks(store_path: str, dataset: str | None = None) -> dict[tuple[str, str], Task]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
+from kvbench.compaction import compact
 from kvbench.errors import ConfigError
 from kvbench.measures import attention_loss_columns, critical_token_positions, retention_columns
 from kvbench.presses import Press
@@ -101,6 +102,7 @@ def store_cell(store: ResultStore, config: RunConfig, task: Task, examples: list
                 record_failures(store, config, task, cell, [chunk[i] for i in sorted(started - finished)], err,
                                 on_example)
             todo = [e for i, e in enumerate(chunk) if i not in started] + todo[len(chunk):]
+        compact(store, {cell.run_key}, wait=False)  # the cell's one-row parts into one (skipped if one is running)
     return written
 
 

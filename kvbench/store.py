@@ -2,6 +2,12 @@
 
 Every append writes a new ``part-*.parquet`` through a temporary file and an atomic rename, so a killed
 run loses at most the rows in flight and never leaves a half-written part. Re-running skips stored rows.
+Small parts are merged (``kvbench.compaction``): a merged part supersedes the parts its journal under
+``compactions/`` names, so a reader never counts a row twice, whenever a compaction was killed.
+
+Parts written by other tools are read as kvbench's: any Arrow string type is a string column, and integers,
+floats and timestamps widen to the schema's types (``conformable``). Readers project the columns they need and
+scan every part at once (``pyarrow.dataset``).
 """
 
 from __future__ import annotations
@@ -90,9 +96,9 @@ SCHEMA = pa.schema([
 ])
 
 
-#: store directory -> (part names indexed, run_key -> {(example_id, sample)}, run_key -> {part names}), filled by
-#: ``ResultStore.done``
-_KEY_INDEX: dict[Path, tuple[set[str], dict[str, set[tuple[str, int]]], dict[str, set[str]]]] = {}
+#: store directory -> part name -> run_key -> {(example_id, sample)}: the keys each part holds (a part's keys never
+#: change once written), filled by ``ResultStore.done``; a part merged away drops out.
+_KEY_INDEX: dict[Path, dict[str, dict[str, set[tuple[str, int]]]]] = {}
 
 
 class StoreError(KvbenchError):
@@ -115,36 +121,82 @@ def part_schema(part: Path) -> pa.Schema:
         raise unreadable(part, err) from None
 
 
+def conformable(actual: pa.DataType, expected: pa.DataType) -> bool:
+    """Whether a column of type ``actual`` reads as ``expected`` without losing what it says: any Arrow string type
+    (or dictionary of strings, as pandas' categoricals) for a string, a narrower integer or float for a wider one,
+    a float for an integer (pandas stores an integer column with missing values as floats: read, each value must
+    be whole), any timestamp for a timestamp, null for anything."""
+    if actual == expected or pa.types.is_null(actual):
+        return True
+    if pa.types.is_dictionary(actual):
+        return conformable(actual.value_type, expected)
+    kinds = ((pa.types.is_string, lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)
+              or pa.types.is_string_view(t)),
+             (pa.types.is_integer, lambda t: pa.types.is_floating(t) or pa.types.is_integer(t) and t.bit_width <= 64
+              and not (pa.types.is_unsigned_integer(t) and t.bit_width == 64)),
+             (pa.types.is_floating, lambda t: pa.types.is_floating(t) and t.bit_width <= expected.bit_width),
+             (pa.types.is_timestamp, pa.types.is_timestamp))
+    return any(is_expected(expected) and accepts(actual) for is_expected, accepts in kinds)
+
+
 class ResultStore:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
 
     def parts(self) -> list[Path]:
-        return sorted(self.path.glob("part-*.parquet")) if self.path.is_dir() else []
+        """The live parts: every ``part-*.parquet`` but those a finished compaction has merged (``compaction``)."""
+        if not self.path.is_dir():
+            return []
+        found = sorted(self.path.glob("part-*.parquet"))
+        from kvbench.compaction import superseded
 
-    def read(self, columns: list[str] | None = None) -> pa.Table:
-        tables = [self.read_part(part, columns) for part in self.parts()]
-        if not tables:
-            return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
-        return pa.concat_tables(tables)
+        gone = superseded(self.path, {p.name for p in found})
+        return [p for p in found if p.name not in gone] if gone else found
+
+    def read(self, columns: list[str] | None = None, where=None) -> pa.Table:
+        """Every live part's rows in kvbench's schema, only ``columns`` (default all), only the rows ``where`` (a
+        ``pyarrow.dataset`` expression) keeps: one scan over all parts."""
+        import pyarrow.dataset as ds
+
+        for attempt in range(3):  # a compaction may remove parts between listing and reading them: list again
+            parts = self.parts()
+            if not parts:
+                empty = SCHEMA.empty_table()
+                return empty if columns is None else empty.select(columns)
+            try:
+                dataset = ds.dataset([str(p) for p in parts], schema=SCHEMA, format="parquet")
+                return dataset.to_table(columns=columns, filter=where)
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError) as err:
+                for part in parts:  # name the part at fault, with the one-line error its own read gives
+                    self.read_part(part)
+                raise StoreError(f"{self.path}: cannot read the store ({str(err).splitlines()[0]})") from None
+        raise AssertionError("unreachable")
 
     @staticmethod
     def read_part(part: Path, columns: list[str] | None = None) -> pa.Table:
         """One part, conformed to the current schema (columns added since it was written read as null)."""
+        ResultStore.check_part(part)
         try:
             table = pq.read_table(part)
         except (pa.ArrowInvalid, OSError) as err:
             raise unreadable(part, err) from None
-        if not {"run_key", "example_id", "sample"} <= set(table.column_names):
-            raise StoreError(f"{part}: not a kvbench result part (no run_key, example_id, sample); {MOVE_ASIDE}")
+        columns_out = []
         for f in SCHEMA:
             if f.name not in table.column_names:
-                table = table.append_column(f, pa.nulls(table.num_rows, f.type))
-        try:
-            table = table.select(SCHEMA.names).cast(SCHEMA)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as err:
-            raise StoreError(f"{part}: a column does not match kvbench's schema ({str(err).splitlines()[0]}); "
-                             f"{MOVE_ASIDE}") from None
+                columns_out.append(pa.nulls(table.num_rows, f.type))
+                continue
+            column = table[f.name]
+            if pa.types.is_dictionary(column.type):
+                column = column.cast(column.type.value_type)
+            try:
+                columns_out.append(column.cast(f.type, safe=not pa.types.is_timestamp(f.type)))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+                raise StoreError(f"{part}: column {f.name} does not read as {f.type} ({str(err).splitlines()[0]}); "
+                                 f"{MOVE_ASIDE}") from None
+        table = pa.Table.from_arrays(columns_out, schema=SCHEMA)
         return table if columns is None else table.select(columns)
 
     def _sweep_stale_temp_files(self, older_than_s: float = 3600.0) -> None:
@@ -170,12 +222,13 @@ class ResultStore:
 
     @staticmethod
     def check_part(part: Path) -> None:
-        """A part's schema (not its rows) matches kvbench's: its key columns, and no column of another type."""
+        """A part's schema (not its rows) matches kvbench's: its key columns, and every column of a type that reads
+        as kvbench's (``conformable``)."""
         schema = part_schema(part)
         if not {"run_key", "example_id", "sample"} <= set(schema.names):
             raise StoreError(f"{part}: not a kvbench result part (no run_key, example_id, sample); {MOVE_ASIDE}")
         for field in SCHEMA:
-            if field.name in schema.names and schema.field(field.name).type not in (field.type, pa.null()):
+            if field.name in schema.names and not conformable(schema.field(field.name).type, field.type):
                 raise StoreError(f"{part}: column {field.name} is {schema.field(field.name).type}, not "
                                  f"{field.type}; {MOVE_ASIDE}")
 
@@ -241,27 +294,46 @@ class ResultStore:
         A part's keys never change once written (``kvbench score`` rewrites scores only), so each part is read
         once per process: a sweep asking this for every run stays linear in the number of parts.
         """
-        seen, by_key, parts_of = _KEY_INDEX.setdefault(self.path.resolve(), (set(), {}, {}))
-        for part in self.parts():
-            if part.name not in seen:
-                table = self.read_part(part, ["run_key", "example_id", "sample"])
-                for k, e, n in zip(*(table[c].to_pylist() for c in ("run_key", "example_id", "sample"))):
-                    by_key.setdefault(k, set()).add((e, n))
-                    parts_of.setdefault(k, set()).add(part.name)
-                seen.add(part.name)
-        return set(by_key.get(run_key, ()))
+        out: set[tuple[str, int]] = set()
+        for keys in self._index().values():
+            out |= keys.get(run_key, set())
+        return out
+
+    def parts_of(self, run_keys: set[str]) -> list[Path]:
+        """The live parts holding rows of ``run_keys``."""
+        index = self._index()
+        return [self.path / name for name in sorted(index) if not index[name].keys().isdisjoint(run_keys)]
 
     def rows_of(self, run_keys: set[str]) -> list[dict]:
         """The stored rows of ``run_keys``, reading only the parts that hold them (the ``done`` index)."""
-        self.done("")  # brings the index up to date
-        parts_of = _KEY_INDEX[self.path.resolve()][2]
-        names = sorted(set().union(*(parts_of.get(k, set()) for k in run_keys)))
-        rows = []
-        for name in names:
-            table = self.read_part(self.path / name)
-            mask = pa.compute.is_in(table["run_key"], value_set=pa.array(sorted(run_keys), pa.string()))
-            rows += table.filter(mask).to_pylist()
-        return rows
+        import pyarrow.dataset as ds
+
+        parts = self.parts_of(run_keys)
+        if not parts:
+            return []
+        where = ds.field("run_key").isin(sorted(run_keys))
+        return ds.dataset([str(p) for p in parts], schema=SCHEMA, format="parquet").to_table(filter=where).to_pylist()
+
+    def _index(self) -> dict[str, dict[str, set[tuple[str, int]]]]:
+        """The key index of the live parts, the parts not yet indexed read in one scan."""
+        import pyarrow.dataset as ds
+
+        index = _KEY_INDEX.setdefault(self.path.resolve(), {})
+        live = {p.name: p for p in self.parts()}
+        for name in set(index) - set(live):  # merged away by a compaction
+            del index[name]
+        new = [live[name] for name in sorted(set(live) - set(index))]
+        if new:  # (their schemas were checked before the work: ``check_writable``)
+            columns = ["run_key", "example_id", "sample"]
+            scanner = ds.dataset([str(p) for p in new], schema=SCHEMA, format="parquet").scanner(columns=columns)
+            for part in new:
+                index[part.name] = {}
+            for tagged in scanner.scan_batches():
+                keys = index[Path(tagged.fragment.path).name]
+                batch = tagged.record_batch
+                for k, e, n in zip(*(batch.column(c).to_pylist() for c in columns)):
+                    keys.setdefault(k, set()).add((e, n))
+        return index
 
     def append(self, rows: list[dict]) -> Path | None:
         if not rows:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from kvbench.compaction import compact
 from kvbench.errors import ConfigError, KvbenchError
 from kvbench.presses import parse_bool
 from kvbench.run import (
@@ -255,6 +256,8 @@ def execute_local(
                 store = ResultStore(run.config.store)
                 on_run_start(run, len(pending(store, cell, examples, retry_failed)))
             written += run_any_cell(session, run.config, task, examples, cell, retry_failed, on_example)
+    for store in sorted({run.config.store for run in runs}):  # the sweep's merged cells into one part
+        compact(ResultStore(store), wait=False)
     return written
 
 

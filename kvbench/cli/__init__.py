@@ -15,6 +15,7 @@ from kvbench.cli import presses as presses_cmd
 from kvbench.cli import report as report_cmd
 from kvbench.cli import run as run_cmd
 from kvbench.cli import score as score_cmd
+from kvbench.cli import store as store_cmd
 from kvbench.cli import sweep as sweep_cmd
 from kvbench.cli import verify as verify_cmd
 
@@ -35,6 +36,7 @@ app.command("inspect")(inspect_cmd.inspect)
 app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
                                          "help_option_names": []})(lmeval_cmd.lm_eval)
 app.add_typer(datasets_cmd.app, name="datasets")
+app.add_typer(store_cmd.app, name="store")
 
 
 def main() -> None:
