@@ -30,6 +30,8 @@ from kvbench.store import MOVE_ASIDE, SCHEMA, ResultStore, StoreError
 
 #: Parts at least this large are left as they are: merging them again would rewrite big files for little gain.
 SMALL_BYTES = 32 * 2**20
+#: ``kvbench report`` merges a writable store's small parts first once it holds this many.
+AUTO_PARTS = 1000
 JOURNALS = "compactions"
 
 

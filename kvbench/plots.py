@@ -17,7 +17,7 @@ def plot(store: str | Path, directory: str | Path) -> list[Path]:
 
     matplotlib.use("Agg")
 
-    df = load(store)
+    df = load(store, text=("attention_loss_profile",))
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     written = plot_fidelity(df, directory)

@@ -32,10 +32,18 @@ def full_label(label: str) -> str:
     return FULL if protocol == DEFAULT_PROTOCOL else f"{FULL} [{protocol}]"
 
 
-def load(store: str | Path) -> pd.DataFrame:
-    from kvbench.checks import store_to_read
+#: Columns of text a table never reads (responses run to megabytes per run): left on disk unless asked for.
+TEXT_COLUMNS = ("prompt", "response", "gold", "metrics", "attention_loss_profile", "retention_profile")
 
-    table = store_to_read(store).read()
+
+def load(store: str | Path, text: tuple[str, ...] = ()) -> pd.DataFrame:
+    """The store's rows for tables: every column but ``TEXT_COLUMNS`` (those in ``text`` too), the first sample,
+    each (run, example, sample) once, labelled."""
+    from kvbench.checks import store_to_read
+    from kvbench.store import SCHEMA
+
+    columns = [c for c in SCHEMA.names if c not in TEXT_COLUMNS or c in text]
+    table = store_to_read(store).read(columns)
     if table.num_rows == 0:
         raise KvbenchError(f"no results in {store}")
     df = table.to_pandas()
@@ -113,7 +121,10 @@ class Cell:
 
 
 def _rows_of_kind(df: pd.DataFrame, metric: Metric) -> pd.DataFrame:
-    """The rows a metric reads: teacher-forced replays or free generations."""
+    """The rows a metric reads: free generations, or the teacher-forced replays, which are ``kvbench fidelity``'s
+    rows and every generation row that measured them too (``--measure fidelity``: the same replay, stored beside)."""
+    if metric.rows == "fidelity":
+        return df[(df["kind"] == "fidelity") | df["fidelity_kl_mean"].notna()]
     return df[df["kind"] == metric.rows]
 
 
@@ -131,9 +142,10 @@ def aggregate(df: pd.DataFrame, metric: str) -> pd.DataFrame:
         records = [dict(zip(keys, key), mean=function(group), n=len(group), sd=float("nan"))
                    for key, group in frame.groupby(keys, dropna=False)]
         out = pd.DataFrame.from_records(records, columns=[*keys, "mean", "n", "sd"])
-    else:
-        grouped = frame.assign(value=function(df))[[*keys, "value"]].groupby(keys, dropna=False)["value"]
-        out = grouped.agg(mean="mean", n="count", sd="std").reset_index()
+    else:  # each example once (its replicates, the seeds, averaged): n counts examples
+        values = frame.assign(value=function(df))[[*keys, "example_id", "value"]].dropna(subset=["value"])
+        per_example = values.groupby([*keys, "example_id"], dropna=False)["value"].mean().reset_index()
+        out = per_example.groupby(keys, dropna=False)["value"].agg(mean="mean", n="count", sd="std").reset_index()
     out["se"] = (out["sd"] / out["n"].pow(0.5)).fillna(0.0)
     out["budget"] = out["budget"].astype("Int64")  # <NA> = the full cache
     return out.drop(columns="sd")
@@ -210,18 +222,24 @@ def _header(column: tuple) -> str:
     return f"{column[0]} @{column[1]}"
 
 
-def render(store: str | Path, metric: str = "accuracy", fmt: str = "markdown", reference: str | None = None,
-           paired: bool = False) -> str:
-    """The report of ``store``: one table per model; ``paired`` adds each model's paired statistics vs full."""
+def check_options(metric: str, fmt: str, reference: str | None, paired: bool) -> tuple[Metric, pd.DataFrame | None]:
+    """The metric, and the published reference if asked for, after checking every option together."""
     from kvbench.checks import choice
 
     choice("--format", fmt, FORMATS)
-    definition = get_metric(metric)  # every option is checked before the store is read
+    definition = get_metric(metric)
     if paired and definition.per_cell:
         raise KvbenchError(f"--paired: --metric {metric} is one value per cell, with nothing to pair")
     ref = load_reference(reference) if reference else None
     if ref is not None and not definition.published:
         raise KvbenchError(f"--reference {reference} publishes accuracies: use it with --metric accuracy")
+    return definition, ref
+
+
+def render(store: str | Path, metric: str = "accuracy", fmt: str = "markdown", reference: str | None = None,
+           paired: bool = False) -> str:
+    """The report of ``store``: one table per model; ``paired`` adds each model's paired statistics vs full."""
+    definition, ref = check_options(metric, fmt, reference, paired)  # every option before the store is read
     df = load(store)
     identities = df.attrs["identities"]
     long = aggregate(df, metric)

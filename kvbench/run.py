@@ -167,7 +167,7 @@ def run_key(config: RunConfig, task: Task, cell: Cell, model_revision: str | Non
         "dataset_version": task.version, "prompt_hash": task.prompt_hash, "data": data_source(config, task),
         "max_new_tokens": max_new_tokens(config, task), "temperature": sampling["temperature"],
         "top_p": sampling["top_p"] if sampling["temperature"] > 0 else 1.0, "seed": config.seed,
-        "dtype": config.dtype,
+        "dtype": resolved_dtype(config),
     }
     # only when set, so the keys of runs made before these options existed stay valid
     if config.stop_on_loop:
@@ -192,6 +192,12 @@ def run_key(config: RunConfig, task: Task, cell: Cell, model_revision: str | Non
     if hub_sources:  # local files keep their keys: a changed file fails the size check or shows in the column
         payload["data_revision"] = hub_sources
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def resolved_dtype(config: RunConfig) -> str:
+    """The dtype a run computes in (``auto`` resolved on its device; ``fp32`` and ``float32`` one name): runs that
+    resolve to the same settings share a key, and ``auto`` on a CPU and on a GPU do not."""
+    return str(resolve_dtype(config.dtype, resolve_device(config.device))).removeprefix("torch.")
 
 
 def data_source(config: RunConfig, task: Task) -> str:

@@ -1,3 +1,6 @@
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -52,3 +55,20 @@ def fail_on_call(monkeypatch, module, name, call, message):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, name, flaky)
+
+
+#: The local copies of the evaluation data, beside the checkout (as CI has them).
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def require_shared_data(relative: str = "") -> Path:
+    """``SHARED_DATA / relative``; where it is absent the test is skipped with the reason, or fails where
+    ``KVBENCH_REQUIRE_DATA`` is set (CI sets it: there the data is beside the checkout, so a skip would hide a
+    test that never ran)."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        message = f"{path} absent (the local copies of the evaluation data live in ../shared/data)"
+        if os.environ.get("KVBENCH_REQUIRE_DATA"):
+            pytest.fail(f"KVBENCH_REQUIRE_DATA is set but {message}")
+        pytest.skip(message)
+    return path

@@ -123,6 +123,21 @@ def test_run_key_separates_data_sources(monkeypatch):
     assert hub == run_key(RunConfig(dataset="folio"), task, cell, None)
 
 
+def test_run_key_comes_from_resolved_settings():
+    """Settings that resolve to the same values are one run (one key: no rows pooled as replicates); ``auto`` on a
+    CPU and on a GPU are not."""
+    from kvbench.presses import make_press
+    from kvbench.run import Cell, run_key
+    from kvbench.tasks import load_task
+
+    task, cell = load_task("arith"), Cell(press=make_press("h2o"), budget=64)
+    keys = {dtype: run_key(RunConfig(dtype=dtype, device="cpu"), task, cell, None)
+            for dtype in ("auto", "float32", "fp32", "bfloat16", "bf16")}
+    assert keys["auto"] == keys["float32"] == keys["fp32"] != keys["bfloat16"] == keys["bf16"]
+    assert run_key(RunConfig(temperature=0.0, device="cpu"), task, cell, None) == keys["auto"]
+    assert run_key(RunConfig(top_p=0.5, device="cpu"), task, cell, None) == keys["auto"]  # greedy: top-p is moot
+
+
 def test_batched_run_stores_the_same_rows_as_batch_one(tmp_path):
     """Static and continuous batching store what batch 1 stores, each row labelled with how it was batched."""
     def responses(batch_size, batching):
@@ -207,10 +222,9 @@ def test_new_methods_run_into_the_store_and_report_device_and_host_bytes_apart(t
 def test_hott_protocol_runs_the_forks_prompt_and_subset(tmp_path):
     import datasets
 
-    from tests.test_tasks import SHARED_DATA
+    from tests.conftest import SHARED_DATA, require_shared_data
 
-    if not SHARED_DATA.is_dir():
-        pytest.skip("the local copies live in ../shared/data")
+    require_shared_data()
     store = tmp_path / "store"
     common = ["--model", "tiny-llama", "-d", "gsm8k", "-n", "2", "--max-new-tokens", "6", "--store", str(store),
               "--data-dir", str(SHARED_DATA)]

@@ -6,8 +6,8 @@ import pyarrow.parquet as pq
 
 from kvbench.store import ResultStore
 from kvbench.tasks.hub import files_digest
+from tests.conftest import SHARED_DATA, require_shared_data
 from tests.test_cli import kvbench
-from tests.test_tasks import SHARED_DATA
 
 
 def test_score_rescores_stored_rows_and_counts_changes(tmp_path):
@@ -47,7 +47,7 @@ def test_datasets_list_show_validate():
     assert listing.returncode == 0
     for name in ("gsm8k", "math500", "drop", "folio", "strategyqa", "arith"):
         assert name in listing.stdout
-    env = {"KVBENCH_DATA_DIR": str(SHARED_DATA)}
+    env = {"KVBENCH_DATA_DIR": str(require_shared_data())}
     shown = kvbench("datasets", "show", "openbookqa", env=env)
     assert shown.returncode == 0, shown.stderr
     assert "loaded 500 examples" in shown.stdout and "A. " in shown.stdout and "The answer is X" in shown.stdout
@@ -55,10 +55,10 @@ def test_datasets_list_show_validate():
     assert fork.returncode == 0, fork.stderr
     assert "raw text (protocol hott" in fork.stdout and "Choices:\nA. " in fork.stdout
     assert "hott_exact_ci" in fork.stdout
-    if (SHARED_DATA / "drop" / "dev.jsonl").is_file():
-        valid = kvbench("datasets", "validate", env=env)
-        assert valid.returncode == 0, valid.stdout
-        assert valid.stdout.count(" ok ") == 12
+    require_shared_data("drop/dev.jsonl")
+    valid = kvbench("datasets", "validate", env=env)
+    assert valid.returncode == 0, valid.stdout
+    assert valid.stdout.count(" ok ") == 12
 
 
 def test_datasets_validate_fails_on_missing_data(tmp_path):
@@ -67,8 +67,7 @@ def test_datasets_validate_fails_on_missing_data(tmp_path):
 
 
 def test_run_on_a_real_dataset_stores_metrics(tmp_path):
-    if not (SHARED_DATA / "drop" / "dev.jsonl").is_file():
-        return
+    require_shared_data("drop/dev.jsonl")
     result = kvbench("run", "--model", "tiny-qwen2", "-d", "drop", "-n", "2", "--max-new-tokens", "4",
                      "-p", "snapkv-d", "-b", "16", "--store", str(tmp_path), env={"KVBENCH_DATA_DIR": str(SHARED_DATA)})
     assert result.returncode == 0, result.stderr
@@ -80,13 +79,10 @@ def test_run_on_a_real_dataset_stores_metrics(tmp_path):
 
 
 def test_run_works_for_every_dataset(tmp_path, monkeypatch):
-    import pytest
-
     from kvbench.run import RunConfig, execute
     from kvbench.tasks import available
 
-    if not (SHARED_DATA / "drop" / "dev.jsonl").is_file():
-        pytest.skip("needs ../shared/data")
+    require_shared_data("drop/dev.jsonl")
     monkeypatch.setenv("KVBENCH_DATA_DIR", str(SHARED_DATA))
     for name in available():
         _, cells = execute(RunConfig(model="tiny-llama", presses=("h2o",), budgets=(32,), dataset=name,

@@ -9,9 +9,9 @@ import pytest
 from kvbench.errors import DataError
 from kvbench.tasks import available, load_examples, load_task
 from kvbench.tasks.protocols import get_protocol
+from tests.conftest import SHARED_DATA, require_shared_data
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hub"
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HUB_DATASETS = sorted(name for name in available() if load_task(name).hub)
 
 
@@ -30,8 +30,7 @@ def hub_examples(name, protocol="kvbench"):
 
 
 def local_examples(name, protocol="kvbench"):
-    if not SHARED_DATA.is_dir():
-        pytest.skip("the local copies live in ../shared/data")
+    require_shared_data()
     task = load_task(name).for_protocol(get_protocol(protocol))
     return load_examples(task, data_dir_override=str(SHARED_DATA))
 

@@ -18,8 +18,7 @@ from kvbench.tasks import load_examples, load_task, subset_indices
 from kvbench.tasks.extract import opens_thinking
 from kvbench.tasks.hott import hott_default, hott_drop_chars, hott_exact, hott_exact_ci, hott_folio, hott_strategyqa
 from kvbench.tasks.protocols import HOTT, KVBENCH, PROTOCOLS, get_protocol
-
-from .test_tasks import SHARED_DATA
+from tests.conftest import SHARED_DATA, require_shared_data
 
 GOLDEN = Path(__file__).parent / "golden" / "hott"
 HOTT_DATASETS = sorted(p.name.removesuffix(".prompt.txt") for p in GOLDEN.glob("*.prompt.txt"))
@@ -27,8 +26,7 @@ PAPER_DATASETS = ["commonsense_qa", "drop", "folio", "gsm8k", "math500", "openbo
 
 
 def hott_examples(name, num_samples=None):
-    if not SHARED_DATA.is_dir():
-        pytest.skip("the local copies live in ../shared/data")
+    require_shared_data()
     task = load_task(name).for_protocol(HOTT)
     return task, load_examples(task, num_samples, str(SHARED_DATA), HOTT.subset_seed, HOTT.subset)
 

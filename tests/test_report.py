@@ -171,11 +171,15 @@ def test_runs_that_differ_in_any_setting_are_never_pooled(tmp_path):
     assert set(long["dataset_label"]) == {"gsm8k [max_new_tokens=4 dtype=bfloat16]",
                                           "gsm8k [max_new_tokens=8 dtype=bfloat16]",
                                           "gsm8k [max_new_tokens=4 dtype=float32]"}
-    # seeds are replicates of one run, and a row stored twice counts once
-    rows = [row("full", (), None, "gsm8k", i, 1, seed=s, run_key=f"seed{s}") for s in (0, 1) for i in range(2)]
+    # seeds are replicates of one run (averaged per example: n counts the 2 examples), and a row stored twice
+    # counts once; example 1 is right under one seed, wrong under the other: 0.5, so the mean is (1 + 0.5) / 2
+    rows = [row("full", (), None, "gsm8k", i, int(i == 0 or s == 0), seed=s, run_key=f"seed{s}")
+            for s in (0, 1) for i in range(2)]
     ResultStore(tmp_path / "t").append(rows + rows[:1])
     frame = load(tmp_path / "t")
-    assert aggregate(frame, "accuracy")["n"].tolist() == [4] and frame.attrs["repeated_rows"] == 1
+    cell = aggregate(frame, "accuracy")
+    assert cell["n"].tolist() == [2] and cell["mean"].tolist() == [75.0] and frame.attrs["repeated_rows"] == 1
+    assert cell["se"].tolist() == [25.0]  # over the 2 examples (100 and 50): sd 35.4 / sqrt(2)
     assert "1 rows stored twice" in render(tmp_path / "t", fmt="markdown")
 
 
@@ -191,17 +195,20 @@ def test_delta_uses_the_metrics_own_format(tmp_path):
     assert h2o.endswith("| +0.012 |")
 
 
-def test_report_scale_benchmark_runs():
-    """The benchmark behind the README's report time, at a small size (nothing asserted about time)."""
-    import os
+def test_store_scale_benchmark_runs(tmp_path):
+    """The benchmark behind the README's store table, at a small size, run as the README runs it (nothing asserted
+    about time)."""
     import subprocess
     import sys
 
     repo = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, str(repo / "benchmarks" / "report_scale.py"), "2000"], cwd=repo,
-                         env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, str(repo / "benchmarks" / "store_scale.py"), "--runs", "21", "--examples",
+                          "3"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("report of 1344 rows (4 models, 4 full-cache rows): ")  # 2000 // 672 per run
+    assert out.stdout.startswith("63 rows, 21 runs")
+    table = out.stdout.split("| layout (63 rows) |", 1)[1]
+    assert "| compacted (parts of 10,000 rows) | `kvbench report --paired` |" in table
+    assert "| one part per row | `kvbench store compact` |" in table
 
 
 def test_exact_mcnemar_against_hand_computed_values():
@@ -210,3 +217,35 @@ def test_exact_mcnemar_against_hand_computed_values():
     assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(0, 2) == pytest.approx(0.5)
     assert mcnemar_exact(1, 9) == pytest.approx(2 * 11 / 1024)  # (C(10,0) + C(10,1)) / 2^10, two-sided
     assert mcnemar_exact(9, 1) == mcnemar_exact(1, 9)
+
+
+def test_fidelity_columns_mean_one_thing_to_every_reader(tmp_path):
+    """``run --measure fidelity`` stores the teacher-forced replay on generation rows, ``kvbench fidelity`` on rows
+    of its own: ``--metric kl`` (and top-1, rank, --paired) reads both, each example once."""
+    from kvbench.store import ResultStore
+
+    measured = dict(fidelity_kl_mean=0.2, fidelity_kl_max=0.5, fidelity_top1=0.9, fidelity_rank_mean=0.1)
+    generated = [row("h2o", (), 64, "gsm8k", i, 1, **measured) for i in range(2)]
+    generated += [row("full", (), None, "gsm8k", i, 1, **{**measured, "fidelity_kl_mean": 0.0}) for i in range(2)]
+    ResultStore(tmp_path / "run").append(generated)
+    long = aggregate(load(tmp_path / "run"), "kl")
+    assert sorted(zip(long["budget"].fillna(0), long["mean"], long["n"])) == [(0, 0.0, 2), (64, 0.2, 2)]
+    assert "0.200" in render(tmp_path / "run", metric="kl", fmt="markdown", paired=True)
+    replayed = [row("h2o", (), 64, "gsm8k", i, 1, kind="fidelity", run_key="replay", **{**measured,
+                    "fidelity_kl_mean": 0.4}) for i in range(2)]
+    ResultStore(tmp_path / "run").append(replayed)  # the same examples replayed again: still 2 examples
+    both = aggregate(load(tmp_path / "run"), "kl")
+    assert both[both["budget"] == 64][["mean", "n"]].values.tolist() == [[pytest.approx(0.3), 2]]
+
+
+def test_the_reading_line_never_ranks_a_press_against_itself():
+    from types import SimpleNamespace
+
+    from kvbench.cli.tables import best_presses, reading
+
+    cells = [SimpleNamespace(budget=None, press=SimpleNamespace(evicts=False)),
+             SimpleNamespace(budget=64, press=SimpleNamespace(evicts=True))]
+    summaries = [{"press": "full", "top1": 1.0, "kl": 0.0}, {"press": "h2o", "top1": 0.12, "kl": 0.9}]
+    (line,) = reading(cells, summaries, best_presses(cells, summaries))
+    assert line == ("At budget 64, h2o picks the full cache's next token 12% of the time (KL 0.900); no other "
+                    "evicting press ran at this budget.")

@@ -160,12 +160,11 @@ def test_ray_executor_on_a_local_cluster(tmp_path):
 def test_shipped_grids_validate(monkeypatch):
     from pathlib import Path
 
-    from tests.test_tasks import SHARED_DATA
+    from tests.conftest import SHARED_DATA, require_shared_data
 
     root = Path(__file__).resolve().parents[1]
     assert len(read_grid(root / "grids" / "cpu-small.csv")) == 9
-    if not (SHARED_DATA / "drop" / "dev.jsonl").is_file():
-        pytest.skip("the paper grid's datasets need ../shared/data here (no hub access)")
+    require_shared_data("drop/dev.jsonl")  # the paper grid's datasets need the local data here (no hub access)
     monkeypatch.setenv("KVBENCH_DATA_DIR", str(SHARED_DATA))
     runs = read_grid(root / "grids" / "paper.csv")
     assert len(runs) == 4 * 8 * (1 + 5 * 4)
@@ -180,10 +179,9 @@ def test_shipped_grids_validate(monkeypatch):
 def test_paper_grids_validate(monkeypatch, tmp_path, grid, protocol, presses):
     """The paper's settings: 4 models x 8 datasets x (full + 5 presses x 4 budgets), 100 questions, 2048 tokens."""
     from kvbench.references import RowIdentity, comparable
-    from tests.test_tasks import SHARED_DATA
+    from tests.conftest import SHARED_DATA, require_shared_data
 
-    if not SHARED_DATA.is_dir():
-        pytest.skip("the local copies live in ../shared/data")
+    require_shared_data()
     monkeypatch.setenv("KVBENCH_DATA_DIR", str(SHARED_DATA))
     runs = read_grid(Path(__file__).parents[1] / "grids" / grid, store=str(tmp_path))
     configs = [r.config for r in runs]

@@ -1,7 +1,6 @@
 """Datasets: configs, loading from the local copies of the real data, extraction and scoring."""
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -10,8 +9,8 @@ from kvbench.tasks import LETTERS, available, load_examples, load_task
 from kvbench.tasks.arith import generate_arith
 from kvbench.tasks.drop import drop_metrics
 from kvbench.tasks.extract import extract
+from tests.conftest import SHARED_DATA, require_shared_data
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 EXPECTED = {  # dataset -> (local file, examples)
     "gsm8k": ("gsm8k/test.jsonl", 1319), "math500": ("math500/test.jsonl", 500), "aime24": ("aime24/test.jsonl", 30),
     "aime25": ("aime25/test.jsonl", 30), "commonsense_qa": ("csqa/dev.jsonl", 1221),
@@ -22,9 +21,7 @@ EXPECTED = {  # dataset -> (local file, examples)
 
 
 def local(name):
-    path = SHARED_DATA / EXPECTED[name][0]
-    if not path.is_file():
-        pytest.skip(f"{path} absent (the local copies live in ../shared/data)")
+    require_shared_data(EXPECTED[name][0])
     return load_task(name), load_examples(load_task(name), data_dir_override=str(SHARED_DATA))
 
 

@@ -26,10 +26,13 @@ def report(
     """Tables in the paper's layout (press x dataset x budget, Avg., Δ vs full), and plots."""
     from kvbench.checks import choice, output_dir, output_file
     from kvbench.plots import plot
-    from kvbench.report import render
+    from kvbench.report import check_options, render
 
     output_file("--out", out)
     output_dir("--plots", plots)
+    if not bench:
+        check_options(metric, format, reference, paired)
+        _merge_small_parts(store)
     if bench:
         from kvbench import bench_results
 
@@ -46,3 +49,19 @@ def report(
     if plots:
         for path in plot(store, plots):
             typer.echo(f"wrote {path}")
+
+
+def _merge_small_parts(store: Path) -> None:
+    """A store left with many small parts (killed sweeps) is compacted first, when it may be written: reading
+    thousands of files costs far more than merging them once."""
+    import os
+
+    from kvbench.compaction import AUTO_PARTS, compact
+    from kvbench.store import ResultStore
+
+    results = ResultStore(store)
+    if store.is_dir() and os.access(store, os.W_OK) and len(results.parts()) >= AUTO_PARTS:
+        results.check_writable()
+        typer.echo(f"merging {len(results.parts())} parts of {store} first (kvbench store compact)", err=True)
+        done = compact(results)
+        typer.echo(f"merged {done.merged} parts ({done.rows} rows) in {done.seconds:.1f} s", err=True)

@@ -87,7 +87,11 @@ def reading(cells: list[Cell], summaries: list[dict], best: dict) -> list[str]:
         rivals = [(s, c) for c, s in zip(cells, summaries) if c.budget == budget and c.press.evicts
                   and s["top1"] == s["top1"]]
         s = summaries[cells.index(cell)]
-        worst, _ = min(rivals, key=lambda pair: (pair[0]["top1"], -pair[0]["kl"]))
+        worst, worst_cell = min(rivals, key=lambda pair: (pair[0]["top1"], -pair[0]["kl"]))
+        if worst_cell is cell:  # the only evicting press at this budget: nothing to rank it against
+            lines.append(f"At budget {budget}, {s['press']} picks the full cache's next token {s['top1']:.0%} of the "
+                         f"time (KL {s['kl']:.3f}); no other evicting press ran at this budget.")
+            continue
         lines.append(f"At budget {budget}, {s['press']} keeps the most of the full cache's behaviour: it picks the "
                      f"full cache's next token {s['top1']:.0%} of the time (KL {s['kl']:.3f}), against "
                      f"{worst['top1']:.0%} for {worst['press']} (KL {worst['kl']:.3f}).")
