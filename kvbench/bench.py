@@ -81,11 +81,11 @@ def workload_cells(config: BenchConfig) -> list[tuple[str, int | None]]:
 
 def build_presses(config: BenchConfig) -> dict:
     """Every press of the run by name, with its arguments (checked before any model loads)."""
-    from kvbench.presses import make_press, parse_press_args
+    from kvbench.presses import make_checked_press, parse_press_args
 
     names = list(dict.fromkeys(p for p, _ in cells(config)))
     args = parse_press_args(list(config.press_args), names)
-    return {name: make_press(name, args[name]) for name in names}
+    return {name: make_checked_press(name, args[name]) for name in names}
 
 
 def validate(config: BenchConfig) -> None:

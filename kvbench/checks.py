@@ -8,6 +8,7 @@ and dataset configs as they load (``kvbench.tasks.validate``); the commands reac
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -26,13 +27,34 @@ def choice(flag: str, value: str, known: Iterable[str]) -> str:
 
 
 def output_file(flag: str, path: Path | None) -> None:
+    """A file kvbench will write: not a directory, under a directory it may create or write in."""
     if path is not None and path.is_dir():
         raise ConfigError(f"{flag} {path} is a directory: give a file name")
+    if path is not None:
+        _writable_under(flag, path, path.parent)
 
 
-def output_dir(flag: str, path: Path | None) -> None:
+def output_dir(flag: str, path: Path | None, files: tuple[str, ...] = ()) -> None:
+    """A directory kvbench will write ``files`` in: not a file, creatable or writable, none of ``files`` a
+    directory."""
     if path is not None and path.exists() and not path.is_dir():
         raise ConfigError(f"{flag} {path} is a file: give a directory")
+    if path is None:
+        return
+    _writable_under(flag, path, path)
+    for name in files:
+        if (path / name).is_dir():
+            raise ConfigError(f"{flag} {path}: {path / name} is a directory, where kvbench writes its {name}")
+
+
+def _writable_under(flag: str, path: Path, folder: Path) -> None:
+    """``folder`` (or the nearest folder above it that exists, under which it will be made) is a directory this
+    process may write in."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {path}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: cannot write in {existing}")
 
 
 def store_to_write(path: str | Path) -> ResultStore:

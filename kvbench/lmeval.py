@@ -39,16 +39,79 @@ def parse_press_args(text: str | None) -> dict[str, str]:
     return out
 
 
+def parse_budget(text) -> int | None:
+    """``budget`` as ``kvbench run -b`` takes it: an integer >= 1, or full/none/unset for the full cache."""
+    if text is None or str(text).strip().lower() in ("", "none", "full"):
+        return None
+    try:
+        budget = int(str(text).strip())
+    except ValueError:
+        raise ConfigError(f"budget={text!r} in --model_args is not an integer (or full)") from None
+    if budget < 1:
+        raise ConfigError(f"budget={budget} in --model_args must be >= 1 (or full)")
+    return budget
+
+
+def prepared_arguments(args: list[str]) -> list[str]:
+    """lm-eval's arguments checked for kvbench's model before anything loads (its press, budget, and that every
+    task is known and, under a budget, generative), with ``--device auto`` where none is given (as ``kvbench
+    run`` picks the device)."""
+    from kvbench.presses import make_checked_press
+
+    if _option(args, "--model") == "kvbench":
+        model_args = dict(item.split("=", 1) for item in (_option(args, "--model_args") or "").split(",")
+                          if "=" in item)
+        budget = parse_budget(model_args.get("budget"))
+        press = make_checked_press(model_args.get("press", "full"), parse_press_args(model_args.get("press_args")))
+        if press.evicts and budget is None:
+            raise ConfigError(f"press {press.name!r} evicts: give budget=N (N >= 1) in --model_args")
+        _check_tasks(_option(args, "--tasks"), _option(args, "--include_path"), press.evicts)
+    has_device = any(a == "--device" or a.startswith("--device=") for a in args)
+    return args if has_device else [*args, "--device", "auto"]
+
+
+def _option(args: list[str], flag: str) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(f"{flag}="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _check_tasks(tasks: str | None, include_path: str | None, evicts: bool) -> None:
+    """Every task name is one lm-eval knows; under a budget, none scores by log-likelihood."""
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    names = [t for t in (tasks or "").split(",") if t and not t.endswith(".yaml")]
+    if not names:
+        return
+    manager = TaskManager(include_path=include_path)
+    for name in names:
+        matched = manager.match_tasks([name])
+        if not matched:
+            raise ConfigError(f"--tasks {name!r}: lm-eval knows no such task (`lm-eval ls tasks` lists them)")
+        for task in matched if evicts else ():
+            entry = manager.task_index.get(task)
+            path = getattr(entry, "yaml_path", None)
+            kind = load_yaml(path, resolve_func=False, recursive=True).get("output_type") if path else None
+            if kind not in (None, "generate_until"):
+                raise ConfigError(f"task {task} is {kind}: it scores continuations by log-likelihood in one "
+                                  "forward pass, with no decoding to evict in. Run it without a budget or choose "
+                                  "generative tasks")
+
+
 @register_model("kvbench")
 class KvbenchLM(HFLM):
     """HFLM with kvbench's decoding engine and a press at a budget for ``generate_until``."""
 
     def __init__(self, pretrained="smollm2-135m", press: str = "full", budget: int | str | None = None,
                  press_args: str | None = None, dtype: str = "auto", seed: int = 0, **kwargs) -> None:
-        from kvbench.presses import make_press
+        from kvbench.presses import make_checked_press
 
-        self.press = make_press(press, parse_press_args(press_args))
-        self.budget = None if budget in (None, "", "none", "None") else int(budget)
+        self.press = make_checked_press(press, parse_press_args(press_args))
+        self.budget = parse_budget(budget)
         if self.press.evicts and (self.budget is None or self.budget < 1):
             raise ConfigError(f"press {press!r} evicts: give budget=N (N >= 1) in --model_args")
         if self.press.evicts:

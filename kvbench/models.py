@@ -129,9 +129,10 @@ def resolve(name: str) -> ModelSpec:
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"directory {path} has no config.json: not a Hugging Face model directory")
         try:
-            json.loads((path / "config.json").read_text(encoding="utf-8"))
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as err:
             raise ModelNotFoundError(f"{path / 'config.json'} is not valid JSON ({err})") from None
+        _check_model_type(path / "config.json", config)
         return ModelSpec(name=name, source="dir", path=str(path.resolve()))
     if name.count("/") == 1 and not name.startswith((".", "/")):
         return ModelSpec(name=name, source="hf", path=name)
@@ -140,6 +141,19 @@ def resolve(name: str) -> ModelSpec:
         f"--random-weights ({', '.join(shape_aliases())}), a local directory, "
         "a .gguf file, or a Hugging Face id (owner/name)"
     )
+
+
+def _check_model_type(path: Path, config) -> None:
+    """A model directory's ``model_type`` is one the installed transformers knows (else loading fails deep inside
+    transformers, tokenizer first)."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        from transformers import __version__ as version
+
+        raise ModelNotFoundError(f"{path}: model_type {model_type!r} is not one transformers {version} knows (a newer "
+                                 "transformers, or trust_remote_code models, are not supported)")
 
 
 def smollm2_gguf() -> Path | None:

@@ -22,6 +22,7 @@ _VERBOSITY = {"transformers": "TRANSFORMERS_VERBOSITY", "datasets": "DATASETS_VE
 def quiet_libraries() -> None:
     """Errors only from the libraries' loggers; their deprecation and future warnings ignored."""
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # kvbench's own progress, one line per error
     for library, variable in _VERBOSITY.items():
         level = os.environ.setdefault(variable, "error")
         if library in sys.modules:  # imported already (e.g. under pytest): its logger was configured then

@@ -65,7 +65,14 @@ def _press_label(press: str, args_json: str, protocol: str) -> tuple[str, RowIde
     variants never pool), with what the row ran."""
     from kvbench.presses import is_press, make_press
 
-    given = json.loads(args_json or "{}")
+    try:
+        given = json.loads(args_json or "{}")
+        if not isinstance(given, dict):
+            raise ValueError("not an object")
+    except ValueError:
+        raise KvbenchError(f"a stored row of press {press!r} has press_args that are not a JSON object "
+                           f"({(args_json or '')[:60]!r}): the part holding it was not written by kvbench; move it "
+                           "out of the store directory") from None
     changed = given  # a press that cannot be rebuilt here (a plug-in not importable now): every parameter shown
     if is_press(press):
         defaults = make_press(press).params()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from kvbench.errors import ConfigError, KvbenchError
 from kvbench.models import DEFAULT_MODEL, cached_revision, default_system_prompt, resolve, resolve_device, resolve_dtype
-from kvbench.presses import make_press, parse_press_args
+from kvbench.presses import make_checked_press, parse_press_args
 from kvbench.runner import Cell, decoding, max_new_tokens, pending, run_cell, run_fidelity_cell
 from kvbench.session import load_session
 from kvbench.store import ResultStore
@@ -112,15 +112,15 @@ def build_cells(config: RunConfig) -> list[Cell]:
     """Validate the options and build one cell per (press, budget); touches neither model nor data."""
     if config.num_samples is not None and config.num_samples < 1:
         raise ConfigError(f"--num-samples must be >= 1, got {config.num_samples}")
-    if config.max_new_tokens is not None and config.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be >= 1, got {config.max_new_tokens}")
+    if config.max_new_tokens is not None and not 1 <= config.max_new_tokens <= 2**31:
+        raise ConfigError(f"--max-new-tokens must be >= 1 and <= 2^31, got {config.max_new_tokens}")
     unknown = set(config.measure) - set(MEASUREMENTS)
     if unknown:
         raise ConfigError(f"--measure {sorted(unknown)[0]!r} is unknown (known: {', '.join(MEASUREMENTS)})")
     if config.kind not in KINDS:
         raise ConfigError(f"kind {config.kind!r} is unknown (known: {', '.join(KINDS)})")
-    if config.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {config.batch_size}")
+    if not 1 <= config.batch_size <= 2**31:
+        raise ConfigError(f"--batch-size must be >= 1 and <= 2^31, got {config.batch_size}")
     if config.batching not in BATCHINGS:
         raise ConfigError(f"--batching {config.batching!r} is unknown (known: {', '.join(BATCHINGS)})")
     decoding(config)
@@ -139,7 +139,7 @@ def build_cells(config: RunConfig) -> list[Cell]:
     args = parse_press_args(list(config.press_args), names)
     cells: list[Cell] = []
     for name in names:
-        press = make_press(name, args[name])
+        press = make_checked_press(name, args[name])
         if press.sparse and config.measure:
             raise ConfigError(f"{name} evicts nothing: --measure {', '.join(config.measure)} does not apply")
         if not press.evicts:

@@ -214,11 +214,17 @@ class ResultStore:
         (``parts``) a part that is not kvbench's. ``write=False`` checks a store that will only be read."""
         if self.path.exists() and not self.path.is_dir():
             raise StoreError(f"store {self.path} is a file, not a directory: give --store a directory")
+        for folder in ("locks", "failures", "compactions"):  # kvbench's own folders inside a store
+            if (self.path / folder).exists() and not (self.path / folder).is_dir():
+                raise StoreError(f"{self.path / folder} is a file where kvbench keeps its {folder} folder; "
+                                 f"{MOVE_ASIDE}")
         existing = self.path if self.path.exists() else next(p for p in self.path.parents if p.exists())
         if write and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
             raise StoreError(f"store {self.path}: cannot write in {existing}")
         for part in self.parts() if parts else []:  # a foreign file fails here, not after the work
             self.check_part(part)
+        for record in sorted((self.path / "failures").glob("*.json")) if parts else []:
+            _failure_record(record)
 
     @staticmethod
     def check_part(part: Path) -> None:
@@ -276,7 +282,7 @@ class ResultStore:
         folder = self.path / "failures"
         pattern = f"{run_key}-*.json" if run_key else "*.json"
         files = sorted(folder.glob(pattern)) if folder.is_dir() else []
-        records = [(path, json.loads(path.read_text())) for path in files]
+        records = [(path, _failure_record(path)) for path in files]
         done = {key: self.done(key) for key in {record["run_key"] for _, record in records}}
         return [(path, r, (r["example_id"], r["sample"]) in done[r["run_key"]]) for path, r in records]
 
@@ -340,6 +346,17 @@ class ResultStore:
             return None
         self._sweep_stale_temp_files()
         return write_part(self.path, pa.Table.from_pylist(rows, schema=SCHEMA), rows[0]["created_at"])
+
+
+def _failure_record(path: Path) -> dict:
+    """A failure record, or one line naming the file that is not one."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if not (isinstance(record, dict) and {"run_key", "example_id", "sample"} <= set(record)):
+            raise ValueError("no run_key, example_id and sample")
+    except (OSError, ValueError) as err:
+        raise StoreError(f"{path}: not a kvbench failure record ({err}); {MOVE_ASIDE}") from None
+    return record
 
 
 def write_part(folder: Path, table: pa.Table, stamp) -> Path:

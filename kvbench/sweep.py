@@ -105,6 +105,9 @@ def _open_grid(path: Path):
 
 
 def _expand(path: Path, line: int, row: dict[str, str], store: str) -> list[PlannedRun]:
+    for required in ("press", "dataset"):
+        if not row.get(required):
+            raise ConfigError(f"{path} line {line}: the {required!r} cell is empty (every run names its {required})")
     options: dict[str, list] = {}
     for column, text in row.items():
         if text == "":

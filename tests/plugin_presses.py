@@ -73,3 +73,13 @@ class IgnoresValidityPress(Press):
         queries = window.queries.float().view(n, h, hq // h, w, d).mean(dim=2)
         logits = torch.einsum("nhwd,nhsd->nhws", queries, view.keys.float()) * window.scaling
         return protect(torch.softmax(logits, dim=-1).mean(dim=2), view, recent=self.window_size)
+
+
+@dataclass
+class CrashingPress(Press):
+    """Broken: its score raises an error no check expects (a KeyError)."""
+
+    name = "crashing"
+
+    def score(self, view) -> torch.Tensor:
+        return {}["missing"]

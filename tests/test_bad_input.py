@@ -16,6 +16,21 @@ GRIDS = {
     "bad_device.csv": "model,press,dataset,device\ntiny-llama,full,arith,gpu7\n",
     "bad_value.csv": "model,press,dataset,budget,press_args\ntiny-llama,h2o,arith,64,gqa=bogus\n",
     "broken_plugin.py": "from kvbench.presses.base import Press\nclass MyPress(Press:\n",
+    "bad_plugins.py": (
+        "from dataclasses import dataclass\nimport torch\nfrom kvbench.presses.base import Press\n\n"
+        "@dataclass\nclass Raises(Press):\n    def score(self, view):\n        return {}['missing']\n\n"
+        "@dataclass\nclass ReturnsNone(Press):\n    def score(self, view):\n        return None\n\n"
+        "@dataclass\nclass ReturnsList(Press):\n    def score(self, view):\n        return [0.0]\n\n"
+        "@dataclass\nclass WrongShape(Press):\n    def score(self, view):\n        return view.positions[0].float()\n\n"
+        "@dataclass\nclass Integers(Press):\n    def score(self, view):\n        return view.positions\n\n"
+        "@dataclass\nclass GivesNaN(Press):\n    def score(self, view):\n"
+        "        return torch.full(view.valid.shape, float('nan'))\n\n"
+        "@dataclass\nclass Unresolved(Press):\n    window: 'NoSuchType' = 1\n"
+        "    def score(self, view):\n        return view.positions.float()\n\n"
+        "@dataclass\nclass Listed(Press):\n    weights: list = None\n"
+        "    def score(self, view):\n        return view.positions.float()\n"),
+    "notes.txt": "not python at all: (\n",
+    "empty_press.csv": "model,press,dataset\ntiny-llama,,arith\n",
     "plugin_grid.csv": "model,press,dataset,budget,press_args\ntiny-llama,"
                        f"{Path(__file__).parents[1] / 'examples' / 'my_press.py'}:ValueNormAttentionPress,arith,8,"
                        "window_size=abc\n",
@@ -124,6 +139,37 @@ CASES = [
     (["verify", "h2o", "--check", "bogus"], "--check 'bogus' is unknown"),
     (["verify", "h2o", "--arch", "gpt2"], "--arch 'gpt2' is not a tiny model"),
     (["verify", "h2o", "-a", "recent_ratio=nan"], "must be a finite number"),
+    # plug-in presses that misbehave: refused at their first call, on a made-up cache, before any model loads
+    (["run", "-p", "GRID/bad_plugins.py:Raises", "-b", "8"], "score() raised KeyError"),
+    (["run", "-p", "GRID/bad_plugins.py:ReturnsNone", "-b", "8"], "must return a tensor"),
+    (["run", "-p", "GRID/bad_plugins.py:ReturnsList", "-b", "8"], "returned list"),
+    (["run", "-p", "GRID/bad_plugins.py:WrongShape", "-b", "8"], "returned shape (2, 12), expected (1, 2, 12)"),
+    (["run", "-p", "GRID/bad_plugins.py:Integers", "-b", "8"], "torch.int64 scores"),
+    (["run", "-p", "GRID/bad_plugins.py:GivesNaN", "-b", "8"], "returned NaN for a valid slot"),
+    (["bench", "-p", "GRID/bad_plugins.py:GivesNaN"], "returned NaN for a valid slot"),
+    (["run", "-p", "adakv:GRID/bad_plugins.py:Raises", "-b", "8"], "score() raised KeyError"),
+    (["run", "-p", "GRID/bad_plugins.py:Unresolved", "-b", "8", "-a", "window=3"], "annotations do not resolve"),
+    (["run", "-p", "GRID/bad_plugins.py:Listed", "-b", "8", "-a", "weights=1"], "cannot set"),
+    (["run", "-p", "GRID/notes.txt:Press", "-b", "8"], "notes.txt"),
+    # outputs, values and usage
+    (["inspect", "--out", "GRID/a_file/sub"], "is a file, not a directory"),
+    (["inspect", "--out", "GRID/inspect_dir"], "inspect.html is a directory"),
+    (["run", "--batch-size", "99999999999999999999"], "--batch-size must be >= 1 and <= 2^31"),
+    (["run", "--max-new-tokens", "99999999999999999999"], "--max-new-tokens must be >= 1 and <= 2^31"),
+    (["run", "--protocol", ""], "unknown --protocol ''"),
+    (["run", "-n", "abc"], "Invalid value for '--num-samples'"),
+    (["run", "--batch-size", "abc"], "Invalid value for '--batch-size'"),
+    (["inspect", "--example", "abc"], "Invalid value for '--example'"),
+    (["report", "GRID/store", "extra"], "unexpected extra argument"),
+    (["sweep", "GRID/empty_press.csv"], "line 2: the 'press' cell is empty"),
+    (["run", "--model", "GRID/unknown_type"], "model_type 'nosuchtype' is not one transformers"),
+    # store internals
+    (["run", "-n", "1", "--store", "GRID/locks_file"], "is a file where kvbench keeps its locks folder"),
+    (["run", "-n", "1", "--store", "GRID/failures_file"], "is a file where kvbench keeps its failures folder"),
+    (["run", "-n", "1", "--store", "GRID/bad_failure", "--retry-failed"], "not a kvbench failure record"),
+    (["run", "-n", "1", "--store", "GRID/keyless_failure"], "not a kvbench failure record"),
+    (["report", "GRID/bad_args"], "press_args that are not a JSON object"),
+    (["store", "compact", "GRID/foreign"], "not a kvbench result part"),
 ]
 
 
@@ -146,6 +192,20 @@ def _bad_stores(root):
         (root / name / "bench").mkdir(parents=True)
         part = root / name / "bench" / "part-0.parquet"
         part.write_bytes(data) if data else pq.write_table(pa.table({"x": [1]}), part)
+    for name in ("locks_file", "failures_file"):
+        (root / name).mkdir()
+        (root / name / name.split("_")[0]).write_text("a file, not a folder")
+    for name, text in (("bad_failure", "{not json"), ("keyless_failure", '{"error": "oom"}')):
+        (root / name / "failures").mkdir(parents=True)
+        (root / name / "failures" / "x.json").write_text(text)
+    (root / "inspect_dir" / "inspect.html").mkdir(parents=True)
+    (root / "unknown_type").mkdir()
+    (root / "unknown_type" / "config.json").write_text('{"model_type": "nosuchtype"}')
+    from tests.synthetic_store import row
+
+    (root / "bad_args").mkdir()
+    pq.write_table(pa.Table.from_pylist([row("h2o", (), 64, "gsm8k", 0, 1, press_args="not json")],
+                                        schema=_schema()), root / "bad_args" / "part-0.parquet")
     config_dir = root / "cfg"
     config_dir.mkdir()
     (config_dir / "arith.yaml").write_text(ARITH)
@@ -154,6 +214,12 @@ def _bad_stores(root):
     (root / "data" / "repeated").mkdir(parents=True)
     (root / "data" / "repeated" / "test.jsonl").write_text(
         '{"id": "a", "question": "1+1?", "answer": "2"}\n{"id": "a", "question": "2+2?", "answer": "4"}\n')
+
+
+def _schema():
+    from kvbench.store import SCHEMA
+
+    return SCHEMA
 
 
 @pytest.fixture
@@ -188,7 +254,7 @@ def test_bad_input_is_one_line_and_exit_2(args, phrase, tmp_path, monkeypatch, c
     assert exited.value.code == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and phrase in err, err
     assert sorted(p.name for p in store.iterdir()) == ["README"]
-    for name in ("foreign", "clash", "truncated"):
+    for name in ("foreign", "clash", "truncated", "bad_args"):
         assert [p.name for p in (tmp_path / name).iterdir()] == ["part-0.parquet"]
 
 

@@ -112,6 +112,12 @@ def test_revision_is_refused_for_local_files(tmp_path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "applies to the hub" in result.stderr
 
 
+def test_revision_is_refused_for_the_mirror_which_holds_one_copy():
+    # the autouse fixture points KVBENCH_HUB_MIRROR at the fixtures: a revision asked for could not be honoured
+    with pytest.raises(DataError, match="--dataset-revision main: KVBENCH_HUB_MIRROR holds one copy"):
+        load_examples(load_task("gsm8k"), revision="main", check_size=False)
+
+
 def annotation(number="", spans=(), date=("", "", "")):
     return {"number": number, "spans": list(spans), "date": dict(zip(("day", "month", "year"), date)),
             "worker_id": "", "hit_id": ""}

@@ -95,3 +95,38 @@ def test_a_bad_press_in_model_args_is_one_line_before_the_model_loads(local_task
                      env=OFFLINE)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: unknown press 'nosuch'")
+
+
+MC_TASK = """task: kvbench_tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: ["1", "2"]
+doc_to_target: 0
+"""
+
+
+@pytest.mark.parametrize(("model_args", "tasks", "phrase"), [
+    ("pretrained=tiny-llama,press=h2o,budget=eight", "kvbench_tiny_arith", "budget='eight' in --model_args is not"),
+    ("pretrained=tiny-llama,press=h2o,budget=8", "no_such_task_x", "--tasks 'no_such_task_x': lm-eval knows no"),
+    ("pretrained=tiny-llama,press=h2o,budget=8", "kvbench_tiny_mc", "task kvbench_tiny_mc is multiple_choice"),
+    ("pretrained=tiny-llama,press=h2o", "kvbench_tiny_arith", "give budget=N"),
+])
+def test_lm_eval_refuses_bad_input_in_one_line_before_the_model_loads(local_task, model_args, tasks, phrase):
+    (local_task / "tiny_mc.yaml").write_text(MC_TASK.format(data=local_task.parent / "arith.jsonl"))
+    result = kvbench("lm-eval", "--model", "kvbench", "--model_args", model_args, "--tasks", tasks,
+                     "--include_path", str(local_task), env=OFFLINE)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and phrase in lines[0], result.stderr[-2000:]
+
+
+def test_lm_eval_picks_the_device_as_run_does_and_keeps_its_info_lines_off_stderr(local_task):
+    result = kvbench("lm-eval", "--model", "kvbench", "--model_args", "pretrained=tiny-llama,press=full",
+                     "--tasks", "kvbench_tiny_arith", "--include_path", str(local_task), "--limit", "1", env=OFFLINE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert " INFO " not in result.stderr and "CUDA is not available" not in result.stderr

@@ -65,3 +65,11 @@ def test_a_check_that_does_not_apply_is_not_a_pass():
     result = kvbench("verify", "full", "--arch", "tiny-llama", "-c", "masking,bounded")
     assert result.returncode == 1 and "NOTHING VERIFIED" in result.stderr
     assert result.stdout.count("n/a (evicts nothing)") == 2
+
+
+def test_a_check_that_crashes_is_a_failed_check_in_the_table():
+    result = kvbench("verify", "tests.plugin_presses:CrashingPress", "--arch", "tiny-llama", "-c", "bounded,batch",
+                     "-f", "markdown")
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr and result.stdout.count("FAIL") == 2
+    assert "KeyError" in result.stdout + result.stderr

@@ -40,12 +40,29 @@ app.add_typer(store_cmd.app, name="store")
 
 
 def main() -> None:
+    # typer vendors click: its exceptions are typer's own (typer 0.29)
+    from typer._click import exceptions as click
+
     from kvbench.errors import KvbenchError
     from kvbench.quiet import quiet_libraries
 
     quiet_libraries()
     try:
-        app()
+        code = app(standalone_mode=False)  # an early exit (typer.Exit) comes back as its code
     except KvbenchError as err:
         typer.secho(f"error: {err}", err=True, fg="red")
         sys.exit(2)
+    except click.NoArgsIsHelpError as err:  # a bare command group: its help, as before
+        typer.echo(err.ctx.get_help())
+        sys.exit(2)
+    except click.UsageError as err:  # a malformed command line: one line, with where to look
+        command = err.ctx.command_path if err.ctx else "kvbench"
+        typer.secho(f"error: {err.format_message()} (see {command} --help)", err=True, fg="red")
+        sys.exit(2)
+    except typer.Exit as err:  # commands that end early
+        sys.exit(err.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
+    if isinstance(code, int) and code:
+        sys.exit(code)

@@ -47,7 +47,7 @@ def inspect(
         protocol=protocol, seed=seed, dtype=dtype, device=device, data_dir=local,
     )
     config = InspectConfig(run=run, example=example)
-    output_dir("--out", out)
+    output_dir("--out", out, files=("inspect.html", "inspect.png"))
     plan(config)  # bad input fails before the model loads
     out.mkdir(parents=True, exist_ok=True)
     console = Console(stderr=True)

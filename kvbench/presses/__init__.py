@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import types
 import typing
 
 from kvbench.errors import KvbenchError
@@ -20,6 +21,7 @@ from kvbench.presses.hott_snapkv_d import HottSnapKVDPress
 from kvbench.presses.hott_streaming_llm import HottStreamingLLMPress
 from kvbench.presses.knorm import KNormPress
 from kvbench.presses.plugins import PluginError, installed, is_import_spec, load_class, load_entry_point
+from kvbench.presses.probe import probe
 from kvbench.presses.pyramidkv import PyramidKVPress
 from kvbench.presses.random import RandomPress
 from kvbench.presses.rkv import RKVPress
@@ -44,7 +46,8 @@ PRESSES: dict[str, type[Press]] = {
 #: Allocation wrappers, composed with a scoring press as ``wrapper:press`` (``pyramidkv:adakv:snapkv-d``).
 WRAPPERS: dict[str, type[WrapperPress]] = {cls.name: cls for cls in (PyramidKVPress, AdaKVPress)}
 
-__all__ = ["PRESSES", "WRAPPERS", "Press", "PressError", "is_press", "make_press", "parse_bool", "parse_press_args",
+__all__ = ["PRESSES", "WRAPPERS", "Press", "PressError", "is_press", "make_checked_press", "make_press", "parse_bool",
+           "parse_press_args",
            "press_parameters", "class_parameters", "plugin_presses"]
 
 
@@ -85,6 +88,19 @@ def make_press(name: str, args: dict[str, str] | None = None) -> Press:
     return press
 
 
+def make_checked_press(name: str, args: dict[str, str] | None = None) -> Press:
+    """``make_press``, and for a plug-in (or a wrapper around one) a first call on a made-up cache: a press that
+    raises or returns no proper scores is refused in one line before any model loads (``probe``)."""
+    press = make_press(name, args)
+    level = press
+    while level is not None:
+        if level.origin is not None:
+            probe(press, name)
+            break
+        level = level.__dict__.get("inner")
+    return press
+
+
 def _build(name: str, kwargs: dict[str, object]) -> Press:
     wrapper, inner = _split_wrapper(name)
     try:
@@ -117,7 +133,11 @@ def _split_wrapper(name: str) -> tuple[type[WrapperPress] | None, str]:
 
 def class_parameters(cls: type[Press]) -> list[tuple[str, type, object, str]]:
     """A press class's own parameters (a wrapper's without the press it wraps)."""
-    hints = typing.get_type_hints(cls)
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception as err:  # a plug-in's annotation names something its module does not define
+        raise PressError(f"press class {cls.__name__}: its field annotations do not resolve ({type(err).__name__}: "
+                         f"{err})") from None
     docs = _field_docs(cls)
     skip = ("inner", "buffer") if issubclass(cls, WrapperPress) else ()
     return [(f.name, hints[f.name], f.default, docs.get(f.name, "")) for f in dataclasses.fields(cls)
@@ -189,7 +209,13 @@ def parse_bool(text: str) -> bool:
     return lowered in {"true", "1", "yes"}
 
 
-def _convert(press: str, key: str, raw: str, kind: type):
+def _convert(press: str, key: str, raw: str, kind):
+    optional = _optional_of(kind)
+    if optional is not None:  # ``X | None``: "none" is None, anything else an X
+        return None if raw.strip().lower() in ("none", "null") else _convert(press, key, raw, optional)
+    if kind not in (bool, int, float, str):
+        raise PressError(f"press {press!r}: {key} has type {kind!r}, which -a/--press-arg cannot set (it sets bool, "
+                         "int, float, str and their optional forms)")
     try:
         value = parse_bool(raw) if kind is bool else kind(raw)
     except ValueError:
@@ -197,6 +223,15 @@ def _convert(press: str, key: str, raw: str, kind: type):
     if kind is float and not math.isfinite(value):
         raise PressError(f"press {press!r}: {key}={raw!r} must be a finite number")
     return value
+
+
+def _optional_of(kind) -> type | None:
+    """X for ``X | None`` or ``Optional[X]``; None for anything else."""
+    members = typing.get_args(kind)
+    args = [a for a in members if a is not type(None)]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(args) == 1 and len(members) == 2:
+        return args[0]
+    return None
 
 
 #: Rules for parameters several presses share, checked whatever press has them (each press checks its own too).

@@ -90,6 +90,8 @@ def _module_from_file(spec: str, path: Path):
     if name in sys.modules:
         return sys.modules[name]
     loader_spec = importlib.util.spec_from_file_location(name, resolved)
+    if loader_spec is None:  # not a source file Python can import (a .txt, a directory)
+        raise PluginError(f"press {spec!r}: {str(path)!r} is not a Python file (.py); {FORMS}")
     module = importlib.util.module_from_spec(loader_spec)
     sys.modules[name] = module  # dataclasses and typing look the module up while the class is made
     try:

@@ -31,8 +31,11 @@ def mirror_dir(path: str) -> Path | None:
 
 def read_hub(name: str, hub: dict, revision: str | None = None) -> tuple[list[dict], str]:
     """The records of ``hub``'s split, and where they came from (``hub:<path>@<commit>`` or ``mirror:...``)."""
-    revision = revision or hub.get("revision")
     copy = mirror_dir(hub["path"])
+    if copy is not None and revision:  # a user's --dataset-revision: the mirror holds one copy, of no revision
+        raise DataError(f"--dataset-revision {revision}: {HUB_MIRROR_ENV} holds one copy of {hub['path']}, with no "
+                        f"revisions; unset {HUB_MIRROR_ENV} to read that revision from the hub")
+    revision = revision or hub.get("revision")
     try:
         import datasets
 

@@ -83,7 +83,7 @@ DEFAULT_PROTOCOL = KVBENCH.name
 
 def get_protocol(name: str | None) -> Protocol:
     """The protocol called ``name`` (None: the default); one clear error otherwise."""
-    name = name or DEFAULT_PROTOCOL
+    name = DEFAULT_PROTOCOL if name is None else name  # "" is a name, and not a protocol
     if name not in PROTOCOLS:
         raise ConfigError(f"unknown --protocol {name!r} (known: {', '.join(PROTOCOLS)})")
     return PROTOCOLS[name]
