@@ -12,8 +12,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from kvbench.errors import ConfigError
-from kvbench.store import MOVE_ASIDE, ResultStore, StoreError, part_schema
+from kvbench.errors import MOVE_ASIDE, ConfigError, StoreError
+from kvbench.store import ResultStore, part_schema
 
 #: what every part under ``STORE/bench/`` has, old parts included (``bench_results.bench_schema`` has more since)
 BENCH_COLUMNS = ("created_at", "model", "press", "budget", "batch", "tokens_per_s")

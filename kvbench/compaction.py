@@ -18,7 +18,6 @@ among those chosen. ``kvbench score`` takes the same lock, so it never rewrites 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import uuid
@@ -26,13 +25,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from kvbench.store import MOVE_ASIDE, SCHEMA, ResultStore, StoreError
+from kvbench.errors import MOVE_ASIDE, StoreError
+from kvbench.journals import JOURNALS, read_journal, write_journal
+from kvbench.store import SCHEMA, ResultStore
 
 #: Parts at least this large are left as they are: merging them again would rewrite big files for little gain.
 SMALL_BYTES = 32 * 2**20
 #: ``kvbench report`` merges a writable store's small parts first once it holds this many.
 AUTO_PARTS = 1000
-JOURNALS = "compactions"
 
 
 @dataclass(frozen=True)
@@ -43,30 +43,6 @@ class Compacted:
     merged: int
     rows: int
     seconds: float
-
-
-def superseded(store_dir: Path, present: set[str]) -> set[str]:
-    """Names of parts that a finished compaction has merged (its merged part is among ``present``)."""
-    folder = store_dir / JOURNALS
-    if not folder.is_dir():
-        return set()
-    out: set[str] = set()
-    for journal in sorted(folder.glob("*.json")):
-        record = read_journal(journal)
-        if record["merged"] in present:
-            out |= set(record["replaces"])
-    return out
-
-
-def read_journal(path: Path) -> dict:
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        if not (isinstance(record, dict) and isinstance(record.get("merged"), str)
-                and isinstance(record.get("replaces"), list)):
-            raise ValueError("no merged part and replaced parts")
-    except (OSError, ValueError) as err:
-        raise StoreError(f"{path}: not a kvbench compaction journal ({err}); {MOVE_ASIDE}") from None
-    return record
 
 
 def compact(store: ResultStore, run_keys: set[str] | None = None, wait: bool = True) -> Compacted:
@@ -114,7 +90,7 @@ def merge(store: ResultStore, parts: list[Path]) -> int:
     tmp = store.path / f".{name}.tmp"
     try:
         rows = _stream(parts, tmp)
-        journal = _write_journal(store.path, name, [p.name for p in parts])
+        journal = write_journal(store.path, name, [p.name for p in parts])
         os.replace(tmp, store.path / name)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -147,13 +123,3 @@ def _stream(parts: list[Path], out: Path) -> int:
                 raise StoreError(f"{part}: rows without a run_key; {MOVE_ASIDE}") from None
         raise StoreError(f"cannot merge the parts of {parts[0].parent} ({str(err).splitlines()[0]})") from None
     return rows
-
-
-def _write_journal(store_dir: Path, merged: str, replaces: list[str]) -> Path:
-    folder = store_dir / JOURNALS
-    folder.mkdir(exist_ok=True)
-    path = folder / f"{merged.removesuffix('.parquet')}.json"
-    tmp = folder / f".{path.name}.tmp"
-    tmp.write_text(json.dumps({"merged": merged, "replaces": replaces}), encoding="utf-8")
-    os.replace(tmp, path)
-    return path

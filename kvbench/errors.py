@@ -11,3 +11,11 @@ class DataError(KvbenchError):
 
 class ConfigError(KvbenchError):
     """A malformed option, dataset config or grid."""
+
+
+class StoreError(KvbenchError):
+    """The store cannot be read or written."""
+
+
+#: What to do with a file inside a store that kvbench did not write.
+MOVE_ASIDE = "move it out of the store directory"

@@ -20,10 +20,10 @@ import uuid
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 
-from kvbench.errors import KvbenchError
+from kvbench.errors import MOVE_ASIDE, StoreError
+from kvbench.journals import superseded
 
 SCHEMA = pa.schema([
     ("run_key", pa.string()),
@@ -101,11 +101,6 @@ SCHEMA = pa.schema([
 _KEY_INDEX: dict[Path, dict[str, dict[str, set[tuple[str, int]]]]] = {}
 
 
-class StoreError(KvbenchError):
-    """The store cannot be read or written."""
-
-
-MOVE_ASIDE = "move it out of the store directory"
 
 
 def unreadable(part: Path, err: Exception) -> StoreError:
@@ -148,8 +143,6 @@ class ResultStore:
         if not self.path.is_dir():
             return []
         found = sorted(self.path.glob("part-*.parquet"))
-        from kvbench.compaction import superseded
-
         gone = superseded(self.path, {p.name for p in found})
         return [p for p in found if p.name not in gone] if gone else found
 
