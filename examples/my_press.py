@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.presses.base import Press, protect
+from kvbench.presses.base import Press, View, protect
 
 
 @dataclass
@@ -30,7 +30,7 @@ class ValueNormAttentionPress(Press):
     def query_window(self) -> int:
         return self.window_size
 
-    def score(self, view) -> torch.Tensor:
+    def score(self, view: View) -> torch.Tensor:
         attention = view.attention(gqa="mean")  # [N, H, S], zero on invalid slots
         scores = attention * view.values.float().norm(dim=-1)
         return protect(scores, view, n_sink=self.n_sink, recent=self.window_size)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.presses.base import Press, protect
+from kvbench.presses.base import Press, View, protect
 
 
 @dataclass
@@ -19,7 +19,7 @@ class RecencyPress(Press):
     #: First tokens always kept.
     n_sink: int = 2
 
-    def score(self, view) -> torch.Tensor:
+    def score(self, view: View) -> torch.Tensor:
         return protect(view.positions.float(), view, n_sink=self.n_sink)
 
 
@@ -29,7 +29,7 @@ class SlotOrderPress(Press):
 
     name = "slot-order"
 
-    def score(self, view) -> torch.Tensor:
+    def score(self, view: View) -> torch.Tensor:
         slots = torch.arange(view.valid.shape[-1], device=view.valid.device, dtype=torch.float32)
         return slots.expand(view.valid.shape)
 
@@ -45,7 +45,7 @@ class SharedStatePress(Press):
         super().__post_init__()
         self.running = None
 
-    def score(self, view) -> torch.Tensor:
+    def score(self, view: View) -> torch.Tensor:
         norms = view.keys.float().norm(dim=-1)
         if self.running is not None and self.running.shape == norms.shape:
             norms = norms + self.running
@@ -66,7 +66,7 @@ class IgnoresValidityPress(Press):
     def query_window(self) -> int:
         return self.window_size
 
-    def score(self, view) -> torch.Tensor:
+    def score(self, view: View) -> torch.Tensor:
         window = view.window
         n, hq, w, d = window.queries.shape
         h = view.keys.shape[1]
@@ -81,5 +81,5 @@ class CrashingPress(Press):
 
     name = "crashing"
 
-    def score(self, view) -> torch.Tensor:
+    def score(self, view: View) -> torch.Tensor:
         return {}["missing"]

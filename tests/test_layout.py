@@ -134,3 +134,22 @@ def test_module_and_function_sizes(path):
     long = [f"{n.name} ({n.end_lineno - n.lineno + 1} lines)" for n in ast.walk(ast.parse(text))
             if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.end_lineno - n.lineno + 1 > 60]
     assert long == []
+
+
+def test_the_view_a_press_is_promised_is_the_view_the_engine_gives():
+    """``presses.base.View`` (what a press may read) against ``engine.view.SlotView`` (what the engine passes): every
+    attribute of the protocol is a field of the same type, and ``attention`` has the same signature."""
+    import inspect
+    import typing
+
+    from kvbench.engine.view import SlotView
+    from kvbench.presses.base import View
+
+    promised = typing.get_type_hints(View)
+    given = typing.get_type_hints(SlotView)
+    assert promised, "the View protocol declares no attribute"
+    for name, kind in promised.items():
+        assert name in given, f"View.{name} is not a SlotView field"
+        if kind is not typing.Any:
+            assert given[name] == kind, f"View.{name} is {kind}, SlotView.{name} is {given[name]}"
+    assert inspect.signature(View.attention) == inspect.signature(SlotView.attention)

@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.presses.base import Press
+from kvbench.presses.base import Press, View
 
 
 @dataclass
@@ -14,5 +14,5 @@ class FullPress(Press):
     source = "-"
     evicts = False
 
-    def score(self, view) -> torch.Tensor:
+    def score(self, view: View) -> torch.Tensor:
         return torch.zeros_like(view.positions, dtype=torch.float32)

@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.presses.base import Press, protect
+from kvbench.presses.base import Press, View, protect
 
 
 @dataclass
@@ -44,10 +44,10 @@ class H2OPress(Press):
     def accumulates_attention(self) -> bool:
         return True
 
-    def observe(self, view, attention: torch.Tensor) -> None:
+    def observe(self, view: View, attention: torch.Tensor) -> None:
         view.state["accumulated"] += attention
 
-    def score(self, view) -> torch.Tensor:
+    def score(self, view: View) -> torch.Tensor:
         scores = view.state["accumulated"].clone()
         if self.normalize:
             age = (view.query_position[:, None, None] - view.positions + 1).clamp(min=1)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.presses.base import Press
+from kvbench.presses.base import Press, View
 from kvbench.presses.h2o import H2OPress
 from kvbench.presses.hott_rkv import fork_rkv_score, window_queries
 from kvbench.presses.snapkv_d import SnapKVDecodingPress
@@ -116,7 +116,7 @@ class HottRKVFixedPress(Press):
             return keep, budget + 1
         return keep, trigger
 
-    def score(self, view) -> torch.Tensor:
+    def score(self, view: View) -> torch.Tensor:
         if STATE not in view.state:  # a view made by hand, without the engine's state: a cache in token order
             view.state[STATE] = torch.zeros(view.valid.shape, device=view.valid.device)
         index, lengths = fork_index(view), valid_lengths(view)

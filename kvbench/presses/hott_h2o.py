@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.presses.base import Press
+from kvbench.presses.base import Press, View
 from kvbench.presses.source_order import STATE, fork_index, fork_topk, from_fork_order, reorder, to_fork_order
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -56,7 +56,7 @@ class HottH2OPress(Press):
     def _round(self, values: torch.Tensor) -> torch.Tensor:
         return values.to(_DTYPES[self.state_dtype]).float()
 
-    def observe(self, view, attention: torch.Tensor) -> None:
+    def observe(self, view: View, attention: torch.Tensor) -> None:
         if view.step == 0:  # each layer's prefill overwrites the shared attributes with its own
             index = fork_index(view)
             length = view.valid[:, :1].sum(dim=-1, keepdim=True)
@@ -93,7 +93,7 @@ class HottH2OPress(Press):
         return (to_fork_order(sub.state["accumulated"], index, kept, width),
                 to_fork_order(sub.state["count"], index, kept, width))
 
-    def score(self, view) -> torch.Tensor:
+    def score(self, view: View) -> torch.Tensor:
         return view.state["keep"].clone()
 
 

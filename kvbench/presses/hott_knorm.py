@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.presses.base import Press
+from kvbench.presses.base import Press, View
 from kvbench.presses.source_order import STATE, compress, fork_index, to_fork_order, valid_lengths
 
 
@@ -40,7 +40,7 @@ class HottKNormPress(Press):
         if self.buffer != 1:
             raise ValueError(f"{self.name}: needs buffer 1 (the fork compresses every decoding step)")
 
-    def score(self, view) -> torch.Tensor:
+    def score(self, view: View) -> torch.Tensor:
         index, lengths = fork_index(view), valid_lengths(view)
         scores = -view.keys.norm(dim=-1)  # in the keys' dtype, as the fork scores its cache
         return compress(self, view, index, lengths, to_fork_order(scores, index, view.valid, max(lengths)))

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvbench.presses.base import Press
+from kvbench.presses.base import Press, View
 from kvbench.presses.source_order import (
     STATE,
     compress,
@@ -97,7 +97,7 @@ class HottRKVPress(Press):
             return budget, trigger, [everything] + [budget] * (n_layers - 1)
         return budget + 1, budget + 1, [budget] + [everything] * (n_layers - 1)
 
-    def score(self, view) -> torch.Tensor:
+    def score(self, view: View) -> torch.Tensor:
         index, lengths = fork_index(view), valid_lengths(view)
         order = index.argsort(dim=-1)  # slots in the fork's cache order, the invalid ones last
         keys = view.keys.gather(2, order[..., None].expand(-1, -1, -1, view.keys.shape[-1]))

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from kvbench.errors import KvbenchError
-from kvbench.presses.base import Press
+from kvbench.presses.base import Press, View
 from kvbench.presses.source_order import (
     STATE,
     compress,
@@ -63,7 +63,7 @@ class HottSnapKVDPress(Press):
     def query_window(self) -> int:
         return self.window_size
 
-    def score(self, view) -> torch.Tensor:
+    def score(self, view: View) -> torch.Tensor:
         index, lengths = fork_index(view), valid_lengths(view)
         order = index.argsort(dim=-1)  # slots in the fork's cache order, the invalid ones last
         keys = view.keys.gather(2, order[..., None].expand(-1, -1, -1, view.keys.shape[-1]))

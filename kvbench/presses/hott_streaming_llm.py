@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.presses.base import Press
+from kvbench.presses.base import Press, View
 from kvbench.presses.source_order import STATE, compress, fork_index, valid_lengths
 
 
@@ -35,7 +35,7 @@ class HottStreamingLLMPress(Press):
         if self.n_sink < 0 or self.buffer != 1:
             raise ValueError(f"{self.name}: needs n_sink >= 0 and buffer 1 (the fork evicts every step)")
 
-    def score(self, view) -> torch.Tensor:
+    def score(self, view: View) -> torch.Tensor:
         index, lengths = fork_index(view), valid_lengths(view)
         keep, _ = self.cadence(view.budget)
         length = torch.tensor(lengths, device=view.valid.device)[:, None, None]

@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.presses.base import Press, protect
+from kvbench.presses.base import Press, View, protect
 
 
 @dataclass
@@ -34,7 +34,7 @@ class KNormPress(Press):
     #: Most recent tokens always kept. 0 = no protection (the paper's variant).
     recent_window: int = 0
 
-    def score(self, view) -> torch.Tensor:
+    def score(self, view: View) -> torch.Tensor:
         # RoPE preserves norms, so a repeated token's keys tie exactly in the first layer. Rounding to 16 significant
         # bits makes float noise (which differs between batch shapes) a tie too, and ties go to the newest entry;
         # a relative quantum keeps small norms, the ones kept, apart.

@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.presses.base import Press
+from kvbench.presses.base import Press, View
 
 
 @dataclass
@@ -14,7 +14,7 @@ class RandomPress(Press):
     source = "-"
     revision = 2  # hash draws instead of generator streams
 
-    def score(self, view) -> torch.Tensor:
+    def score(self, view: View) -> torch.Tensor:
         # A hash of (row seed, step, KV head, position), not a generator's stream: the draws do not depend on
         # how many slots the batch holds or where a token sits, so a sequence evicts alike in any batch.
         h = view.positions.shape[1]

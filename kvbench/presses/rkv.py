@@ -3,7 +3,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvbench.presses.base import INF, Press, window_softmax
+from kvbench.presses.base import INF, Press, View, window_softmax
 from kvbench.presses.source_order import STATE, fork_index, from_fork_order, reorder, to_fork_order, valid_lengths
 
 _BIG = torch.iinfo(torch.long).max // 2
@@ -101,7 +101,7 @@ class RKVPress(Press):
             return keep, budget + _next_multiple(prompt_length, period) - prompt_length + 1
         return keep, most
 
-    def score(self, view) -> torch.Tensor:
+    def score(self, view: View) -> torch.Tensor:
         index = fork_index(view) if self.order == "cache" and STATE in view.state else _position_index(view)
         lengths = valid_lengths(view)
         prefix = view.valid & (index < (torch.tensor(lengths, device=index.device) - self.window_size)[:, None, None])

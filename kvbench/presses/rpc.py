@@ -3,7 +3,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.errors import KvbenchError
-from kvbench.presses.base import INF, Press, pool_by_position, protect, recent_positions
+from kvbench.presses.base import INF, Press, View, pool_by_position, protect, recent_positions
 
 _UNBOUNDED = 2**62
 
@@ -112,7 +112,7 @@ class RPCPress(Press):
     def query_window(self) -> int:
         return self.window_size
 
-    def score(self, view) -> torch.Tensor:
+    def score(self, view: View) -> torch.Tensor:
         recent = recent_positions(view, self.window_size)
         prompt = view.positions < view.prompt_length[:, None, None]
         if view.step == 0:  # budget schedule, a prompt longer than the budget: compressed like SnapKV

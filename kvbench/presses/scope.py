@@ -3,7 +3,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.errors import KvbenchError
-from kvbench.presses.base import INF, Press
+from kvbench.presses.base import INF, Press, View
 from kvbench.presses.ranking import rank_slots
 
 
@@ -103,7 +103,7 @@ class SCOPEPress(Press):
     def query_window(self) -> int:
         return 1 if self.scoring == "current" else 0
 
-    def observe(self, view, attention: torch.Tensor) -> None:
+    def observe(self, view: View, attention: torch.Tensor) -> None:
         view.state["accumulated"] += attention
         if view.step == 0:
             self._pin_prompt(view)
@@ -120,7 +120,7 @@ class SCOPEPress(Press):
         pinned = torch.zeros_like(view.state["pinned"]).scatter_(-1, best, 1.0) * in_prompt
         view.state["pinned"].copy_(pinned)
 
-    def score(self, view) -> torch.Tensor:
+    def score(self, view: View) -> torch.Tensor:
         pinned = view.state["pinned"] > 0
         if view.step == 0:  # a prompt longer than the prefill budget: the pinned ones
             return view.state["accumulated"].masked_fill(pinned, INF)

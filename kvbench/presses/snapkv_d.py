@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.presses.base import Press, pool_by_position, protect, recent_positions
+from kvbench.presses.base import Press, View, pool_by_position, protect, recent_positions
 
 
 @dataclass
@@ -47,7 +47,7 @@ class SnapKVDecodingPress(Press):
     def query_window(self) -> int:
         return self.window_size
 
-    def score(self, view) -> torch.Tensor:
+    def score(self, view: View) -> torch.Tensor:
         prefix = view.valid & ~recent_positions(view, self.window_size)
         scores = pool_by_position(view.attention(gqa=self.gqa), view, self.kernel_size, self.pooling, among=prefix,
                                   count_padding=True)

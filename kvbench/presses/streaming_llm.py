@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.presses.base import Press, protect
+from kvbench.presses.base import Press, View, protect
 
 
 @dataclass
@@ -23,5 +23,5 @@ class StreamingLLMPress(Press):
     #: Attention-sink tokens always kept (4 in Xiao et al.).
     n_sink: int = 4
 
-    def score(self, view) -> torch.Tensor:
+    def score(self, view: View) -> torch.Tensor:
         return protect(view.positions.float(), view, n_sink=self.n_sink)

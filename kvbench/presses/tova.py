@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.presses.base import Press
+from kvbench.presses.base import Press, View
 
 
 @dataclass
@@ -28,7 +28,7 @@ class TOVAPress(Press):
     def query_window(self) -> int:
         return 1
 
-    def score(self, view) -> torch.Tensor:
+    def score(self, view: View) -> torch.Tensor:
         attention = view.attention(gqa="mean")
         if self.per_head:
             return attention

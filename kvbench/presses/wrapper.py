@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from kvbench.presses.base import Press
+from kvbench.presses.base import Press, View
 
 
 @dataclass
@@ -56,10 +56,10 @@ class WrapperPress(Press):
     def accumulates_attention(self) -> bool:
         return self.inner.accumulates_attention
 
-    def observe(self, view, attention: torch.Tensor) -> None:
+    def observe(self, view: View, attention: torch.Tensor) -> None:
         self.inner.observe(view, attention)
 
-    def score(self, view) -> torch.Tensor:
+    def score(self, view: View) -> torch.Tensor:
         return self.inner.score(view)
 
     def layer_budgets(self, budget: int, n_layers: int) -> list[int]:
