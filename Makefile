@@ -49,10 +49,12 @@ PYTEST_ARGS ?= -n auto
 
 test: install
 	$(VENV)/bin/ruff check kvbench tests benchmarks examples
+	$(VENV)/bin/lint-imports
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check kvbench tests benchmarks examples
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) build *.egg-info

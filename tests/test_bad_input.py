@@ -36,7 +36,7 @@ GRIDS = {
                        "window_size=abc\n",
 }
 
-ARITH = (Path(__file__).parents[1] / "kvbench" / "datasets_cfg" / "arith.yaml").read_text()
+ARITH = (Path(__file__).parents[1] / "datasets_cfg" / "arith.yaml").read_text()
 #: dataset configs, each malformed in one way (written under $KVBENCH_DATASETS_CFG beside a good arith.yaml)
 CONFIGS = {
     "badgen": ARITH.replace("name: arith", "name: badgen").replace("generator: arith", "generator: nosuch"),
@@ -59,7 +59,7 @@ CASES = [
     (["run", "-p", "knorm", "-b", "64", "-a", "recent_window=-1"], "recent_window must be >= 0"),
     (["run", "--temperature", "nan"], "must be finite"),
     (["run", "-p", ","], "give at least one press"),
-    (["run", "-d", "../kvbench/datasets_cfg/gsm8k"], "unknown dataset"),
+    (["run", "-d", "../datasets_cfg/gsm8k"], "unknown dataset"),
     (["run", "-d", "arith", "--dataset-revision", "main"], "does not apply"),
     (["sweep", "GRID/repeated_column.csv"], "column 'press' appears twice"),
     (["sweep", "GRID/header_only.csv"], "no runs"),
@@ -259,7 +259,7 @@ def test_bad_input_is_one_line_and_exit_2(args, phrase, tmp_path, monkeypatch, c
 
 
 def test_spreadsheet_grids_read_like_plain_utf8(tmp_path):
-    from kvbench.sweep import read_grid
+    from kvbench.runs.sweep import read_grid
 
     text = "model,press,dataset,num_samples\ntiny-llama,full,arith,2\n"
     (tmp_path / "plain.csv").write_text(text)
@@ -350,7 +350,7 @@ def test_a_dry_run_reads_a_store_it_may_not_write(tmp_path, monkeypatch):
     import os
 
     from kvbench.errors import KvbenchError
-    from kvbench.sweep import read_grid
+    from kvbench.runs.sweep import read_grid
 
     (tmp_path / "grid.csv").write_text("model,press,dataset,num_samples\ntiny-llama,full,arith,2\n")
     (tmp_path / "store").mkdir()
@@ -366,7 +366,8 @@ def test_a_full_disk_leaves_no_temp_file_and_one_line(tmp_path, monkeypatch):
 
     import pyarrow.parquet as pq
 
-    from kvbench.store import ResultStore, StoreError
+    from kvbench.errors import StoreError
+    from kvbench.store import ResultStore
     from tests.synthetic_store import row
 
     def full_disk(table, where, *args, **kwargs):

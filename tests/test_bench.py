@@ -51,7 +51,7 @@ def test_bench_runs_presses_side_by_side_and_stores_them(tmp_path):
                      "--gen-len", "16", "--batch-size", "1,2", "--memory-gib", "0.0006", "--max-batch", "64",
                      "--store", str(store), "-f", "csv")
     assert result.returncode == 0, result.stderr
-    from kvbench import bench_results
+    from kvbench.bench import results as bench_results
 
     df = bench_results.load_rows(store)
     side = df[df["setting"] == "side by side"]
@@ -109,7 +109,8 @@ def test_shape_aliases_have_the_published_kv_shapes():
 
 
 def test_bench_out_of_memory_keeps_what_was_measured(tmp_path, monkeypatch):
-    from kvbench import bench, bench_results
+    from kvbench.bench import core as bench
+    from kvbench.bench import results as bench_results
     from kvbench.errors import KvbenchError
 
     real = bench._Bench.side_by_side
@@ -139,8 +140,8 @@ def test_bench_ops_column_is_the_counters_figure(tmp_path):
     result = kvbench("bench", "--model", "tiny-llama", "-p", "h2o", "-b", "8", "--prompt-len", "10", "--gen-len",
                      "12", "--warmup", "1", "--ops", "-f", "markdown", "--store", str(store))
     assert result.returncode == 0, result.stderr
+    from kvbench.bench.opcount import kvbench_step
     from kvbench.models import build_tiny
-    from kvbench.opcount import kvbench_step
 
     model, _ = build_tiny("tiny-llama")
     import torch

@@ -7,7 +7,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from kvbench.run import RunConfig, execute, summarize
+from kvbench.runs.plan import RunConfig, execute, summarize
 from kvbench.store import SCHEMA, ResultStore
 
 
@@ -111,7 +111,7 @@ def test_presses_lists_every_press_with_defaults():
 
 def test_run_key_separates_data_sources(monkeypatch):
     from kvbench.presses import make_press
-    from kvbench.run import Cell, run_key
+    from kvbench.runs.plan import Cell, run_key
     from kvbench.tasks import load_task
 
     task = load_task("folio")
@@ -127,7 +127,7 @@ def test_run_key_comes_from_resolved_settings():
     """Settings that resolve to the same values are one run (one key: no rows pooled as replicates); ``auto`` on a
     CPU and on a GPU are not."""
     from kvbench.presses import make_press
-    from kvbench.run import Cell, run_key
+    from kvbench.runs.plan import Cell, run_key
     from kvbench.tasks import load_task
 
     task, cell = load_task("arith"), Cell(press=make_press("h2o"), budget=64)
@@ -159,8 +159,8 @@ def test_batched_run_stores_the_same_rows_as_batch_one(tmp_path):
 def test_run_measures_attention_loss_into_the_store_and_report(tmp_path):
     import json
 
-    from kvbench.plots import plot
-    from kvbench.report import render
+    from kvbench.results.plots import plot
+    from kvbench.results.report import render
 
     config = RunConfig(model="tiny-llama", presses=("full", "h2o"), budgets=(16,), num_samples=2,
                        max_new_tokens=20, store=str(tmp_path / "s"), measure=("attention-loss",))
@@ -192,7 +192,7 @@ def test_run_key_changes_with_a_press_revision(monkeypatch):
     """A press whose choices changed (knorm, random: revision 2) never reuses rows stored by its old code."""
     from kvbench.presses import make_press
     from kvbench.presses.knorm import KNormPress
-    from kvbench.run import Cell, run_key
+    from kvbench.runs.plan import Cell, run_key
     from kvbench.tasks import load_task
 
     task = load_task("arith")
@@ -204,7 +204,7 @@ def test_run_key_changes_with_a_press_revision(monkeypatch):
 
 def test_new_methods_run_into_the_store_and_report_device_and_host_bytes_apart(tmp_path):
     """ShadowKV's rows carry its host bytes; a wrapped press is its own label; the report shows both metrics."""
-    from kvbench.report import render
+    from kvbench.results.report import render
 
     store = tmp_path / "s"
     config = RunConfig(model="tiny-llama", presses=("full", "shadowkv", "adakv:snapkv-d", "scope"), budgets=(64,),

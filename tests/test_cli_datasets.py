@@ -79,7 +79,7 @@ def test_run_on_a_real_dataset_stores_metrics(tmp_path):
 
 
 def test_run_works_for_every_dataset(tmp_path, monkeypatch):
-    from kvbench.run import RunConfig, execute
+    from kvbench.runs.plan import RunConfig, execute
     from kvbench.tasks import available
 
     require_shared_data("drop/dev.jsonl")

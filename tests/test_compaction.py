@@ -13,9 +13,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from kvbench import compaction
-from kvbench.compaction import compact
-from kvbench.store import SCHEMA, ResultStore, StoreError
+from kvbench.errors import StoreError
+from kvbench.store import SCHEMA, ResultStore, compaction
+from kvbench.store.compaction import compact
 from tests.synthetic_store import row
 
 
@@ -95,7 +95,7 @@ def test_kill_9_during_compaction_beside_a_writer(tmp_path):
     store = ResultStore(tmp_path)
     for delay in (0.3, 0.7, 1.1, 0.5, 0.9):
         merger = subprocess.Popen([sys.executable, "-c", (
-            "from kvbench.compaction import compact; from kvbench.store import ResultStore\n"
+            "from kvbench.store.compaction import compact; from kvbench.store import ResultStore\n"
             f"compact(ResultStore({str(tmp_path)!r}))")])
         time.sleep(delay)
         merger.send_signal(signal.SIGKILL)

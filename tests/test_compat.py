@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from kvbench.tokenizer_guard import PROBE, TokenizerError, checked_tokenizer, probe_ids, tokenizer_file
+from kvbench.models.tokenizer_guard import PROBE, TokenizerError, checked_tokenizer, probe_ids, tokenizer_file
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_guard_repairs_the_broken_tokenizer(byte_level_dir, capsys):
 
 
 def test_guard_rejects_what_it_cannot_repair(byte_level_dir, monkeypatch):
-    import kvbench.tokenizer_guard as guard
+    import kvbench.models.tokenizer_guard as guard
 
     monkeypatch.setattr(guard, "fast_tokenizer", lambda path, like: like)
     with pytest.raises(TokenizerError, match="upgrade transformers to >= 5.22 or load the fast tokenizer"):

@@ -121,8 +121,8 @@ def test_continuous_refuses_what_it_cannot_splice(tiny_llama):
 
 
 def test_run_stores_each_row_as_it_finishes_and_a_failure_loses_only_rows_in_flight(tmp_path, monkeypatch):
-    import kvbench.engine.continuous as continuous
-    from kvbench.run import RunConfig, execute
+    from kvbench.engine.cache import BudgetCache
+    from kvbench.runs.plan import RunConfig, execute
     from kvbench.store import ResultStore
     from tests.conftest import fail_on_call
 
@@ -132,7 +132,7 @@ def test_run_stores_each_row_as_it_finishes_and_a_failure_loses_only_rows_in_fli
 
     rows_seen = []
     store = ResultStore(tmp_path / "s")
-    fail_on_call(monkeypatch, continuous, "splice_row", 5, "CUDA out of memory. Tried to allocate 2.00 GiB")
+    fail_on_call(monkeypatch, BudgetCache, "splice_row", 5, "CUDA out of memory. Tried to allocate 2.00 GiB")
     execute(config("s", 3), on_example=lambda cell, example: rows_seen.append(len(store.parts())))
     failed = {f["example_id"] for f in store.failures()}
     stored = store.read(["example_id"]).column("example_id").to_pylist()
@@ -152,7 +152,7 @@ def test_run_stores_each_row_as_it_finishes_and_a_failure_loses_only_rows_in_fli
 
 def test_a_failure_before_any_example_begins_fails_the_chunk_and_ends(tmp_path, monkeypatch):
     import kvbench.engine.continuous as continuous
-    from kvbench.run import RunConfig, execute
+    from kvbench.runs.plan import RunConfig, execute
     from kvbench.store import ResultStore
     from tests.conftest import fail_on_call
 
@@ -163,7 +163,7 @@ def test_a_failure_before_any_example_begins_fails_the_chunk_and_ends(tmp_path, 
 
 
 def test_a_press_that_is_not_batch_invariant_runs_one_sequence_at_a_time(tmp_path):
-    from kvbench.run import RunConfig, execute
+    from kvbench.runs.plan import RunConfig, execute
     from kvbench.store import ResultStore
 
     def rows(batch_size):

@@ -3,7 +3,7 @@
 import pytest
 
 from kvbench.presses import PRESSES
-from kvbench.run import RunConfig, execute
+from kvbench.runs.plan import RunConfig, execute
 from tests.conftest import TEST_ARGS, fail_on_call
 
 EVICTING = [p for p in PRESSES if p != "full"]
@@ -54,8 +54,8 @@ def test_fidelity_is_deterministic(cells, tmp_path):
 
 
 def test_fidelity_as_a_sweep_kind(tmp_path):
+    from kvbench.runs.sweep import execute_local, read_grid
     from kvbench.store import ResultStore
-    from kvbench.sweep import execute_local, read_grid
 
     grid = tmp_path / "g.csv"
     grid.write_text("model,press,budget,dataset,num_samples,max_new_tokens,kind\n"
@@ -68,7 +68,7 @@ def test_fidelity_as_a_sweep_kind(tmp_path):
 
 
 def test_a_failing_replay_is_recorded_and_the_cell_goes_on(tmp_path, monkeypatch):
-    import kvbench.fidelity as fidelity
+    import kvbench.runs.fidelity as fidelity
     from kvbench.store import ResultStore
 
     fail_on_call(monkeypatch, fidelity, "replay", 1, "CUDA out of memory")

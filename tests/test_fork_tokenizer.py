@@ -5,9 +5,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from kvbench.fork_tokenizer import encode_raw, fork_adds_bos, tokenizer_config
 from kvbench.models import resolve, smollm2_gguf
-from kvbench.session import Session
+from kvbench.models.fork_tokenizer import encode_raw, fork_adds_bos, tokenizer_config
+from kvbench.runs.session import Session
 from kvbench.tasks import load_task
 from kvbench.tasks.protocols import HOTT
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from kvbench.bench.opcount import hf_generate_step, kvbench_step
 from kvbench.engine.generate import GenerationSettings, generate
 from kvbench.models import build_tiny, byte_tokenizer
-from kvbench.opcount import hf_generate_step, kvbench_step
 from kvbench.presses import make_press
 from kvbench.presses.source_order import STATE
 from kvbench.verify.invariants import bounded

@@ -158,7 +158,7 @@ def test_drop_fixture_row_with_two_annotators():
 def test_the_hub_commit_read_is_part_of_the_run_key():
     from dataclasses import replace
 
-    from kvbench.run import RunConfig, build_cells, run_key
+    from kvbench.runs.plan import RunConfig, build_cells, run_key
 
     config = RunConfig(dataset="gsm8k", presses=("full",))
     task, cell = load_task("gsm8k"), build_cells(config)[0]

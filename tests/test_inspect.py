@@ -8,9 +8,9 @@ import subprocess
 
 import pytest
 
-from kvbench.inspection import InspectConfig, inspect, plan
-from kvbench.inspection_render import EVICTED, KEPT, write_html
-from kvbench.run import RunConfig
+from kvbench.inspection.render import EVICTED, KEPT, write_html
+from kvbench.inspection.trace import InspectConfig, inspect, plan
+from kvbench.runs.plan import RunConfig
 from tests.test_cli import kvbench
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
@@ -31,8 +31,8 @@ def _kept_sets_by_hook(config: InspectConfig, press_name: str, budget: int | Non
     """Independently of inspect: the kept sets of every (layer, KV head) after every forward."""
     from kvbench.engine.generate import generate
     from kvbench.presses import make_press
-    from kvbench.runner import generation_settings
-    from kvbench.session import load_session
+    from kvbench.runs.runner import generation_settings
+    from kvbench.runs.session import load_session
 
     task, example, _ = plan(config)
     session = load_session("tiny-llama", "auto", "auto", 0)

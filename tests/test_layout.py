@@ -1,17 +1,19 @@
-"""The picture of the code, under test: arrows the architecture forbids fail here, so the structure cannot drift.
+"""The picture of the code, under test: the import contracts in ``pyproject.toml`` (import-linter: layers, forbidden
+arrows) hold and catch a planted wrong arrow; no import cycle; only ``cli/`` prints; sizes; the press's view.
 
-cli -> (run, sweep, report, bench) -> (engine, presses, tasks, store); presses are a leaf; tasks and the store know
-nothing of torch; the engine knows nothing of datasets; only ``cli/`` talks to the terminal (rich, typer).
-Imports inside functions count as much as those at the top.
+docs/architecture.md draws the packages and the arrows the contracts allow.
 """
 
 import ast
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).parents[1] / "kvbench"
+LINT = Path(sys.executable).parent / "lint-imports"
 
 
 def _module_name(path: Path) -> str:
@@ -19,103 +21,78 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports() -> dict[str, set[str]]:
-    """Every kvbench module and what it imports (absolute names, relative imports resolved)."""
-    out = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
-        name = _module_name(path)
-        found = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                found |= {alias.name for alias in node.names}
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    anchor = name.split(".")[: len(name.split(".")) - node.level + (path.name == "__init__.py")]
-                    base = ".".join([*anchor, base] if base else anchor)
-                found.add(base)
-                found |= {f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in MODULES}
-        out[name] = found
-    return out
-
-
 MODULES = {_module_name(p) for p in PACKAGE.rglob("*.py")}
 
 
-def _within(name: str, *packages: str) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in packages)
+def lint(root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(LINT), "--config", str(root / "pyproject.toml"), "--no-cache"], cwd=root,
+                          env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+                          timeout=300)
 
 
-#: (who, what it must not import, why)
-RULES = [
-    (("kvbench.presses",), lambda m: _within(m, "kvbench") and not _within(m, "kvbench.presses", "kvbench.errors"),
-     "a press is a leaf: it imports only other presses and kvbench.errors"),
-    (("kvbench.tasks",), lambda m: _within(m, "torch", "transformers"), "datasets and scorers know nothing of torch"),
-    (("kvbench.store",), lambda m: _within(m, "torch", "transformers"), "the store knows nothing of torch"),
-    (("kvbench.engine",), lambda m: _within(m, "kvbench.tasks", "kvbench.store", "kvbench.run", "kvbench.sweep",
-                                            "kvbench.report", "kvbench.cli"),
-     "the engine knows nothing of datasets, the store or the commands"),
-    (("kvbench.tasks", "kvbench.store", "kvbench.engine", "kvbench.presses"),
-     lambda m: _within(m, "kvbench.run", "kvbench.runner", "kvbench.sweep", "kvbench.report", "kvbench.bench",
-                       "kvbench.fidelity"),
-     "no arrow back from the parts to the jobs"),
-    (("kvbench.engine", "kvbench.presses", "kvbench.tasks", "kvbench.store", "kvbench.run", "kvbench.runner",
-      "kvbench.sweep", "kvbench.report", "kvbench.bench"),
-     lambda m: _within(m, "kvbench.verify", "kvbench.lmeval", "lm_eval"),
-     "verify and the lm-eval adapter sit on top: nothing they serve depends on them"),
+def test_the_import_contracts_hold():
+    result = lint(PACKAGE.parent)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "0 broken" in result.stdout
+
+
+#: (module, a line planted in it, the contract that must catch it)
+PLANTS = [
+    ("tasks/fields.py", "from kvbench.engine.cache import BudgetCache", "Tasks and the store never import"),
+    ("store/parts.py", "def f():\n    from kvbench.engine.generate import generate", "Tasks and the store never"),
+    ("engine/cache.py", "def f():\n    from kvbench.runs.session import Session", "The engine knows nothing"),
+    ("engine/layer.py", "import kvbench.models", "The engine knows nothing"),
+    ("engine/decode.py", "def f():\n    import kvbench.bench.workload", "The engine knows nothing"),
+    ("presses/knorm.py", "import kvbench.engine.view", "Presses are a leaf"),
+    ("results/report.py", "from rich.table import Table", "Only the command line talks"),
+    ("runs/plan.py", "import kvbench.results.report", "Layers"),
 ]
 
 
-def violations() -> list[str]:
-    found = []
-    table = imports()
-    for module, imported in table.items():
-        for owners, forbidden, why in RULES:
-            if _within(module, *owners):
-                found += [f"{module} imports {m}: {why}" for m in sorted(imported) if forbidden(m)]
-        if not _within(module, "kvbench.cli", "kvbench.__main__"):
-            found += [f"{module} imports {m}: only kvbench.cli talks to the terminal" for m in sorted(imported)
-                      if _within(m, "rich", "typer", "kvbench.cli")]
-    return found
+@pytest.mark.parametrize(("module", "line", "contract"), PLANTS, ids=[p[0] for p in PLANTS])
+def test_a_planted_wrong_arrow_breaks_a_contract(tmp_path, module, line, contract):
+    shutil.copytree(PACKAGE, tmp_path / "kvbench", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(PACKAGE.parent / "pyproject.toml", tmp_path)
+    target = tmp_path / "kvbench" / module
+    target.write_text(target.read_text() + "\n" + line + "\n")
+    result = lint(tmp_path)
+    assert result.returncode != 0, result.stdout[-2000:]
+    broken = result.stdout.split("Broken contracts", 1)[-1]
+    assert contract in broken, broken[:2000]
 
 
-def test_no_forbidden_arrow():
-    assert violations() == []
+def _prints(root: Path) -> list[str]:
+    """``print`` calls outside ``cli/`` that write to standard output (a warning to ``sys.stderr`` is allowed)."""
+    return [f"{p.relative_to(root)}:{n.lineno}" for p in root.rglob("*.py") if "cli" not in p.parts
+            for n in ast.walk(ast.parse(p.read_text()))
+            if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "print"
+            and not any(k.arg == "file" and ast.unparse(k.value) == "sys.stderr" for k in n.keywords)]
 
 
-def test_the_rules_see_function_level_imports(tmp_path, monkeypatch):
-    """The control: an import hidden in a press's function is an arrow too."""
-    fake = tmp_path / "kvbench"
-    (fake / "presses").mkdir(parents=True)
-    (fake / "presses" / "sneaky.py").write_text("def f():\n    from kvbench.engine.cache import BudgetCache\n")
-    (fake / "report.py").write_text("from rich.table import Table\n")
-    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
-    assert sorted(v.split(":")[0] for v in violations()) == ["kvbench.presses.sneaky imports kvbench.engine.cache",
-                                                             "kvbench.report imports rich.table"]
+def test_only_the_command_line_prints(tmp_path):
+    """Output goes through ``cli/``: a ``print`` anywhere else is a module talking to the terminal."""
+    assert _prints(PACKAGE) == []
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "report.py").write_text("def f(x):\n    print(x)\n")
+    assert _prints(tmp_path) == ["results/report.py:2"]
 
 
-def _runtime_imports(path: Path) -> set[str]:
-    """The kvbench modules ``path`` imports when it runs (``if TYPE_CHECKING:`` blocks are for the type checker)."""
+def _imports(path: Path) -> set[str]:
+    """The kvbench modules ``path`` imports, anywhere in it (functions and ``if TYPE_CHECKING:`` blocks too: a type
+    that needs an import back is a circle as much as a call does)."""
     found: set[str] = set()
-
-    def visit(node) -> None:
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and getattr(child.test, "id", None) == "TYPE_CHECKING":
-                continue
-            if isinstance(child, ast.Import):
-                found.update(alias.name for alias in child.names)
-            elif isinstance(child, ast.ImportFrom) and child.module and not child.level:
-                found.add(child.module)
-                found.update(f"{child.module}.{alias.name}" for alias in child.names)
-            visit(child)
-
-    visit(ast.parse(path.read_text()))
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
     return found & MODULES
 
 
 def test_no_import_cycle():
-    """run -> fidelity -> runner, never back: no module reaches itself through what it imports."""
-    graph = {_module_name(p): _runtime_imports(p) - {_module_name(p)} for p in PACKAGE.rglob("*.py")}
+    """plan -> runner, never back: no module reaches itself through what it imports."""
+    graph = {_module_name(p): _imports(p) - {_module_name(p)} for p in PACKAGE.rglob("*.py")}
     for start in graph:
         seen, todo = set(), list(graph[start])
         while todo:

@@ -11,8 +11,8 @@ pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from kvbench.errors import ConfigError  # noqa: E402
-from kvbench.lmeval import KvbenchLM  # noqa: E402
-from kvbench.run import RunConfig, execute  # noqa: E402
+from kvbench.integrations.lmeval import KvbenchLM  # noqa: E402
+from kvbench.runs.plan import RunConfig, execute  # noqa: E402
 from tests.test_cli import kvbench  # noqa: E402
 
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}

@@ -75,7 +75,7 @@ def test_kv_footprint_is_the_sum_of_held_bytes_over_steps(tiny_llama):
 
 
 def test_cost_and_length_metrics_in_reports(tmp_path):
-    from kvbench.report import aggregate, load
+    from kvbench.results.report import aggregate, load
     from tests.synthetic_store import build
 
     df = load(build(tmp_path / "s"))

@@ -49,8 +49,8 @@ def test_the_main_job_ranks_presses_on_fidelity(tmp_path, monkeypatch):
     # A second run prints the same table from the store, without loading the model
     from typer.testing import CliRunner
 
-    from kvbench import run as run_module
     from kvbench.cli import app
+    from kvbench.runs import plan as run_module
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded although every row is stored")
@@ -63,7 +63,7 @@ def test_the_main_job_ranks_presses_on_fidelity(tmp_path, monkeypatch):
 
 def test_the_best_press_of_each_budget_is_bold(tmp_path):
     from kvbench.cli.tables import ranking_table
-    from kvbench.run import RunConfig, execute
+    from kvbench.runs.plan import RunConfig, execute
 
     config = RunConfig(model="tiny-llama", presses=("full", "h2o", "streaming_llm"), budgets=(12, 20),
                        num_samples=2, max_new_tokens=16, store=str(tmp_path / "s"), measure=("fidelity",))

@@ -73,7 +73,7 @@ def test_plugin_presses_run_in_run_sweep_and_bench(tmp_path, installed):
 
 
 def test_a_report_never_pools_a_plugin_it_cannot_import_across_parameters():
-    from kvbench.report import _press_label
+    from kvbench.results.report import _press_label
 
     assert _press_label(MODULE, '{"buffer": 1, "n_sink": 2}', "kvbench")[0] == MODULE  # its defaults
     assert _press_label(MODULE, '{"buffer": 1, "n_sink": 5}', "kvbench")[0] == f"{MODULE}(n_sink=5)"

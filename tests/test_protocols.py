@@ -12,8 +12,8 @@ from tokenizers.processors import TemplateProcessing
 from kvbench.engine.loops import RepetitionStop
 from kvbench.errors import ConfigError
 from kvbench.models import byte_tokenizer, default_system_prompt
-from kvbench.run import RunConfig, plan
-from kvbench.session import Codec
+from kvbench.runs.plan import RunConfig, plan
+from kvbench.runs.session import Codec
 from kvbench.tasks import load_examples, load_task, subset_indices
 from kvbench.tasks.extract import opens_thinking
 from kvbench.tasks.hott import hott_default, hott_drop_chars, hott_exact, hott_exact_ci, hott_folio, hott_strategyqa
@@ -69,7 +69,7 @@ def test_hott_refuses_a_dataset_it_never_ran_and_a_system_prompt():
 
 
 def test_protocols_set_decoding_and_options_override():
-    from kvbench.run import decoding
+    from kvbench.runs.plan import decoding
 
     assert decoding(RunConfig(protocol="hott")) == {"temperature": 0.0, "top_p": 1.0, "top_k": 0,
                                                     "repetition_penalty": 1.0}

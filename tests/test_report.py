@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 from kvbench.errors import KvbenchError
-from kvbench.plots import plot
-from kvbench.references import load_reference
-from kvbench.report import aggregate, load, render
+from kvbench.results.plots import plot
+from kvbench.results.references import load_reference
+from kvbench.results.report import aggregate, load, render
 from tests.synthetic_store import build, row
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -132,7 +132,7 @@ def test_hott_reference_sits_beside_the_rows_that_run_the_papers_code(tmp_path):
     assert "- h2o: not comparable to h2o (paper): standard H2O" in notes and "kvbench protocol" in notes
     assert "- hott-h2o-fixed: not comparable" in notes and "defects fixed" in notes
     assert "hott-snapkv-d [hott-sampling]: not comparable" in notes and "states greedy" in notes
-    from kvbench.references import RowIdentity, note
+    from kvbench.results.references import RowIdentity, note
 
     fork_snapkv = note("hott-snapkv-d [hott]", RowIdentity("hott-snapkv-d", True, "hott"))
     assert fork_snapkv.startswith("hott-snapkv-d [hott]: comparable") and "not known" in fork_snapkv
@@ -212,7 +212,7 @@ def test_store_scale_benchmark_runs(tmp_path):
 
 
 def test_exact_mcnemar_against_hand_computed_values():
-    from kvbench.paired import mcnemar_exact
+    from kvbench.results.paired import mcnemar_exact
 
     assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(0, 2) == pytest.approx(0.5)
     assert mcnemar_exact(1, 9) == pytest.approx(2 * 11 / 1024)  # (C(10,0) + C(10,1)) / 2^10, two-sided

@@ -1,8 +1,8 @@
 """Critical-token retention on a hand-made prompt with known quantity and name tokens."""
 
 from kvbench.engine.generate import GenerationSettings, generate
-from kvbench.measures import critical_token_positions
 from kvbench.presses import make_press
+from kvbench.runs.measures import critical_token_positions
 from kvbench.tasks import Example, load_task
 from kvbench.tasks.critical import critical_spans
 

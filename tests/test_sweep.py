@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from kvbench.errors import ConfigError
+from kvbench.runs.sweep import execute_local, read_grid, shard, status
 from kvbench.store import ResultStore
-from kvbench.sweep import execute_local, read_grid, shard, status
 from tests.conftest import fail_on_call
 
 HEADER = "model,press,budget,dataset,num_samples,max_new_tokens,seed,batch_size,press_args\n"
@@ -178,7 +178,7 @@ def test_shipped_grids_validate(monkeypatch):
 ])
 def test_paper_grids_validate(monkeypatch, tmp_path, grid, protocol, presses):
     """The paper's settings: 4 models x 8 datasets x (full + 5 presses x 4 budgets), 100 questions, 2048 tokens."""
-    from kvbench.references import RowIdentity, comparable
+    from kvbench.results.references import RowIdentity, comparable
     from tests.conftest import SHARED_DATA, require_shared_data
 
     require_shared_data()

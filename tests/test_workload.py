@@ -2,7 +2,7 @@
 
 import statistics
 
-from kvbench.workload import MIN_LENGTH, TAIL_SHARE, continuous_forwards, length_mix
+from kvbench.bench.workload import MIN_LENGTH, TAIL_SHARE, continuous_forwards, length_mix
 from tests.test_cli import kvbench
 
 
@@ -22,7 +22,7 @@ def test_workload_run_compares_batchings_on_the_same_rows(tmp_path):
                      "--examples", "9", "--prompt-len", "12", "--gen-len", "40", "--batch-size", "3",
                      "--store", str(store), "-f", "csv")
     assert result.returncode == 0, result.stderr
-    from kvbench import bench_results
+    from kvbench.bench import results as bench_results
 
     df = bench_results.load_rows(store)
     extras = [__import__("json").loads(e) for e in df["extra"]]

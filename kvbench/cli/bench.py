@@ -49,8 +49,8 @@ def bench(
     The cells of a batch size run side by side, one decoding step each in turn, so they share the machine's
     conditions; every step is timed between device synchronisations, after a warm-up.
     """
-    from kvbench.bench import execute, validate
-    from kvbench.bench_results import FORMATS, frame, render
+    from kvbench.bench.core import execute, validate
+    from kvbench.bench.results import FORMATS, frame, render
     from kvbench.checks import choice
     from kvbench.cli.progress import progress_bar
 
@@ -71,9 +71,9 @@ def bench(
 
 def _config(o: dict):
     """The frozen ``BenchConfig`` of the command's options."""
-    from kvbench.bench import BenchConfig
+    from kvbench.bench.core import BenchConfig
     from kvbench.errors import KvbenchError
-    from kvbench.run import parse_budget
+    from kvbench.runs.plan import parse_budget
 
     budgets = tuple(parse_budget(b) for b in _split(o["budget"]))
     if None in budgets:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import typer
 
-app = typer.Typer(help="List, inspect and validate dataset configs (kvbench/datasets_cfg/).",
+app = typer.Typer(help="List, inspect and validate dataset configs (datasets_cfg/).",
                   no_args_is_help=True)
 
 _DATA_DIR_HELP = "Local data <dir>/<name>/<split>.jsonl instead of the hub (default: $KVBENCH_DATA_DIR)."
@@ -28,7 +28,7 @@ def list_datasets() -> None:
 
     from kvbench.tasks import available, load_task
 
-    table = Table(title="datasets (kvbench/datasets_cfg/)")
+    table = Table(title="datasets (datasets_cfg/)")
     for column in ("name", "version", "answer", "scorer", "hub", "local / built-in"):
         table.add_column(column)
     for name in available():

@@ -35,10 +35,10 @@ def inspect(
     from rich.console import Console
 
     from kvbench.checks import output_dir
-    from kvbench.inspection import InspectConfig, default_dataset, plan
-    from kvbench.inspection import inspect as run_inspect
-    from kvbench.inspection_render import write_html, write_png
-    from kvbench.run import RunConfig, parse_budget
+    from kvbench.inspection.render import write_html, write_png
+    from kvbench.inspection.trace import InspectConfig, default_dataset, plan
+    from kvbench.inspection.trace import inspect as run_inspect
+    from kvbench.runs.plan import RunConfig, parse_budget
 
     local = str(data_dir) if data_dir else None
     run = RunConfig(

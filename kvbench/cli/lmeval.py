@@ -20,7 +20,7 @@ def lm_eval(ctx: typer.Context) -> None:
     try:
         from lm_eval.__main__ import cli_evaluate
 
-        from kvbench.lmeval import prepared_arguments  # importing registers --model kvbench
+        from kvbench.integrations.lmeval import prepared_arguments  # importing registers --model kvbench
     except ImportError as err:
         raise ConfigError(f"lm-eval is not installed ({err}): pip install 'kvbench[lmeval]'") from None
     sys.argv = ["lm-eval", *prepared_arguments(list(ctx.args))]

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import typer
 
-from kvbench.metrics import METRICS
+from kvbench.results.metrics import METRICS
 
 
 def report(
@@ -25,8 +25,8 @@ def report(
 ) -> None:
     """Tables in the paper's layout (press x dataset x budget, Avg., Δ vs full), and plots."""
     from kvbench.checks import choice, output_dir, output_file
-    from kvbench.plots import plot
-    from kvbench.report import check_options, render
+    from kvbench.results.plots import plot
+    from kvbench.results.report import check_options, render
 
     output_file("--out", out)
     output_dir("--plots", plots)
@@ -34,7 +34,7 @@ def report(
         check_options(metric, format, reference, paired)
         _merge_small_parts(store)
     if bench:
-        from kvbench import bench_results
+        from kvbench.bench import results as bench_results
 
         choice("--format", format, bench_results.FORMATS)
         text = bench_results.render(bench_results.load_rows(store), fmt=format)
@@ -56,8 +56,8 @@ def _merge_small_parts(store: Path) -> None:
     thousands of files costs far more than merging them once."""
     import os
 
-    from kvbench.compaction import AUTO_PARTS, compact
     from kvbench.store import ResultStore
+    from kvbench.store.compaction import AUTO_PARTS, compact
 
     results = ResultStore(store)
     if store.is_dir() and os.access(store, os.W_OK) and len(results.parts()) >= AUTO_PARTS:

@@ -20,7 +20,7 @@ def run(
     press_arg: list[str] = typer.Option([], "--press-arg", "-a", help="Press parameter key=value (every press "
                                         "that has it) or press.key=value; repeatable."),
     dataset: str = typer.Option("arith", "--dataset", "-d", help="Dataset config name "
-                           "(`kvbench datasets list`; kvbench/datasets_cfg/)."),
+                           "(`kvbench datasets list`; datasets_cfg/)."),
     num_samples: int | None = typer.Option(None, "--num-samples", "-n", help="Use a fixed seeded subset of N "
                                            "examples (the same for every press and budget)."),
     max_new_tokens: int | None = typer.Option(None, help="Generation limit (default: the dataset's)."),
@@ -65,7 +65,7 @@ def _execute(o: dict, kind: str) -> None:
 
     from kvbench.cli.progress import progress_bar
     from kvbench.cli.tables import ranking_table, result_table
-    from kvbench.run import RunConfig, execute, parse_budget, plan
+    from kvbench.runs.plan import RunConfig, execute, parse_budget, plan
 
     config = RunConfig(
         model=o["model"], presses=tuple(_split(o["press"])),

@@ -14,7 +14,7 @@ def score(
     from rich.console import Console
     from rich.progress import Progress
 
-    from kvbench.rescore import rescore, stored_tasks
+    from kvbench.results.rescore import rescore, stored_tasks
     from kvbench.store import ResultStore
 
     tasks = stored_tasks(str(store), dataset)  # the store's parts and every config checked before any work

@@ -21,7 +21,7 @@ def sweep(
 
     from kvbench.cli.progress import progress_bar
     from kvbench.errors import ConfigError
-    from kvbench.sweep import execute_local, execute_ray, parse_shard, read_grid, shard, status
+    from kvbench.runs.sweep import execute_local, execute_ray, parse_shard, read_grid, shard, status
 
     if executor not in ("local", "ray"):
         raise ConfigError(f"--executor {executor!r}: use local or ray")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from kvbench.run import Cell, RunConfig, summarize
+from kvbench.runs.plan import Cell, RunConfig, summarize
 from kvbench.tasks import Task
 
 

@@ -25,7 +25,8 @@ from kvbench.engine.occupancy import Occupancy
 from kvbench.engine.query_ring import QueryRing
 from kvbench.engine.recorders import AttentionLossRecorder, RetentionRecorder
 from kvbench.engine.scores import attention_probs
-from kvbench.engine.view import SlotView, StepInputs
+from kvbench.engine.splice import RowSplicing
+from kvbench.engine.view import SlotView, StepInputs, StepMode
 from kvbench.engine.window import KeptWindowAttention, worth_keeping
 from kvbench.errors import KvbenchError
 from kvbench.presses.base import Press
@@ -45,7 +46,7 @@ def entry_bytes(num_layers: int, num_kv_heads: int, key_dim: int, value_dim: int
     return num_layers * num_kv_heads * (key_dim + value_dim) * element_size
 
 
-class BudgetCache(DynamicCache):
+class BudgetCache(RowSplicing, DynamicCache):
     """A cache with one ``BudgetLayer`` per model layer over stacked slot buffers.
 
     ``budget=None`` (or a press that does not evict) is the full cache, preallocated for ``max_length``.
@@ -153,18 +154,19 @@ class BudgetCache(DynamicCache):
         occupancy = self.occupancy
         held = max(occupancy.held)
         fits = held + n_new <= self.capacity
-        mode = "slot" if fits and n_new == 1 else "bulk" if fits and held == 0 else "overflow"
+        mode = (StepMode.SLOT if fits and n_new == 1 else StepMode.BULK if fits and held == 0
+                else StepMode.OVERFLOW)
         occupancy.add(valid_counts, self.capacity)
         if self.static_shapes:
             used_after = self.capacity
-        elif mode == "overflow":
+        elif mode is StepMode.OVERFLOW:
             used_after = min(self.capacity, self.used + n_new)
-        elif mode == "bulk":
+        elif mode is StepMode.BULK:
             used_after = max(self.used, n_new)
         else:  # a valid write lands at most at the entries its head held before it
             used_after = min(self.capacity, max(self.used, occupancy.most_held()))
         keep_n: list[int] = []
-        if mode == "overflow":
+        if mode is StepMode.OVERFLOW:
             keep_n = [k if t is not None and c >= t else c
                       for c, k, t in zip(occupancy.held, occupancy.row_keep, occupancy.row_trigger)]
             if max(keep_n) > self.capacity:
@@ -172,7 +174,7 @@ class BudgetCache(DynamicCache):
         if self.query_ring is not None:
             self.query_ring.advance(positions, valid)
         self.step = StepInputs(positions, valid, valid_counts, decode_step, mode, used_after, tuple(keep_n),
-                               overflow_evicts=mode == "overflow" and keep_n != occupancy.held)
+                               overflow_evicts=mode is StepMode.OVERFLOW and keep_n != occupancy.held)
         return self.step
 
     # the step's plan, read-only: set by begin_step alone
@@ -181,8 +183,8 @@ class BudgetCache(DynamicCache):
         return self.step.decode_step if self.step is not None else 0
 
     @property
-    def mode(self) -> str:
-        return self.step.mode if self.step is not None else "bulk"
+    def mode(self) -> StepMode:
+        return self.step.mode if self.step is not None else StepMode.BULK
 
     @property
     def used_after(self) -> int:
@@ -191,16 +193,16 @@ class BudgetCache(DynamicCache):
     def end_step(self) -> None:
         """After the forward: decoding's scoring and eviction for all layers at once, and the bookkeeping."""
         press = self.press
-        if self.mode != "slot" and self.kept_window is not None:
+        if self.mode is not StepMode.SLOT and self.kept_window is not None:
             self.kept_window.fresh = False  # several tokens were written or slots moved: recompute next step
-        if self.mode == "overflow":
+        if self.mode is StepMode.OVERFLOW:
             for i, keep in enumerate(self.step.keep_n):
                 if keep != self.occupancy.held[i]:
                     self._compressed(i, keep)
             self.heads_uniform &= not self.step.overflow_evicts
         else:
             view = None
-            if self.mode == "slot" and press.accumulates_attention:
+            if self.mode is StepMode.SLOT and press.accumulates_attention:
                 view = self.stacked_view()
                 queries = torch.stack(self.step_queries).flatten(0, 1)  # [L*B, H_q, 1, D]
                 n_layers = len(self.layers)
@@ -209,7 +211,7 @@ class BudgetCache(DynamicCache):
                     view.positions, view.valid, self.layers[0].scaling, reduce="sum", gqa=getattr(press, "gqa", "mean"),
                 ))
                 self.step_queries = [None] * n_layers
-            if self.mode == "slot" and self.kept_window is not None:
+            if self.mode is StepMode.SLOT and self.kept_window is not None:
                 view = view or self.stacked_view()
                 self._update_kept_window(view)
             if self.trigger is not None and any(self.occupancy.at_trigger()):
@@ -266,7 +268,7 @@ class BudgetCache(DynamicCache):
         full = occupancy.at_trigger()
         keeps = list(occupancy.row_keep)
         if self.allocates:
-            view.compress_to, keep = self._layer_keep_rows(full)
+            view.compress_to, keep = self.layer_keep_rows(full)
         else:
             view.compress_to = [k if f else self.capacity for k, f in zip(keeps, full)] * len(self.layers)
         scores = self.press.score(view).float().masked_fill(~view.valid, -torch.inf)
@@ -300,7 +302,7 @@ class BudgetCache(DynamicCache):
             counts = keep[:, None]
         return slot_ranks(scores, positions) < counts[..., None]
 
-    def _layer_keep_rows(self, full: tuple[bool, ...], layer: int | None = None) -> tuple[list[int], torch.Tensor]:
+    def layer_keep_rows(self, full: tuple[bool, ...], layer: int | None = None) -> tuple[list[int], torch.Tensor]:
         """Mean keep per head of each row (all layers folded, or one layer), on the host and on the device: its
         layer's share if the sequence is full (the sequence's own shares where the press staggers its layers),
         every slot otherwise. Cached, so it crosses to the device once."""

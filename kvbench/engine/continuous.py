@@ -15,9 +15,8 @@ from collections.abc import Callable, Generator, Sequence
 
 import torch
 
-from kvbench.engine.decode import Decoder, Hooks, RowRecord, SequenceOutput, cache_argument, synchronize
+from kvbench.engine.decode import Decoder, Hooks, RowRecord, SequenceOutput, synchronize
 from kvbench.engine.generate import GenerationSettings, build_cache, engine_mode, left_pad
-from kvbench.engine.splice import keep_rows, splice_row
 from kvbench.presses.base import Press
 
 #: What a continuous generation yields: (prompt index, output) of the sequences that have just finished.
@@ -29,18 +28,10 @@ class ContinuousDecoder(Decoder):
 
     def __init__(self, model, cache, rows: int, settings: GenerationSettings, hooks: Hooks, forced: bool,
                  decode: Callable[[list[int]], str] | None, pad_token_id: int, device: torch.device):
-        # No super().__init__: there is no padded batch, every sequence arrives through ``admit``.
-        self.model, self.cache, self.batch, self.settings, self.hooks = model, cache, None, settings, hooks
-        self.decode, self.pad_token_id, self.device = decode, pad_token_id, device
-        self.forced_mode = forced
-        self.eos = set(settings.eos_token_ids)
-        self.rows = [RowRecord(finish="free") for _ in range(rows)]
-        self.generators: list[torch.Generator | None] = [None] * rows
-        self.seen: torch.Tensor | None = None
-        self.next_position = torch.zeros(rows, dtype=torch.long, device=device)
-        self.active_masks: dict[tuple[bool, ...], torch.Tensor] = {}
-        self.cache_kwarg = {cache_argument(model): cache}
-        self.logits: torch.Tensor | None = None
+        # no padded batch: every sequence arrives through ``admit``, into a free row
+        super().__init__(model, cache, settings, hooks, [RowRecord(finish="free") for _ in range(rows)],
+                         [None] * rows, torch.zeros(rows, dtype=torch.long, device=device), forced=forced,
+                         decode=decode, pad_token_id=pad_token_id)
         #: Rows whose logits wait for their token to be chosen (after a forward, or a new sequence's prefill).
         self.waiting = [False] * rows
         #: Decoding forwards the batch has run, and the tokens chosen for its next one.
@@ -49,7 +40,7 @@ class ContinuousDecoder(Decoder):
 
     def admit(self, row: int, single: Decoder) -> None:
         """Row ``row`` takes ``single``'s sequence, which has run its prefill (and nothing else)."""
-        splice_row(self.cache, row, single.cache, self.step)
+        self.cache.splice_row(row, single.cache, self.step)
         self.rows[row], self.generators[row] = single.rows[0], single.generators[0]
         if self.logits is None:
             self.logits = single.logits.new_zeros(len(self.rows), single.logits.shape[-1])
@@ -63,7 +54,7 @@ class ContinuousDecoder(Decoder):
         self.next_position[row] = single.rows[0].prompt_tokens
         self.waiting[row] = True
         # Positions stay below the longest sequence running: what the attention-loss shadow is read up to.
-        self.cache.tokens_seen = max(r.prompt_tokens + len(r.tokens) + 1 for r in self.rows if r.finish is None)
+        self.cache.advance_tokens(max(r.prompt_tokens + len(r.tokens) + 1 for r in self.rows if r.finish is None))
 
     def choose_waiting(self) -> list[int]:
         """Choose the token of every waiting row and apply the stop rules; the rows that finished."""
@@ -78,8 +69,8 @@ class ContinuousDecoder(Decoder):
         return [i for i in rows if self.rows[i].finish is not None]
 
     def keep_rows(self, rows: list[int]) -> None:
-        """Only ``rows`` stay in the batch, in that order (``splice.keep_rows``)."""
-        keep_rows(self.cache, rows)
+        """Only ``rows`` stay in the batch, in that order (``BudgetCache.keep_rows``)."""
+        self.cache.keep_rows(rows)
         index = torch.tensor(rows, device=self.device)
         self.rows = [self.rows[i] for i in rows]
         self.generators = [self.generators[i] for i in rows]
@@ -186,7 +177,8 @@ class ContinuousGeneration:
                             self.device, settings, [self.seeds[index]], single_hooks, False,
                             self.keep_window_attention)
         forced = None if self.forced is None else [self.forced[index]]
-        decoder = Decoder(self.model, cache, batch, settings, single_hooks, [self.seeds[index]], forced, self.decode)
+        decoder = Decoder.for_batch(self.model, cache, batch, settings, single_hooks, [self.seeds[index]], forced,
+                                    self.decode)
         decoder.prefill()
         return decoder
 

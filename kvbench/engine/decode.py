@@ -17,7 +17,7 @@ from kvbench.engine.protocol import DecodingCache
 from kvbench.engine.sampling import next_tokens, seen_tokens
 
 if TYPE_CHECKING:
-    from kvbench.engine.generate import GenerationSettings, PaddedBatch
+    from kvbench.engine.settings import GenerationSettings, PaddedBatch
 
 
 @dataclass(frozen=True)
@@ -100,22 +100,35 @@ class Decoder:
     """One generation between its named steps; finished sequences are frozen (they feed a token the cache
     ignores), so a batch decodes until its last sequence stops."""
 
-    def __init__(self, model, cache: DecodingCache, batch: PaddedBatch, settings: GenerationSettings, hooks: Hooks,
-                 seeds: list[int], forced_tokens: Sequence[Sequence[int]] | None,
-                 decode: Callable[[list[int]], str] | None):
+    def __init__(self, model, cache: DecodingCache, settings: GenerationSettings, hooks: Hooks,
+                 rows: list[RowRecord], generators: list[torch.Generator | None], next_position: torch.Tensor, *,
+                 forced: bool, decode: Callable[[list[int]], str] | None, pad_token_id: int,
+                 batch: PaddedBatch | None = None):
+        """The generation's state: its rows (one record each), their generators and next positions. ``batch``:
+        the padded prompts the prefill feeds (None where sequences arrive otherwise, as in continuous batching)."""
         self.model, self.cache, self.batch, self.settings, self.hooks = model, cache, batch, settings, hooks
-        self.decode, self.pad_token_id = decode, batch.pad_token_id
-        self.device = batch.ids.device
-        self.generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+        self.decode, self.pad_token_id = decode, pad_token_id
+        self.device = next_position.device
+        self.rows, self.generators, self.next_position = rows, generators, next_position
         self.eos = set(settings.eos_token_ids)
-        self.forced_mode = forced_tokens is not None
-        self.rows = [RowRecord(prompt_tokens=n, forced=forced_tokens[i] if self.forced_mode else None)
-                     for i, n in enumerate(batch.lengths)]
+        self.forced_mode = forced
         self.seen: torch.Tensor | None = None  # [B, V] tokens each row has seen, for the repetition penalty
-        self.next_position = torch.tensor(batch.lengths, device=self.device)
         self.active_masks: dict[tuple[bool, ...], torch.Tensor] = {}  # each crosses to the device once
         self.cache_kwarg = {cache_argument(model): cache}
         self.logits: torch.Tensor | None = None  # [B, V] that choose the next token
+
+    @classmethod
+    def for_batch(cls, model, cache: DecodingCache, batch: PaddedBatch, settings: GenerationSettings, hooks: Hooks,
+                  seeds: list[int], forced_tokens: Sequence[Sequence[int]] | None,
+                  decode: Callable[[list[int]], str] | None) -> Decoder:
+        """A decoder of the padded prompts ``batch``, one seeded generator per sequence."""
+        device = batch.ids.device
+        forced = forced_tokens is not None
+        rows = [RowRecord(prompt_tokens=n, forced=forced_tokens[i] if forced else None)
+                for i, n in enumerate(batch.lengths)]
+        generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        return cls(model, cache, settings, hooks, rows, generators, torch.tensor(batch.lengths, device=device),
+                   forced=forced, decode=decode, pad_token_id=batch.pad_token_id, batch=batch)
 
     def forward(self, ids, positions, valid, counts: list[int], step: int = 0) -> torch.Tensor:
         """One forward through the cache's step protocol; the last position's logits."""

@@ -11,43 +11,21 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from kvbench.engine.attention import use_kvbench_attention
 from kvbench.engine.cache import BudgetCache
 from kvbench.engine.decode import Decoder, Hooks, SequenceOutput, cache_argument, synchronize
-from kvbench.engine.loops import LoopDetector, RepetitionStop
 from kvbench.engine.protocol import DecodingCache
 from kvbench.engine.sampling import sampling_probs
+from kvbench.engine.settings import GenerationSettings, PaddedBatch
 from kvbench.errors import KvbenchError
 from kvbench.presses.base import Press
 
 #: ``SequenceOutput``, ``cache_argument`` and ``sampling_probs`` are re-exported: callers import them from here.
 __all__ = ["GenerationSettings", "Hooks", "SequenceOutput", "cache_argument", "generate", "generation", "run_to_end",
            "sampling_probs"]
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    max_new_tokens: int = 512
-    #: 0 = greedy.
-    temperature: float = 0.0
-    top_p: float = 1.0
-    #: Keep the k most likely tokens before top-p (0 = all), as transformers' ``top_k``.
-    top_k: int = 0
-    #: transformers' repetition penalty: logits of tokens already in the sequence (prompt included) divided by it
-    #: when positive, multiplied when negative (1 = none). Applied to each row's own tokens only.
-    repetition_penalty: float = 1.0
-    seed: int = 0
-    eos_token_ids: tuple[int, ...] = ()
-    stop_strings: tuple[str, ...] = ()
-    #: End a sequence with finish_reason "loop" once it repeats itself (see ``LoopDetector``).
-    stop_on_loop: bool = False
-    loop_detector: LoopDetector = LoopDetector()
-    #: End a sequence with finish_reason "repetition" at this rule (the paper's harness's ``StopOnRepetition``).
-    repetition_stop: RepetitionStop | None = None
 
 
 @contextlib.contextmanager
@@ -111,7 +89,7 @@ def generation(
     seeds = list(seeds) if seeds is not None else [settings.seed] * len(prompts)
     cache = build_cache(model, press, budget, batch.ids.shape[1] + settings.max_new_tokens, device, settings, seeds,
                         hooks, static_shapes, keep_window_attention)
-    decoder = Decoder(model, cache, batch, settings, hooks, seeds, forced_tokens, decode)
+    decoder = Decoder.for_batch(model, cache, batch, settings, hooks, seeds, forced_tokens, decode)
     with engine_mode(model):
         decoder.prefill()
     yield 0
@@ -124,17 +102,6 @@ def generation(
     synchronize(device)
     return decoder.outputs()
 
-
-
-@dataclass
-class PaddedBatch:
-    """Left-padded prompts: ids, valid and positions [B, width] on the device (padding is never a valid slot)."""
-
-    ids: torch.Tensor
-    valid: torch.Tensor
-    positions: torch.Tensor
-    lengths: list[int]
-    pad_token_id: int
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device: torch.device) -> PaddedBatch:

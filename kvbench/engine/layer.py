@@ -7,25 +7,64 @@ the cache, which scores and evicts for all layers at once after the forward.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
 from kvbench.engine.scores import attention_probs
-from kvbench.engine.view import SlotView, StepInputs
+from kvbench.engine.view import SlotView, StepInputs, StepMode
 from kvbench.errors import KvbenchError
+from kvbench.presses.base import Press
 from kvbench.presses.ranking import rank_slots
 
-if TYPE_CHECKING:
-    from kvbench.engine.cache import BudgetCache
+
+class SlotOwner(Protocol):
+    """What a layer reads of the cache that owns its slots (``BudgetCache``): the stacked buffers, the step's plan,
+    and where attention loss and the query window are recorded. Declared here, so the layer does not import the
+    cache that imports it."""
+
+    press: Press
+    keys: torch.Tensor | None
+    values: torch.Tensor | None
+    positions: torch.Tensor | None
+    valid: torch.Tensor | None
+    state: dict[str, torch.Tensor]
+    row_seeds: torch.Tensor
+    step: StepInputs | None
+    used: int
+    capacity: int
+    tokens_seen: int
+    budget: int | None
+    query_position: torch.Tensor | None
+    prompt_length: torch.Tensor | None
+    row_step: torch.Tensor | None
+    heads_uniform: bool
+    allocates: bool
+    step_queries: list[torch.Tensor | None]
+    query_ring: Any
+    attention_loss: Any
+    occupancy: Any
+
+    @property
+    def mode(self) -> StepMode: ...
+
+    @property
+    def used_after(self) -> int: ...
+
+    @property
+    def decode_step(self) -> int: ...
+
+    def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None: ...
+
+    def layer_keep_rows(self, full: tuple[bool, ...], layer: int | None = None) -> tuple[list[int], torch.Tensor]: ...
 
 
 class BudgetLayer(DynamicLayer):
     """One layer's slots: views into the cache's stacked buffers, returned to attention."""
 
-    def __init__(self, cache: BudgetCache, layer_idx: int):
+    def __init__(self, cache: SlotOwner, layer_idx: int):
         super().__init__()
         self.cache = cache
         self.layer_idx = layer_idx
@@ -54,7 +93,7 @@ class BudgetLayer(DynamicLayer):
         used = cache.used
         if cache.attention_loss is not None:
             cache.attention_loss.write(self.layer_idx, key_states, step.positions, step.valid)
-        if cache.mode == "overflow":
+        if cache.mode is StepMode.OVERFLOW:
             self._pending = {
                 "keys": torch.cat([self.keys[:, :, :used], key_states], dim=2),
                 "values": torch.cat([self.values[:, :, :used], value_states], dim=2),
@@ -65,7 +104,7 @@ class BudgetLayer(DynamicLayer):
                           for n, s in self.state.items()},
             }
             return self._pending["keys"], self._pending["values"]
-        if cache.mode == "slot":
+        if cache.mode is StepMode.SLOT:
             # A free slot per (sequence, head): the first invalid one. Any will do; attention is order-free.
             # Slot `used` is free if it exists; past the capacity every row has a free slot below it.
             free = ~self.valid[:, :, : min(used + 1, cache.capacity)]
@@ -97,7 +136,7 @@ class BudgetLayer(DynamicLayer):
 
     def visible_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions and validity of the slots attention sees this step (including an overflow's new tokens)."""
-        if self.cache.mode == "overflow":
+        if self.cache.mode is StepMode.OVERFLOW:
             return self._pending["positions"], self._pending["valid"]
         n = self.cache.used_after
         return self.positions[:, :, :n], self.valid[:, :, :n]
@@ -105,7 +144,7 @@ class BudgetLayer(DynamicLayer):
     def _view(self) -> SlotView:
         """This layer's slots (multi-token steps)."""
         cache = self.cache
-        if cache.mode == "overflow":
+        if cache.mode is StepMode.OVERFLOW:
             src = self._pending
         else:
             n = cache.used_after
@@ -127,7 +166,7 @@ class BudgetLayer(DynamicLayer):
         cache = self.cache
         b, hq, lq, d = query.shape
         h = key.shape[1]
-        if lq == 1 and cache.mode != "overflow":
+        if lq == 1 and cache.mode is not StepMode.OVERFLOW:
             # One query per sequence: fold the GQA group into the query length, so keys are never expanded.
             mask = self.valid[:, :, None, : key.shape[2]]
             out = F.scaled_dot_product_attention(query.view(b, h, hq // h, d), key, value, attn_mask=mask,
@@ -153,7 +192,7 @@ class BudgetLayer(DynamicLayer):
                                         cache.decode_step if cache.row_step is None else cache.row_step)
         if press.query_window:
             cache.query_ring.push(self.layer_idx, query)
-        if cache.mode == "slot":  # decoding: scoring and eviction happen in end_step, for all layers at once
+        if cache.mode is StepMode.SLOT:  # decoding: scoring and eviction happen in end_step, for all layers at once
             if press.accumulates_attention:
                 cache.step_queries[self.layer_idx] = query
             return
@@ -164,7 +203,7 @@ class BudgetLayer(DynamicLayer):
                 query, step.positions, step.valid, view.keys, view.positions, view.valid, scaling, reduce="sum",
                 gqa=getattr(press, "gqa", "mean"),
             ))
-        if cache.mode == "overflow":
+        if cache.mode is StepMode.OVERFLOW:
             self._compress_overflow(view)
 
     def _compress_overflow(self, view: SlotView) -> None:
@@ -174,7 +213,7 @@ class BudgetLayer(DynamicLayer):
         full = tuple(keep != count for keep, count in zip(keep_n, cache.occupancy.held))
         layer_keep = None
         if cache.allocates and cache.step.overflow_evicts:
-            view.compress_to, layer_keep = cache._layer_keep_rows(full, self.layer_idx)
+            view.compress_to, layer_keep = cache.layer_keep_rows(full, self.layer_idx)
         else:
             view.compress_to = list(keep_n)
         if cache.step.overflow_evicts:

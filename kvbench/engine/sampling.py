@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from kvbench.engine.generate import GenerationSettings
+    from kvbench.engine.settings import GenerationSettings
 
 
 def next_tokens(logits: torch.Tensor, settings: GenerationSettings, generators: list[torch.Generator],

@@ -7,10 +7,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 
 from kvbench.engine.scores import attention_probs
+
+
+class StepMode(Enum):
+    """What a forward does to the cache."""
+
+    BULK = "bulk"  # the first write of several tokens into an empty cache
+    SLOT = "slot"  # one token per sequence, each into a free slot in place
+    OVERFLOW = "overflow"  # tokens that do not fit: gather slots and tokens, then compress (a long prompt)
 
 
 @dataclass(frozen=True)
@@ -22,8 +31,7 @@ class StepInputs:
     valid: torch.Tensor  # [B, L] False for padding and for frozen (finished) sequences
     valid_counts: list[int]  # host copy of valid.sum(-1)
     decode_step: int = 0  # 0 = the prefill, t = the t-th decoding forward
-    #: "bulk" (first write), "slot" (one token in place) or "overflow" (gather slots and tokens, then compress)
-    mode: str = "bulk"
+    mode: StepMode = StepMode.BULK
     used_after: int = 0  # slots that may hold a valid entry once this step's tokens are written
     keep_n: tuple[int, ...] = ()  # overflow: entries each sequence keeps after the step
     overflow_evicts: bool = False  # overflow: whether any sequence keeps fewer entries than it holds

@@ -1,4 +1,5 @@
-"""Datasets as declarative YAML configs (``kvbench/datasets_cfg/<name>.yaml``), loaded into normalised examples.
+"""Datasets as declarative YAML configs (``datasets_cfg/<name>.yaml``, at the top of the repository and shipped in
+the wheel as ``kvbench/datasets_cfg``), loaded into normalised examples.
 
 A config declares a ``hub`` layout (Hugging Face ``datasets``: path, config name, split, revision, or an offline
 mirror of it, ``kvbench.tasks.hub``) and/or a ``local`` layout (JSON Lines under ``--data-dir`` /
@@ -145,7 +146,8 @@ class Task:
 def config_dir() -> Path:
     if os.environ.get(CONFIG_DIR_ENV):
         return Path(os.environ[CONFIG_DIR_ENV])
-    return Path(str(importlib.resources.files("kvbench") / "datasets_cfg"))
+    shipped = Path(str(importlib.resources.files("kvbench") / "datasets_cfg"))  # in an installed wheel
+    return shipped if shipped.is_dir() else Path(__file__).resolve().parents[2] / "datasets_cfg"  # a checkout
 
 
 def available() -> list[str]:

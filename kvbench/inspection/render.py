@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from kvbench.inspection import Retention
+    from kvbench.inspection.trace import Retention
 
 KEPT = (31, 111, 178)
 EVICTED = (228, 87, 46)

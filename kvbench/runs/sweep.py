@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from kvbench.compaction import compact
 from kvbench.errors import ConfigError, KvbenchError
 from kvbench.presses import parse_bool
-from kvbench.run import (
+from kvbench.runs.plan import (
     Cell,
     RunConfig,
     build_cells,
@@ -30,6 +29,7 @@ from kvbench.run import (
     run_key,
 )
 from kvbench.store import ResultStore
+from kvbench.store.compaction import compact
 from kvbench.tasks import Example, Task
 
 #: Grid columns and how each value is parsed (a RunConfig field each, except press/budget/press_args).
@@ -243,7 +243,7 @@ def execute_local(
     on_example: Callable[[Cell, Example], None] | None = None,
 ) -> int:
     """Run the plan in this process, loading each model once; return the number of rows written."""
-    from kvbench.session import load_session
+    from kvbench.runs.session import load_session
 
     written = 0
     groups: dict[tuple, list[PlannedRun]] = {}

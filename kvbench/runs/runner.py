@@ -15,17 +15,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from kvbench.compaction import compact
 from kvbench.errors import ConfigError
-from kvbench.measures import attention_loss_columns, critical_token_positions, retention_columns
 from kvbench.presses import Press
-from kvbench.session import Session
+from kvbench.runs.measures import attention_loss_columns, critical_token_positions, retention_columns
+from kvbench.runs.session import Session
 from kvbench.store import ResultStore
+from kvbench.store.compaction import compact
 from kvbench.tasks import Example, Task
 from kvbench.tasks.protocols import get_protocol
 
 if TYPE_CHECKING:
-    from kvbench.run import RunConfig
+    from kvbench.runs.config import RunConfig
 
 
 @dataclass
@@ -113,7 +113,7 @@ def run_cell(
     """Generate, score and store every pending example of one cell; return how many rows were written."""
     from kvbench.engine.continuous import ContinuousGeneration
     from kvbench.engine.generate import Hooks, generate
-    from kvbench.fidelity import fidelity_columns
+    from kvbench.runs.fidelity import fidelity_columns
 
     tokenizer = session.loaded.tokenizer
     codec = session.codec(task)
@@ -161,9 +161,9 @@ def run_fidelity_cell(
     session: Session, config: RunConfig, task: Task, examples: list[Example], cell: Cell,
     retry_failed: bool = False, on_example: Callable[[Cell, Example], None] | None = None,
 ) -> int:
-    """Replay every pending example's full-cache response under the cell's press (``kvbench.fidelity``); store one
+    """Replay every pending example's full-cache response under the cell's press (``kvbench.runs.fidelity``); store one
     row each (kind "fidelity"); return rows written."""
-    from kvbench.fidelity import reference, replay
+    from kvbench.runs.fidelity import reference, replay
 
     settings = generation_settings(session, config, task)
 

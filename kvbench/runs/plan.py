@@ -1,7 +1,7 @@
 """``kvbench run``'s core: every (press, budget) cell of one model on one dataset, scored and stored.
 
 Everything is validated before the model loads, so bad input fails in a second, not after a download. The cells
-run through ``kvbench.runner`` (``Cell``, ``decoding`` and ``pending`` are re-exported from it).
+run through ``kvbench.runs.runner`` (``Cell``, ``decoding`` and ``pending`` are re-exported from it).
 """
 
 from __future__ import annotations
@@ -9,64 +9,20 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from kvbench.errors import ConfigError, KvbenchError
-from kvbench.models import DEFAULT_MODEL, cached_revision, default_system_prompt, resolve, resolve_device, resolve_dtype
+from kvbench.models import cached_revision, default_system_prompt, resolve, resolve_device, resolve_dtype
 from kvbench.presses import make_checked_press, parse_press_args
-from kvbench.runner import Cell, decoding, max_new_tokens, pending, run_cell, run_fidelity_cell
-from kvbench.session import load_session
+from kvbench.runs.config import BATCHINGS, KINDS, MEASUREMENTS, RunConfig
+from kvbench.runs.runner import Cell, decoding, max_new_tokens, pending, run_cell, run_fidelity_cell
+from kvbench.runs.session import load_session
 from kvbench.store import ResultStore
 from kvbench.tasks import Example, Task, load_examples, load_task
 from kvbench.tasks.protocols import DEFAULT_PROTOCOL, get_protocol
 
 __all__ = ["Cell", "RunConfig", "build_cells", "decoding", "execute", "parse_budget", "pending", "plan", "run_key",
            "summarize"]
-
-MEASUREMENTS = ("attention-loss", "retention", "fidelity")
-KINDS = ("generate", "fidelity")
-BATCHINGS = ("continuous", "static")
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    model: str = DEFAULT_MODEL
-    presses: tuple[str, ...] = ("full",)
-    #: None = the full cache.
-    budgets: tuple[int | None, ...] = ()
-    press_args: tuple[str, ...] = ()
-    dataset: str = "arith"
-    num_samples: int | None = None
-    #: None = the dataset's default.
-    max_new_tokens: int | None = None
-    seed: int = 0
-    #: Decoding; None = the protocol's (greedy under kvbench and hott).
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-    #: Prompt format, answer format, scorers, subset draw and stopping rule (``kvbench.tasks.protocols``).
-    protocol: str = DEFAULT_PROTOCOL
-    #: System prompt under a chat template; None = the model's own default (e.g. Nemotron's "detailed thinking
-    #: on"), "" = none.
-    system_prompt: str | None = None
-    store: str = "results"
-    dtype: str = "auto"
-    device: str = "auto"
-    data_dir: str | None = None
-    #: The hub revision (commit, branch or tag) to read; None = the dataset YAML's ``revision`` (else main).
-    dataset_revision: str | None = None
-    batch_size: int = 1
-    #: "continuous" (a finished sequence's row takes the next example at once) or "static" (a batch decodes until
-    #: its longest sequence ends). Outputs are the same; only speed differs.
-    batching: str = "continuous"
-    #: End a generation that loops (finish_reason "loop"); loops are measured either way.
-    stop_on_loop: bool = False
-    #: Extra measurements: "attention-loss" (exact, against a shadow full cache; costs one q·K over all tokens).
-    measure: tuple[str, ...] = ()
-    #: "generate" (free generation, scored) or "fidelity" (replay the full cache's response under the press).
-    kind: str = "generate"
-
 
 def parse_budget(text: str) -> int | None:
     if text.strip().lower() in {"full", "none"}:

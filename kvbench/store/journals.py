@@ -1,5 +1,5 @@
 """Compaction journals (``STORE/compactions/<id>.json``): which parts a merged part replaces. Readers consult them
-to skip replaced parts that a killed compaction left (``kvbench.compaction`` writes them)."""
+to skip replaced parts that a killed compaction left (``kvbench.store.compaction`` writes them)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.presses import make_press
-from kvbench.session import Session
+from kvbench.runs.session import Session
 from kvbench.tasks import Example, Task
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from kvbench.bench import BenchConfig
+    from kvbench.bench.config import BenchConfig
 
 
 @dataclass
@@ -41,7 +41,7 @@ def store_rows(config: BenchConfig, session, rows: list[BenchRow], started: dt.d
 
     import pyarrow as pa
 
-    from kvbench.session import device_name
+    from kvbench.runs.session import device_name
     from kvbench.store import write_part
 
     loaded = session.loaded

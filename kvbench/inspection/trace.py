@@ -2,7 +2,7 @@
 
 One generation per press x budget (batch 1, the run's settings), with an ``on_step`` hook that counts, after the
 prefill and after every decoding forward, how many (layer, KV head) pairs hold each token position. The
-pictures (``kvbench.inspection_render``) are drawn from these counts.
+pictures (``kvbench.inspection.render``) are drawn from these counts.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvbench.errors import ConfigError
-from kvbench.run import RunConfig, build_cells, prepared_task, protocol_examples
-from kvbench.runner import generation_settings
+from kvbench.runs.plan import RunConfig, build_cells, prepared_task, protocol_examples
+from kvbench.runs.runner import generation_settings
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def plan(config: InspectConfig):
 def inspect(config: InspectConfig, on_cell: Callable[[str], None] | None = None) -> list[Retention]:
     """One ``Retention`` per press x budget, in the order given."""
     from kvbench.engine.generate import generate
-    from kvbench.session import load_session
+    from kvbench.runs.session import load_session
 
     task, example, cells = plan(config)
     run = config.run

@@ -14,8 +14,8 @@ from pathlib import Path
 import pandas as pd
 
 from kvbench.errors import KvbenchError
-from kvbench.metrics import FULL, Metric, get_metric
-from kvbench.references import RowIdentity, comparable, load_reference, with_reference
+from kvbench.results.metrics import FULL, Metric, get_metric
+from kvbench.results.references import RowIdentity, comparable, load_reference, with_reference
 from kvbench.tasks.protocols import DEFAULT_PROTOCOL
 
 AVG, DELTA = "Avg.", "Δ vs full"
@@ -272,7 +272,7 @@ def render(store: str | Path, metric: str = "accuracy", fmt: str = "markdown", r
 
 
 def _paired_block(long: pd.DataFrame, df: pd.DataFrame, metric: str, model: str, number: str, fmt: str) -> str:
-    from kvbench.paired import paired_rows, render_paired
+    from kvbench.results.paired import paired_rows, render_paired
 
     rows = paired_rows(_with_paired(long, df, metric).dropna(subset=["paired_n"]), model, number)
     title = (f"{model}: {metric}, each press against the full cache on the same examples (mean difference, "
@@ -281,8 +281,8 @@ def _paired_block(long: pd.DataFrame, df: pd.DataFrame, metric: str, model: str,
 
 
 def _with_paired(long: pd.DataFrame, df: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """``long`` with each press cell's paired difference from the full cache (``kvbench.paired``)."""
-    from kvbench.paired import KEYS, paired_statistics
+    """``long`` with each press cell's paired difference from the full cache (``kvbench.results.paired``)."""
+    from kvbench.results.paired import KEYS, paired_statistics
 
     definition = get_metric(metric)
     if definition.per_cell:  # a whole-cell ratio has no per-example values to pair

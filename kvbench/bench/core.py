@@ -18,47 +18,14 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from kvbench.bench_results import BenchRow, dtype_name, store_rows
+from kvbench.bench.config import BenchConfig
+from kvbench.bench.results import BenchRow, dtype_name, store_rows
 from kvbench.engine.generate import run_to_end
 from kvbench.engine.window import worth_keeping
 from kvbench.errors import KvbenchError
-from kvbench.models import DEFAULT_MODEL
-from kvbench.session import device_name
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    model: str = DEFAULT_MODEL
-    presses: tuple[str, ...] = ("streaming_llm", "knorm", "random", "snapkv-d", "h2o")
-    budgets: tuple[int, ...] = (128,)
-    batch_sizes: tuple[int, ...] = (1,)
-    prompt_len: int = 128
-    gen_len: int = 1024
-    press_args: tuple[str, ...] = ()
-    random_weights: bool = False
-    dtype: str = "auto"
-    device: str = "auto"
-    #: Decoding steps of an untimed generation per cell before measuring.
-    warmup: int = 8
-    memory_gib: float | None = None
-    #: Upper bound on the batch tried for ``memory_gib``.
-    max_batch: int = 1024
-    #: Attend over every preallocated slot (fixed shapes); with ``compile``, torch.compile the model.
-    static_shapes: bool = False
-    compile: bool = False
-    #: Write a torch profiler table of each cell's decoding steps to this directory.
-    profile_dir: str | None = None
-    #: Also count the aten operators and host synchronisations of one decoding step per cell (``kvbench.opcount``).
-    count_ops: bool = False
-    seed: int = 0
-    store: str | None = None
-    #: "step": decoding steps of equal work, cells side by side; "run": whole runs on a length mix, batch 1 against
-    #: static and continuous batching (``kvbench.workload``), over ``examples`` examples.
-    workload: str = "step"
-    examples: int = 32
+from kvbench.runs.session import device_name
 
 
 def cells(config: BenchConfig) -> list[tuple[str, int | None]]:
@@ -140,7 +107,7 @@ def execute(config: BenchConfig, on_progress: Callable[[str, int, int], None] | 
     """
     import torch
 
-    from kvbench.session import load_session
+    from kvbench.runs.session import load_session
 
     validate(config)
     session = load_session(config.model, config.dtype, config.device, config.seed, config.random_weights)
@@ -158,7 +125,7 @@ def execute(config: BenchConfig, on_progress: Callable[[str, int, int], None] | 
             store_rows(config, session, new_rows, started)
 
     if config.workload == "run":
-        from kvbench.workload import run_workload
+        from kvbench.bench.workload import run_workload
 
         measured(run_workload(config, workload_cells(config), model, bench.presses, bench._sync, bench.on_progress))
         return rows, dtype_name(loaded.dtype), device_name(loaded.device)
@@ -166,7 +133,7 @@ def execute(config: BenchConfig, on_progress: Callable[[str, int, int], None] | 
         for batch in config.batch_sizes:
             batch_rows = bench.side_by_side(batch)
             if config.count_ops:
-                from kvbench.opcount import add_counts
+                from kvbench.bench.opcount import add_counts
 
                 add_counts(batch_rows, model, bench.prompts[:batch], bench.presses)
             measured(batch_rows)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kvbench.report import aggregate, load
+from kvbench.results.report import aggregate, load
 
 
 def plot(store: str | Path, directory: str | Path) -> list[Path]:

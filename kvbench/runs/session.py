@@ -8,7 +8,7 @@ from functools import cached_property
 from pathlib import Path
 
 from kvbench import __version__
-from kvbench.fork_tokenizer import encode_raw, fork_adds_bos, tokenizer_config
+from kvbench.models.fork_tokenizer import encode_raw, fork_adds_bos, tokenizer_config
 from kvbench.tasks import Example, Task
 from kvbench.tasks.extract import THINK_CLOSE, THINK_OPEN
 from kvbench.tasks.protocols import Protocol, get_protocol

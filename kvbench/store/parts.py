@@ -2,7 +2,7 @@
 
 Every append writes a new ``part-*.parquet`` through a temporary file and an atomic rename, so a killed
 run loses at most the rows in flight and never leaves a half-written part. Re-running skips stored rows.
-Small parts are merged (``kvbench.compaction``): a merged part supersedes the parts its journal under
+Small parts are merged (``kvbench.store.compaction``): a merged part supersedes the parts its journal under
 ``compactions/`` names, so a reader never counts a row twice, whenever a compaction was killed.
 
 Parts written by other tools are read as kvbench's: any Arrow string type is a string column, and integers,
@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kvbench.errors import MOVE_ASIDE, StoreError
-from kvbench.journals import superseded
+from kvbench.store.journals import superseded
 
 SCHEMA = pa.schema([
     ("run_key", pa.string()),

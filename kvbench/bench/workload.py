@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
-from kvbench.bench_results import BenchRow
+from kvbench.bench.results import BenchRow
 
 #: The length mix: share at the limit, and the rest's log-normal median (share of the limit) and shape.
 TAIL_SHARE = 0.15

@@ -6,8 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvbench.checks import store_to_read
-from kvbench.compaction import compaction_lock
 from kvbench.store import ResultStore
+from kvbench.store.compaction import compaction_lock
 from kvbench.tasks import Task, load_task
 from kvbench.tasks.protocols import DEFAULT_PROTOCOL, get_protocol
 
