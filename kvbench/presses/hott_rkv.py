@@ -36,10 +36,15 @@ class HottRKVPress(Press):
     compresses one step later, holding ``budget + 65``. A prompt longer than the budget is cut to the budget at
     the prefill (``compress_prefilling``), every layer alike.
 
-    Not reproduced, because it cannot be on a working model: the fork's window queries are rebuilt from a
-    hidden-state buffer of hard-coded width (5120 on main, which fits none of the paper's four models) that
-    every layer overwrites, rotated at the current position and masked so that they see only the first 8 cache
-    entries; here they are each layer's 8 newest queries at their own positions (the mask is the fork's).
+    Not reproduced: where the fork's window queries come from. It rebuilds them with each layer's ``q_proj`` from
+    a hidden-state buffer of hard-coded width (5120 on main, which fits none of the paper's four models) that every
+    layer writes in turn, so at a compression the buffer holds the last layer's attention inputs of the previous
+    steps (and layer 0's of the current one), all rotated at the current position, and every layer scores with
+    them. A press sees queries, not hidden states or projections; here each layer uses its own 8 newest queries at
+    their own positions (with the fork's mask). Run against the fork with that one defect replaced the same way,
+    the kept sets and tokens are identical (docs/fidelity.md). Nor is the fork's harness's reuse of one press
+    object for every sample (``reason/evaluate.py``), which carries the counter and buffer from one sample into the
+    next: each sequence here starts its schedule afresh.
     Checked against a transcription of the fork's code in ``tests/reference/test_hott_rkv.py``.
     """
 

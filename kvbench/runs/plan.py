@@ -164,25 +164,25 @@ def data_source(config: RunConfig, task: Task) -> str:
     return f"{kind}:{task.split(config.data_dir)}"
 
 
-def run_any_cell(session, config, task, examples, cell, retry_failed=False, on_example=None) -> int:
-    """``run_cell`` or, for ``kind="fidelity"``, its teacher-forced counterpart."""
-    if config.kind == "fidelity":
-        return run_fidelity_cell(session, config, task, examples, cell, retry_failed, on_example)
-    return run_cell(session, config, task, examples, cell, retry_failed, on_example)
+#: The runner of each kind of run: free generation, or the teacher-forced replay of the full cache's response.
+RUNNERS = {"generate": run_cell, "fidelity": run_fidelity_cell}
 
 
-def collect_rows(store: ResultStore, cells: list[Cell], examples: list[Example]) -> None:
-    """Attach every stored row of ``cells`` (for ``examples``) to its cell."""
+def keyed(config: RunConfig, task: Task, cells: list[Cell], revision: str | None,
+          examples: list[Example]) -> list[Cell]:
+    """The cells with their run keys, for the model revision ``revision``."""
+    return [replace(cell, run_key=run_key(config, task, cell, revision, examples)) for cell in cells]
+
+
+def with_rows(store: ResultStore, cells: list[Cell], examples: list[Example]) -> list[Cell]:
+    """The cells with every stored row of theirs (for ``examples``), in example order."""
     wanted = {e.id for e in examples}
-    by_key = {c.run_key: c for c in cells}
-    for cell in cells:
-        cell.rows = []
+    by_key: dict[str, list[dict]] = {c.run_key: [] for c in cells}
     for row in store.rows_of(set(by_key)):
         if row["example_id"] in wanted and row["sample"] == 0:
-            by_key[row["run_key"]].rows.append(row)
-    order = {e.id: i for i, e in enumerate(examples)}
-    for cell in cells:  # in example order, whatever order the parts were written in
-        cell.rows.sort(key=lambda r: order[r["example_id"]])
+            by_key[row["run_key"]].append(row)
+    order = {e.id: i for i, e in enumerate(examples)}  # whatever order the parts were written in
+    return [replace(c, rows=tuple(sorted(by_key[c.run_key], key=lambda r: order[r["example_id"]]))) for c in cells]
 
 
 def execute(
@@ -196,24 +196,21 @@ def execute(
 
     ``planned`` is ``plan(config)``'s result when the caller has validated already (the data is read once).
     """
-    task, examples, cells = planned or plan(config)
+    task, examples, planned_cells = planned or plan(config)
     store = ResultStore(config.store)
     revision = cached_revision(resolve(config.model))  # what loading resolves to, known without loading
-    for cell in cells:
-        cell.run_key = run_key(config, task, cell, revision, examples)
+    cells = keyed(config, task, planned_cells, revision, examples)
     todo = sum(len(pending(store, c, examples, retry_failed)) for c in cells)
     if todo:  # everything stored: the table comes from the store without loading the model
         session = load_session(config.model, config.dtype, config.device, config.seed)
         if session.revision != revision:
-            for cell in cells:
-                cell.run_key = run_key(config, task, cell, session.revision, examples)
+            cells = keyed(config, task, planned_cells, session.revision, examples)
             todo = sum(len(pending(store, c, examples, retry_failed)) for c in cells)
     if on_start:
         on_start(todo)
     for cell in cells if todo else ():
-        run_any_cell(session, config, task, examples, cell, retry_failed, on_example)
-    collect_rows(store, cells, examples)
-    return task, cells
+        RUNNERS[config.kind](session, config, task, examples, cell, retry_failed, on_example)
+    return task, with_rows(store, cells, examples)
 
 
 def summarize(cell: Cell) -> dict:

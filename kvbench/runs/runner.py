@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
@@ -28,14 +28,15 @@ if TYPE_CHECKING:
     from kvbench.runs.config import RunConfig
 
 
-@dataclass
+@dataclass(frozen=True)
 class Cell:
-    """One (press, budget) combination and the rows it produced."""
+    """One (press, budget) combination, keyed once its model revision is known (``plan.keyed``), with the rows it
+    produced (``plan.execute`` returns cells with them). Frozen: each step makes the next cell, none writes back."""
 
     press: Press
     budget: int | None
     run_key: str = ""
-    rows: list[dict] = field(default_factory=list)
+    rows: tuple[dict, ...] = ()
 
 
 def decoding(config: RunConfig) -> dict:

@@ -11,13 +11,14 @@ import csv
 import io
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
 from kvbench.errors import ConfigError, KvbenchError
 from kvbench.presses import parse_bool
 from kvbench.runs.plan import (
+    RUNNERS,
     Cell,
     RunConfig,
     build_cells,
@@ -25,7 +26,6 @@ from kvbench.runs.plan import (
     pending,
     prepared_task,
     protocol_examples,
-    run_any_cell,
     run_key,
 )
 from kvbench.store import ResultStore
@@ -223,7 +223,8 @@ def status(runs: list[PlannedRun], retry_failed: bool = False) -> list[RunStatus
     out = []
     for run in runs:
         task, examples, cell = _plan(run.config)
-        cell.run_key = run_key(run.config, task, cell, cached_revision(resolve(run.config.model)), examples)
+        cell = replace(cell, run_key=run_key(run.config, task, cell, cached_revision(resolve(run.config.model)),
+                                             examples))
         store = ResultStore(run.config.store)
         ids = {e.id for e in examples}
         stored = sum(1 for e, s in store.done(cell.run_key) if e in ids and s == 0)
@@ -254,11 +255,11 @@ def execute_local(
         session = load_session(first.model, first.dtype, first.device, first.seed)
         for run in group:
             task, examples, cell = _plan(run.config)
-            cell.run_key = run_key(run.config, task, cell, session.revision, examples)
+            cell = replace(cell, run_key=run_key(run.config, task, cell, session.revision, examples))
             if on_run_start:
                 store = ResultStore(run.config.store)
                 on_run_start(run, len(pending(store, cell, examples, retry_failed)))
-            written += run_any_cell(session, run.config, task, examples, cell, retry_failed, on_example)
+            written += RUNNERS[run.config.kind](session, run.config, task, examples, cell, retry_failed, on_example)
     for store in sorted({run.config.store for run in runs}):  # the sweep's merged cells into one part
         compact(ResultStore(store), wait=False)
     return written

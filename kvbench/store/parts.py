@@ -151,7 +151,7 @@ class ResultStore:
         ``pyarrow.dataset`` expression) keeps: one scan over all parts."""
         import pyarrow.dataset as ds
 
-        for attempt in range(3):  # a compaction may remove parts between listing and reading them: list again
+        def scan() -> pa.Table:
             parts = self.parts()
             if not parts:
                 empty = SCHEMA.empty_table()
@@ -159,14 +159,14 @@ class ResultStore:
             try:
                 dataset = ds.dataset([str(p) for p in parts], schema=SCHEMA, format="parquet")
                 return dataset.to_table(columns=columns, filter=where)
-            except FileNotFoundError:
-                if attempt == 2:
-                    raise
             except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError) as err:
+                if isinstance(err, FileNotFoundError):  # merged away meanwhile: list again
+                    raise
                 for part in parts:  # name the part at fault, with the one-line error its own read gives
                     self.read_part(part)
                 raise StoreError(f"{self.path}: cannot read the store ({str(err).splitlines()[0]})") from None
-        raise AssertionError("unreachable")
+
+        return _relisting(scan)
 
     @staticmethod
     def read_part(part: Path, columns: list[str] | None = None) -> pa.Table:
@@ -307,14 +307,20 @@ class ResultStore:
         """The stored rows of ``run_keys``, reading only the parts that hold them (the ``done`` index)."""
         import pyarrow.dataset as ds
 
-        parts = self.parts_of(run_keys)
-        if not parts:
-            return []
-        where = ds.field("run_key").isin(sorted(run_keys))
-        return ds.dataset([str(p) for p in parts], schema=SCHEMA, format="parquet").to_table(filter=where).to_pylist()
+        def read() -> list[dict]:
+            parts = self.parts_of(run_keys)
+            where = ds.field("run_key").isin(sorted(run_keys))
+            return ds.dataset([str(p) for p in parts], schema=SCHEMA, format="parquet").to_table(
+                filter=where).to_pylist() if parts else []
+
+        return _relisting(read)
 
     def _index(self) -> dict[str, dict[str, set[tuple[str, int]]]]:
-        """The key index of the live parts, the parts not yet indexed read in one scan."""
+        """The key index of the live parts, the parts not yet indexed read in one scan (and added only once all
+        are read: a part merged away meanwhile makes the scan start again)."""
+        return _relisting(self._index_once)
+
+    def _index_once(self) -> dict[str, dict[str, set[tuple[str, int]]]]:
         import pyarrow.dataset as ds
 
         index = _KEY_INDEX.setdefault(self.path.resolve(), {})
@@ -325,13 +331,13 @@ class ResultStore:
         if new:  # (their schemas were checked before the work: ``check_writable``)
             columns = ["run_key", "example_id", "sample"]
             scanner = ds.dataset([str(p) for p in new], schema=SCHEMA, format="parquet").scanner(columns=columns)
-            for part in new:
-                index[part.name] = {}
+            found: dict[str, dict[str, set[tuple[str, int]]]] = {part.name: {} for part in new}
             for tagged in scanner.scan_batches():
-                keys = index[Path(tagged.fragment.path).name]
+                keys = found[Path(tagged.fragment.path).name]
                 batch = tagged.record_batch
                 for k, e, n in zip(*(batch.column(c).to_pylist() for c in columns)):
                     keys.setdefault(k, set()).add((e, n))
+            index.update(found)
         return index
 
     def append(self, rows: list[dict]) -> Path | None:
@@ -339,6 +345,17 @@ class ResultStore:
             return None
         self._sweep_stale_temp_files()
         return write_part(self.path, pa.Table.from_pylist(rows, schema=SCHEMA), rows[0]["created_at"])
+
+
+def _relisting(read, attempts: int = 5):
+    """``read()``, again from a fresh listing of the parts when a compaction removed one it was reading."""
+    for attempt in range(attempts):
+        try:
+            return read()
+        except FileNotFoundError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _failure_record(path: Path) -> dict:
