@@ -11,6 +11,7 @@ Each command runs in its own process; the table gives its wall time and peak res
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import subprocess
 import sys
@@ -72,9 +73,11 @@ def build(path: Path, rows: pa.Table, per_part: int) -> int:
     return len(range(0, rows.num_rows, per_part))
 
 
-#: Runs kvbench's command line, then prints its own peak resident memory (KiB on Linux) as the last stderr line.
-WRAPPER = ("import atexit, resource, sys\n"
-           "atexit.register(lambda: print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr))\n"
+#: Runs kvbench's command line, then prints its own peak resident memory (KiB) as the last stderr line: VmHWM,
+#: not ru_maxrss, which Linux carries across exec from the forking parent (this script holds the whole table).
+WRAPPER = ("import atexit, re, sys\n"
+           "hwm = lambda: re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)\n"
+           "atexit.register(lambda: print(hwm(), file=sys.stderr))\n"
            "sys.argv = ['kvbench', *sys.argv[1:]]\n"
            "from kvbench.cli import main\n"
            "main()\n")
@@ -105,6 +108,7 @@ def main() -> None:
             store = Path(tmp) / layout.split()[0]
             start = time.perf_counter()
             parts = build(store, rows, per_part)
+            os.sync()  # written back before anything is timed: reads under writeback took minutes here
             print(f"{layout}: {parts} parts written in {time.perf_counter() - start:.0f} s", flush=True)
             if per_part == 1:
                 results.append((layout, "kvbench store compact", *timed("store", "compact", str(store))))

@@ -44,6 +44,23 @@ def test_compaction_merges_the_small_parts_into_one_and_keeps_every_row(tmp_path
     assert compact(store).merged == 0  # one part: nothing to do
 
 
+def test_many_one_row_parts_merge_into_few_row_groups_scanned_in_slices(tmp_path, monkeypatch):
+    # a row group per one-row part held each group's metadata in memory: 20,000 parts took 6 GB (now 0.5 GB)
+    monkeypatch.setattr(compaction, "SCAN_PARTS", 7)  # several scan slices, one of them short
+    store = one_row_parts(tmp_path, 40)
+    before = keys(store)
+    assert compact(store).rows == 40
+    (merged,) = store.parts()
+    assert pq.read_metadata(merged).num_row_groups == 1 and keys(store) == before
+
+
+def test_row_groups_are_bounded_by_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(compaction, "ROW_GROUP_BYTES", 1)  # every batch fills a group
+    store = one_row_parts(tmp_path, 5)
+    compact(store)
+    assert pq.read_metadata(store.parts()[0]).num_row_groups == 5
+
+
 def test_a_run_compacts_only_its_own_parts(tmp_path):
     store = one_row_parts(tmp_path, 4, run="a")
     one_row_parts(tmp_path, 3, run="b")

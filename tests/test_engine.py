@@ -149,7 +149,7 @@ def test_eos_and_stop_strings_end_generation(tiny_llama):
     text = tokenizer.decode(free.tokens[:12])
     out = generate(model, [prompt], make_press("full"), None,
                    GenerationSettings(max_new_tokens=30, stop_strings=(text[-3:],)),
-                   decode=lambda ids: tokenizer.decode(ids))[0]
+                   detokenize=lambda ids: tokenizer.decode(ids))[0]
     assert out.finish_reason == "stop" and out.output_tokens <= 12
 
 

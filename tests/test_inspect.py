@@ -39,7 +39,7 @@ def _kept_sets_by_hook(config: InspectConfig, press_name: str, budget: int | Non
     codec = session.codec(task)
     kept: list = []
     generate(session.loaded.model, [codec.encode(codec.prompt(example))], make_press(press_name), budget,
-             generation_settings(session, config.run, task), decode=codec.decode,
+             generation_settings(session, config.run, task), detokenize=codec.decode,
              on_step=lambda cache, step: kept.append(cache.kept_positions(0)))
     return kept
 

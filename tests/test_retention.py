@@ -2,7 +2,7 @@
 
 from kvbench.engine.generate import GenerationSettings, generate
 from kvbench.presses import make_press
-from kvbench.runs.measures import critical_token_positions
+from kvbench.runs.measurement_columns import critical_token_positions
 from kvbench.tasks import Example, load_task
 from kvbench.tasks.critical import critical_spans
 

@@ -16,12 +16,12 @@ import datetime as dt
 import gc
 import math
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from kvbench.bench.config import BenchConfig
 from kvbench.bench.results import BenchRow, dtype_name, store_rows
+from kvbench.bench.timing import timed_step
 from kvbench.engine.generate import run_to_end
 from kvbench.engine.window import worth_keeping
 from kvbench.errors import KvbenchError
@@ -201,15 +201,11 @@ class _Bench:
             for i, steps in enumerate(running):
                 if outputs[i] is not None:
                     continue
-                self._sync()
-                start = time.perf_counter()
-                try:
-                    next(steps)
-                except StopIteration as finished:
-                    outputs[i] = finished.value
+                seconds, finished, value = timed_step(steps, self._sync)
+                if finished:
+                    outputs[i] = value
                     continue
-                self._sync()
-                times[i].append(time.perf_counter() - start)
+                times[i].append(seconds)
                 done += 1
                 self.on_progress(label, done, total)
         rows = []
@@ -330,15 +326,10 @@ class _Bench:
         next(steps)
         times, label = [], f"{press_name} alone at batch {batch}"
         while True:
-            self._sync()
-            start = time.perf_counter()
-            try:
-                next(steps)
-            except StopIteration as finished:
-                outs = finished.value
+            seconds, finished, outs = timed_step(steps, self._sync)
+            if finished:
                 break
-            self._sync()
-            times.append(time.perf_counter() - start)
+            times.append(seconds)
             self.on_progress(label, len(times), self.config.gen_len - 1)
         peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
         row = self._row(press_name, budget, batch, times, outs, peak)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 from kvbench.bench.results import BenchRow
+from kvbench.bench.timing import timed_step
 
 #: The length mix: share at the limit, and the rest's log-normal median (share of the limit) and shape.
 TAIL_SHARE = 0.15
@@ -116,14 +116,10 @@ def side_by_side(runs: dict[str, Generator], steps: dict[str, int], sync: Callab
     results: dict[str, tuple[list, int]] = {}
     while len(results) < len(runs):
         name = min((n for n in runs if n not in results), key=lambda n: done[n] / steps[n])
-        sync()
-        start = time.perf_counter()
-        try:
-            next(runs[name])
-        except StopIteration as end:
-            results[name] = end.value
-        sync()
-        seconds[name] += time.perf_counter() - start
+        elapsed, finished, value = timed_step(runs[name], sync)
+        if finished:
+            results[name] = value
+        seconds[name] += elapsed
         done[name] += 1
         on_forward()
     return {name: (seconds[name], results[name][1], results[name][0]) for name in runs}

@@ -20,13 +20,13 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
-from kvbench.engine.layer import BudgetLayer
+from kvbench.engine.layer import BudgetLayer, LayerStep
 from kvbench.engine.occupancy import Occupancy
 from kvbench.engine.query_ring import QueryRing
 from kvbench.engine.recorders import AttentionLossRecorder, RetentionRecorder
 from kvbench.engine.scores import attention_probs
 from kvbench.engine.splice import RowSplicing
-from kvbench.engine.view import SlotView, StepInputs, StepMode
+from kvbench.engine.view import SlotView, StepMode, StepPlan
 from kvbench.engine.window import KeptWindowAttention, worth_keeping
 from kvbench.errors import KvbenchError
 from kvbench.presses.base import Press
@@ -98,7 +98,7 @@ class BudgetCache(RowSplicing, DynamicCache):
         self.observers: list = []
         self.retention: RetentionRecorder | None = None
         #: This forward's plan (``begin_step``): mode, slots in use after it, what an overflow keeps.
-        self.step: StepInputs | None = None
+        self.step: StepPlan | None = None
         self.query_position: torch.Tensor | None = None
         self.prompt_length: torch.Tensor | None = None  # [B], set by the prefill
         #: [B] the forward at which each sequence joined (continuous batching, ``kvbench.engine.splice``), and
@@ -106,7 +106,7 @@ class BudgetCache(RowSplicing, DynamicCache):
         self.step_offset: torch.Tensor | None = None
         self.row_step: torch.Tensor | None = None
         self.tokens_seen = 0
-        Cache.__init__(self, layers=[BudgetLayer(self, i) for i in range(num_layers)])
+        Cache.__init__(self, layers=[BudgetLayer(i, self.bind_layer, self.capacity) for i in range(num_layers)])
 
     def _set_schedule(self, budget: int | None, num_layers: int, num_kv_heads: int, max_length: int) -> None:
         """When to compress and how much to keep, per layer and head, and the slots that needs."""
@@ -124,9 +124,16 @@ class BudgetCache(RowSplicing, DynamicCache):
         self.head_capacity = ([press.head_capacity(b, num_kv_heads) for b in self.layer_keep]
                               if self.allocates else None)
 
-    def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        b, h, _, d = key_states.shape
-        self.allocate_rows(b, h, d, value_states.shape[-1], key_states.dtype, key_states.device)
+    def bind_layer(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple:
+        """Layer ``layer``'s slices of the stacked buffers, allocated by the first layer to see keys."""
+        if self.keys is None:
+            b, h, _, d = key_states.shape
+            self.allocate_rows(b, h, d, value_states.shape[-1], key_states.dtype, key_states.device)
+        if key_states.shape[1:2] + key_states.shape[3:] != self.keys.shape[2:3] + self.keys.shape[4:]:
+            raise KvbenchError(f"layer {layer}: KV shape {tuple(key_states.shape)} differs from layer 0's; kvbench "
+                               "needs the same KV heads and head size in every layer")
+        return (self.keys[layer], self.values[layer], self.positions[layer], self.valid[layer],
+                {name: s[layer] for name, s in self.state.items()})
 
     def allocate_rows(self, b: int, h: int, key_dim: int, value_dim: int, dtype: torch.dtype, device) -> None:
         n_layers, c = len(self.layers), self.capacity
@@ -140,7 +147,7 @@ class BudgetCache(RowSplicing, DynamicCache):
 
     # --- the step protocol ---------------------------------------------------------------------------------------
     def begin_step(self, positions: torch.Tensor, valid: torch.Tensor, valid_counts: list[int],
-                   decode_step: int = 0) -> StepInputs:
+                   decode_step: int = 0) -> StepPlan:
         """Decide what the forward does (the step's plan, ``self.step``) and count its tokens on the host."""
         self.query_position = positions[:, -1]
         self.row_step = None if self.step_offset is None else decode_step - self.step_offset
@@ -173,9 +180,19 @@ class BudgetCache(RowSplicing, DynamicCache):
                 raise RuntimeError(f"cache capacity {self.capacity} exceeded ({max(keep_n)} entries) without eviction")
         if self.query_ring is not None:
             self.query_ring.advance(positions, valid)
-        self.step = StepInputs(positions, valid, valid_counts, decode_step, mode, used_after, tuple(keep_n),
+        self.step = StepPlan(positions, valid, valid_counts, decode_step, mode, used_after, tuple(keep_n),
                                overflow_evicts=mode is StepMode.OVERFLOW and keep_n != occupancy.held)
+        layer_step = LayerStep(
+            self.step, self.press, self.used, self.capacity, self.tokens_seen, self.budget, tuple(occupancy.held),
+            self.query_position, self.prompt_length, self.row_step, self.row_seeds, self.heads_uniform,
+            self.allocates, self.query_ring, self.attention_loss, self.hold_query, self.layer_keep_rows)
+        for layer in self.layers:
+            layer.step = layer_step
         return self.step
+
+    def hold_query(self, layer: int, query: torch.Tensor) -> None:
+        """A decoding query of ``layer``, for the press's ``observe`` in ``end_step``."""
+        self.step_queries[layer] = query
 
     # the step's plan, read-only: set by begin_step alone
     @property
@@ -189,6 +206,9 @@ class BudgetCache(RowSplicing, DynamicCache):
     @property
     def used_after(self) -> int:
         return self.step.used_after if self.step is not None else self.used
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.tokens_seen
 
     def end_step(self) -> None:
         """After the forward: decoding's scoring and eviction for all layers at once, and the bookkeeping."""

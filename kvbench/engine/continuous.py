@@ -27,11 +27,11 @@ class ContinuousDecoder(Decoder):
     """A ``Decoder`` over rows that sequences join (``admit``) and leave as they finish."""
 
     def __init__(self, model, cache, rows: int, settings: GenerationSettings, hooks: Hooks, forced: bool,
-                 decode: Callable[[list[int]], str] | None, pad_token_id: int, device: torch.device):
+                 detokenize: Callable[[list[int]], str] | None, pad_token_id: int, device: torch.device):
         # no padded batch: every sequence arrives through ``admit``, into a free row
         super().__init__(model, cache, settings, hooks, [RowRecord(finish="free") for _ in range(rows)],
                          [None] * rows, torch.zeros(rows, dtype=torch.long, device=device), forced=forced,
-                         decode=decode, pad_token_id=pad_token_id)
+                         detokenize=detokenize, pad_token_id=pad_token_id)
         #: Rows whose logits wait for their token to be chosen (after a forward, or a new sequence's prefill).
         self.waiting = [False] * rows
         #: Decoding forwards the batch has run, and the tokens chosen for its next one.
@@ -105,7 +105,7 @@ class ContinuousGeneration:
     first row free. ``steps()`` runs it; ``on_admit`` is told each prompt as it begins (for failure records)."""
 
     def __init__(self, model: torch.nn.Module, prompts: Sequence[Sequence[int]], press: Press, budget: int | None,
-                 settings: GenerationSettings, batch_size: int, *, decode: Callable[[list[int]], str] | None = None,
+                 settings: GenerationSettings, batch_size: int, *, detokenize: Callable[[list[int]], str] | None = None,
                  pad_token_id: int = 0, seeds: Sequence[int] | None = None,
                  forced_tokens: Sequence[Sequence[int]] | None = None, hooks: Hooks = Hooks(),
                  keep_window_attention: bool | None = None, on_admit: Callable[[int], None] | None = None):
@@ -114,7 +114,7 @@ class ContinuousGeneration:
         if press.sparse or hooks.on_step or hooks.on_logits:
             raise ValueError("continuous batching needs an evicting cache and no per-step hooks (use generate)")
         self.model, self.prompts, self.press, self.budget = model, prompts, press, budget
-        self.settings, self.decode, self.pad_token_id = settings, decode, pad_token_id
+        self.settings, self.detokenize, self.pad_token_id = settings, detokenize, pad_token_id
         self.seeds = list(seeds) if seeds is not None else [settings.seed] * len(prompts)
         self.forced, self.hooks, self.keep_window_attention = forced_tokens, hooks, keep_window_attention
         self.on_admit = on_admit  # told each prompt's index as it is begun
@@ -126,8 +126,8 @@ class ContinuousGeneration:
                             critical_positions=None if hooks.critical_positions is None else [[]] * rows)
         cache = build_cache(model, press, budget, max_length, self.device, settings, [settings.seed] * rows,
                             batch_hooks, False, keep_window_attention)
-        self.decoder = ContinuousDecoder(model, cache, rows, settings, batch_hooks, forced_tokens is not None, decode,
-                                         pad_token_id, self.device)
+        self.decoder = ContinuousDecoder(model, cache, rows, settings, batch_hooks, forced_tokens is not None,
+                                         detokenize, pad_token_id, self.device)
         #: Row -> index of the prompt it decodes.
         self.in_flight: dict[int, int] = {}
 
@@ -178,7 +178,7 @@ class ContinuousGeneration:
                             self.keep_window_attention)
         forced = None if self.forced is None else [self.forced[index]]
         decoder = Decoder.for_batch(self.model, cache, batch, settings, single_hooks, [self.seeds[index]], forced,
-                                    self.decode)
+                                    self.detokenize)
         decoder.prefill()
         return decoder
 

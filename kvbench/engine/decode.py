@@ -102,12 +102,12 @@ class Decoder:
 
     def __init__(self, model, cache: DecodingCache, settings: GenerationSettings, hooks: Hooks,
                  rows: list[RowRecord], generators: list[torch.Generator | None], next_position: torch.Tensor, *,
-                 forced: bool, decode: Callable[[list[int]], str] | None, pad_token_id: int,
+                 forced: bool, detokenize: Callable[[list[int]], str] | None, pad_token_id: int,
                  batch: PaddedBatch | None = None):
         """The generation's state: its rows (one record each), their generators and next positions. ``batch``:
         the padded prompts the prefill feeds (None where sequences arrive otherwise, as in continuous batching)."""
         self.model, self.cache, self.batch, self.settings, self.hooks = model, cache, batch, settings, hooks
-        self.decode, self.pad_token_id = decode, pad_token_id
+        self.detokenize, self.pad_token_id = detokenize, pad_token_id
         self.device = next_position.device
         self.rows, self.generators, self.next_position = rows, generators, next_position
         self.eos = set(settings.eos_token_ids)
@@ -120,7 +120,7 @@ class Decoder:
     @classmethod
     def for_batch(cls, model, cache: DecodingCache, batch: PaddedBatch, settings: GenerationSettings, hooks: Hooks,
                   seeds: list[int], forced_tokens: Sequence[Sequence[int]] | None,
-                  decode: Callable[[list[int]], str] | None) -> Decoder:
+                  detokenize: Callable[[list[int]], str] | None) -> Decoder:
         """A decoder of the padded prompts ``batch``, one seeded generator per sequence."""
         device = batch.ids.device
         forced = forced_tokens is not None
@@ -128,7 +128,7 @@ class Decoder:
                 for i, n in enumerate(batch.lengths)]
         generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         return cls(model, cache, settings, hooks, rows, generators, torch.tensor(batch.lengths, device=device),
-                   forced=forced, decode=decode, pad_token_id=batch.pad_token_id, batch=batch)
+                   forced=forced, detokenize=detokenize, pad_token_id=batch.pad_token_id, batch=batch)
 
     def forward(self, ids, positions, valid, counts: list[int], step: int = 0) -> torch.Tensor:
         """One forward through the cache's step protocol; the last position's logits."""
@@ -214,7 +214,7 @@ class Decoder:
             return "forced" if len(row.tokens) >= len(row.forced) else None
         if token in self.eos:
             return "eos"
-        if settings.stop_strings and _hits_stop(row.tokens, self.decode, settings.stop_strings):
+        if settings.stop_strings and _hits_stop(row.tokens, self.detokenize, settings.stop_strings):
             return "stop"
         if settings.stop_on_loop and row.loop_start is not None:
             return "loop"
@@ -238,7 +238,7 @@ class Decoder:
             kv_byte_steps=row.cache_len_sum * cache.bytes_per_entry(), host_kv_bytes=cache.host_bytes(index),
             attention_loss=None if cache.loss_log is None else _copy(cache.loss_log[index, :, : max(n_out - 1, 0)]),
             retention=None if cache.retention_log is None else _copy(cache.retention_log[index, :, : max(n_out, 1)]),
-            text=self.decode(row.tokens) if self.decode else None, logits=row.logits,
+            text=self.detokenize(row.tokens) if self.detokenize else None, logits=row.logits,
         )
 
 
@@ -251,6 +251,6 @@ def _forced_next(row: RowRecord, pad_token_id: int) -> int:
     return row.forced[len(row.tokens)] if row.finish is None and len(row.tokens) < len(row.forced) else pad_token_id
 
 
-def _hits_stop(tokens: list[int], decode: Callable[[list[int]], str], stops: tuple[str, ...]) -> bool:
-    tail = decode(tokens[-16:])  # stop strings are short; the tail is enough and keeps this O(1) per step
+def _hits_stop(tokens: list[int], detokenize: Callable[[list[int]], str], stops: tuple[str, ...]) -> bool:
+    tail = detokenize(tokens[-16:])  # stop strings are short; the tail is enough and keeps this O(1) per step
     return any(s in tail for s in stops)

@@ -36,7 +36,7 @@ def engine_mode(model):
 
 def generate(
     model: torch.nn.Module, prompts: Sequence[Sequence[int]], press: Press, budget: int | None,
-    settings: GenerationSettings, *, decode: Callable[[list[int]], str] | None = None, pad_token_id: int = 0,
+    settings: GenerationSettings, *, detokenize: Callable[[list[int]], str] | None = None, pad_token_id: int = 0,
     seeds: Sequence[int] | None = None, forced_tokens: Sequence[Sequence[int]] | None = None,
     record_logits: bool = False, on_step: Callable[[DecodingCache, int], None] | None = None,
     measure_attention_loss: bool = False, on_logits: Callable[[int, torch.Tensor], None] | None = None,
@@ -47,9 +47,9 @@ def generate(
     with its ``Hooks`` given one by one."""
     hooks = Hooks(attention_loss=measure_attention_loss, critical_positions=critical_positions,
                   record_logits=record_logits, on_step=on_step, on_logits=on_logits)
-    return run_to_end(generation(model, prompts, press, budget, settings, decode=decode, pad_token_id=pad_token_id,
-                                 seeds=seeds, forced_tokens=forced_tokens, hooks=hooks, static_shapes=static_shapes,
-                                 keep_window_attention=keep_window_attention))
+    return run_to_end(generation(model, prompts, press, budget, settings, detokenize=detokenize,
+                                 pad_token_id=pad_token_id, seeds=seeds, forced_tokens=forced_tokens, hooks=hooks,
+                                 static_shapes=static_shapes, keep_window_attention=keep_window_attention))
 
 
 def run_to_end(steps: Generator[int, None, list[SequenceOutput]]) -> list[SequenceOutput]:
@@ -63,13 +63,13 @@ def run_to_end(steps: Generator[int, None, list[SequenceOutput]]) -> list[Sequen
 
 def generation(
     model: torch.nn.Module, prompts: Sequence[Sequence[int]], press: Press, budget: int | None,
-    settings: GenerationSettings, *, decode: Callable[[list[int]], str] | None = None, pad_token_id: int = 0,
+    settings: GenerationSettings, *, detokenize: Callable[[list[int]], str] | None = None, pad_token_id: int = 0,
     seeds: Sequence[int] | None = None, forced_tokens: Sequence[Sequence[int]] | None = None,
     hooks: Hooks = Hooks(), static_shapes: bool = False, keep_window_attention: bool | None = None,
 ) -> Generator[int, None, list[SequenceOutput]]:
     """Generate for a batch of tokenised prompts under ``press`` at ``budget`` (None = no eviction).
 
-    ``decode`` turns tokens into text (needed for stop strings and ``SequenceOutput.text``); ``seeds`` gives
+    ``detokenize`` turns tokens into text (needed for stop strings and ``SequenceOutput.text``); ``seeds`` gives
     each sequence its own sampling and press seed (default: ``settings.seed`` for all); ``forced_tokens`` replays
     given outputs instead of choosing (teacher forcing: finish reason "forced" when a sequence's tokens run out).
     ``keep_window_attention`` keeps a query window's attention between steps (default: on CPU only; see
@@ -82,14 +82,14 @@ def generation(
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    if settings.stop_strings and decode is None:
-        raise ValueError("stop strings need a decode function")
+    if settings.stop_strings and detokenize is None:
+        raise ValueError("stop strings need a detokenize function")
     device = next(model.parameters()).device
     batch = left_pad(prompts, pad_token_id, device)
     seeds = list(seeds) if seeds is not None else [settings.seed] * len(prompts)
     cache = build_cache(model, press, budget, batch.ids.shape[1] + settings.max_new_tokens, device, settings, seeds,
                         hooks, static_shapes, keep_window_attention)
-    decoder = Decoder.for_batch(model, cache, batch, settings, hooks, seeds, forced_tokens, decode)
+    decoder = Decoder.for_batch(model, cache, batch, settings, hooks, seeds, forced_tokens, detokenize)
     with engine_mode(model):
         decoder.prefill()
     yield 0

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import torch
 
-from kvbench.engine.view import StepInputs
+from kvbench.engine.view import StepPlan
 
 
 class DecodingCache(Protocol):
@@ -22,7 +22,7 @@ class DecodingCache(Protocol):
     layers: list
 
     def begin_step(self, positions: torch.Tensor, valid: torch.Tensor, valid_counts: list[int],
-                   decode_step: int = 0) -> StepInputs:
+                   decode_step: int = 0) -> StepPlan:
         """Before a forward: positions and valid [B, L] of the tokens it writes (decode_step 0 = the prefill);
         returns the step's immutable plan, which the layers and ``end_step`` read."""
 

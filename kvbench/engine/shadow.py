@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from kvbench.engine.view import StepInputs
+from kvbench.engine.view import StepPlan
 from kvbench.errors import KvbenchError
 from kvbench.presses.shadowkv import ShadowKVPress
 
@@ -230,7 +230,7 @@ class ShadowCache(DynamicCache):
         self.chunk_end = [0] * batch  # tokens [0, chunk_end) are chunked, per sequence
         self.peak = [0] * batch
         self.host_peak = [0] * batch
-        self.step: StepInputs | None = None
+        self.step: StepPlan | None = None
         self.tokens_seen = 0
         self.query_position: torch.Tensor | None = None
         # Telemetry that BudgetCache offers and ShadowKV does not measure.
@@ -257,10 +257,10 @@ class ShadowCache(DynamicCache):
             self._allowed = {allowed: torch.tensor(allowed, device=self.query_position.device)}
         return self._allowed[allowed]
 
-    def begin_step(self, positions, valid, valid_counts, decode_step: int = 0) -> StepInputs:
+    def begin_step(self, positions, valid, valid_counts, decode_step: int = 0) -> StepPlan:
         if decode_step == 0 and positions.shape[1] > 1 and self.tokens_seen:
             raise KvbenchError("shadowkv: one prefill per generation")
-        self.step = StepInputs(positions=positions, valid=valid, valid_counts=valid_counts, decode_step=decode_step)
+        self.step = StepPlan(positions=positions, valid=valid, valid_counts=valid_counts, decode_step=decode_step)
         self.query_position = positions[:, -1]
         self.tokens_seen += positions.shape[1]
         for row, n in enumerate(valid_counts):

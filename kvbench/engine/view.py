@@ -23,7 +23,7 @@ class StepMode(Enum):
 
 
 @dataclass(frozen=True)
-class StepInputs:
+class StepPlan:
     """One forward's plan: the tokens the decode loop feeds, and what ``begin_step`` decided the forward does to
     the cache. Immutable: the layers and ``end_step`` read it, nobody changes it mid-forward."""
 

@@ -20,10 +20,6 @@ KEPT = (31, 111, 178)
 EVICTED = (228, 87, 46)
 
 
-def share_colour(share: float) -> tuple[int, int, int]:
-    return tuple(round(e + (k - e) * share) for k, e in zip(KEPT, EVICTED))
-
-
 def page_data(panels: list[Retention]) -> list[dict]:
     """What the page draws, embedded in it as JSON (``<script id="kvbench-data">``)."""
     return [{"label": p.label, "tokens": p.tokens, "prompt_tokens": p.prompt_tokens, "slots": p.slots,

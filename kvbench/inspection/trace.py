@@ -89,7 +89,7 @@ def inspect(config: InspectConfig, on_cell: Callable[[str], None] | None = None)
             on_cell(label)
         steps: list[tuple[list[int], int]] = []
         (result,) = generate(session.loaded.model, [prompt_ids], cell.press, cell.budget, settings,
-                             decode=codec.decode, pad_token_id=session.loaded.tokenizer.pad_token_id,
+                             detokenize=codec.decode, pad_token_id=session.loaded.tokenizer.pad_token_id,
                              on_step=lambda cache, step, steps=steps: steps.append(held_counts(cache)))
         ids = prompt_ids + result.tokens
         counts = [row for row, _ in steps]

@@ -8,7 +8,6 @@ whose dataset version, prompt or data source differ are never pooled: they becom
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -34,15 +33,21 @@ def full_label(label: str) -> str:
 
 #: Columns of text a table never reads (responses run to megabytes per run): left on disk unless asked for.
 TEXT_COLUMNS = ("prompt", "response", "gold", "metrics", "attention_loss_profile", "retention_profile")
+#: What labels a row (its cell, its settings, its example), read whatever the metric.
+LABEL_COLUMNS = ("run_key", "kind", "model", "model_source", "model_revision", "press", "press_args", "budget",
+                 "dataset", "dataset_version", "split", "dataset_revision", "prompt_hash", "example_id", "sample",
+                 "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "protocol", "stop_on_loop",
+                 "dtype", "fidelity_kl_mean")
 
 
-def load(store: str | Path, text: tuple[str, ...] = ()) -> pd.DataFrame:
-    """The store's rows for tables: every column but ``TEXT_COLUMNS`` (those in ``text`` too), the first sample,
-    each (run, example, sample) once, labelled."""
+def load(store: str | Path, text: tuple[str, ...] = (), metrics: tuple[Metric, ...] | None = None) -> pd.DataFrame:
+    """The store's rows for tables: the label columns and ``metrics``' own (every column but ``TEXT_COLUMNS`` when
+    None; ``text`` adds those), the first sample, each (run, example, sample) once, labelled."""
     from kvbench.checks import store_to_read
     from kvbench.store import SCHEMA
 
-    columns = [c for c in SCHEMA.names if c not in TEXT_COLUMNS or c in text]
+    wanted = None if metrics is None else set(LABEL_COLUMNS).union(*(m.columns for m in metrics))
+    columns = [c for c in SCHEMA.names if (c not in TEXT_COLUMNS if wanted is None else c in wanted) or c in text]
     table = store_to_read(store).read(columns)
     if table.num_rows == 0:
         raise KvbenchError(f"no results in {store}")
@@ -86,7 +91,7 @@ def _press_label(press: str, args_json: str, protocol: str) -> tuple[str, RowIde
 def _dataset_labels(df: pd.DataFrame) -> list[str]:
     """The dataset, with its version, prompt and split where one protocol ran several of them."""
     identity = df["dataset_version"].astype(str) + "/" + df["prompt_hash"].astype(str) + "/" + df["split"].astype(str)
-    variants = identity.groupby([df["dataset"], df["protocol"]]).nunique()
+    variants = identity.groupby([df["dataset"], df["protocol"]]).nunique().to_dict()  # a dict: 200,000 lookups
     return [d if variants[(d, p)] == 1 else f"{d}[v{v} {s}]" for d, p, v, s in
             zip(df["dataset"], df["protocol"], df["dataset_version"], identity.str.split("/", n=1).str[1])]
 
@@ -118,13 +123,6 @@ def _settings_suffixes(df: pd.DataFrame) -> pd.Series:
     for column in varying[1:]:
         text = text + f" {column}=" + frame[column]
     return " [" + text + "]"
-
-
-@dataclass
-class Cell:
-    mean: float
-    se: float
-    n: int
 
 
 def _rows_of_kind(df: pd.DataFrame, metric: Metric) -> pd.DataFrame:
@@ -247,12 +245,13 @@ def render(store: str | Path, metric: str = "accuracy", fmt: str = "markdown", r
            paired: bool = False) -> str:
     """The report of ``store``: one table per model; ``paired`` adds each model's paired statistics vs full."""
     definition, ref = check_options(metric, fmt, reference, paired)  # every option before the store is read
-    df = load(store)
+    df = load(store, metrics=(definition,))
     identities = df.attrs["identities"]
     long = aggregate(df, metric)
     higher, unit, number = definition.higher_is_better, definition.unit, definition.number
     if fmt == "csv":
         return _csv(_with_paired(long, df, metric), metric, ref, identities, reference)
+    with_paired = _with_paired(long, df, metric).dropna(subset=["paired_n"]) if paired else None
     blocks = []
     for model in sorted(set(long["model"])):
         means, errors = model_table(long, model)
@@ -267,14 +266,15 @@ def render(store: str | Path, metric: str = "accuracy", fmt: str = "markdown", r
         title = f"{model}: {unit} ({spread}; {_counts_note(means)}{repeated}; best evicting press {best})"
         blocks.append(RENDERERS[fmt](title, means, errors, mask, number) + _notes(notes, fmt))
         if paired:
-            blocks.append(_paired_block(long, df, metric, model, number, fmt))
+            blocks.append(_paired_block(with_paired, metric, model, number, fmt))
     return "\n\n".join(blocks) + "\n"
 
 
-def _paired_block(long: pd.DataFrame, df: pd.DataFrame, metric: str, model: str, number: str, fmt: str) -> str:
+def _paired_block(with_paired: pd.DataFrame, metric: str, model: str, number: str, fmt: str) -> str:
+    """``model``'s paired statistics, from the cells ``_with_paired`` gave a paired difference."""
     from kvbench.results.paired import paired_rows, render_paired
 
-    rows = paired_rows(_with_paired(long, df, metric).dropna(subset=["paired_n"]), model, number)
+    rows = paired_rows(with_paired, model, number)
     title = (f"{model}: {metric}, each press against the full cache on the same examples (mean difference, "
              "bootstrap 95% interval" + (", exact McNemar p" if metric == "accuracy" else "") + ")")
     return render_paired(title, rows, fmt) if rows else f"{title}: no press shares examples with the full cache"

@@ -36,7 +36,7 @@ def reference(session: Session, task: Task, example: Example, settings) -> Refer
         ids = codec.encode(prompt)
         log_probs: list[torch.Tensor] = []
         (out,) = generate(session.loaded.model, [ids], make_press("full"), None, settings,
-                          decode=codec.decode, pad_token_id=session.loaded.tokenizer.pad_token_id,
+                          detokenize=codec.decode, pad_token_id=session.loaded.tokenizer.pad_token_id,
                           on_logits=lambda t, logits: log_probs.append(torch.log_softmax(logits[0].float(), -1).cpu()))
         if len(session.references) >= 64:  # bound memory: drop the oldest reference
             session.references.pop(next(iter(session.references)))
@@ -61,7 +61,7 @@ def replay(session: Session, task: Task, ref: Reference, press, budget, settings
         rank.append(float((log_probs > log_probs[tokens[t]]).sum()))
 
     (out,) = generate(session.loaded.model, [ref.prompt_ids], press, budget, settings,
-                      decode=session.codec(task).decode, pad_token_id=session.loaded.tokenizer.pad_token_id,
+                      detokenize=session.codec(task).decode, pad_token_id=session.loaded.tokenizer.pad_token_id,
                       forced_tokens=[tokens], on_logits=compare)
     steps = max(len(kl), 1)
     return out, {"fidelity_kl_mean": sum(kl) / steps, "fidelity_kl_max": max(kl, default=0.0),

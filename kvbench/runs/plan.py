@@ -15,7 +15,7 @@ from kvbench.errors import ConfigError, KvbenchError
 from kvbench.models import cached_revision, default_system_prompt, resolve, resolve_device, resolve_dtype
 from kvbench.presses import make_checked_press, parse_press_args
 from kvbench.runs.config import BATCHINGS, KINDS, MEASUREMENTS, RunConfig
-from kvbench.runs.runner import Cell, decoding, max_new_tokens, pending, run_cell, run_fidelity_cell
+from kvbench.runs.runner import Cell, decoding, max_new_tokens, pending, run_fidelity_cell, run_generation_cell
 from kvbench.runs.session import load_session
 from kvbench.store import ResultStore
 from kvbench.tasks import Example, Task, load_examples, load_task
@@ -165,7 +165,7 @@ def data_source(config: RunConfig, task: Task) -> str:
 
 
 #: The runner of each kind of run: free generation, or the teacher-forced replay of the full cache's response.
-RUNNERS = {"generate": run_cell, "fidelity": run_fidelity_cell}
+RUNNERS = {"generate": run_generation_cell, "fidelity": run_fidelity_cell}
 
 
 def keyed(config: RunConfig, task: Task, cells: list[Cell], revision: str | None,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from kvbench.errors import ConfigError
 from kvbench.presses import Press
-from kvbench.runs.measures import attention_loss_columns, critical_token_positions, retention_columns
+from kvbench.runs.measurement_columns import attention_loss_columns, critical_token_positions, retention_columns
 from kvbench.runs.session import Session
 from kvbench.store import ResultStore
 from kvbench.store.compaction import compact
@@ -107,7 +107,7 @@ def store_cell(store: ResultStore, config: RunConfig, task: Task, examples: list
     return written
 
 
-def run_cell(
+def run_generation_cell(
     session: Session, config: RunConfig, task: Task, examples: list[Example], cell: Cell,
     retry_failed: bool = False, on_example: Callable[[Cell, Example], None] | None = None,
 ) -> int:
@@ -130,13 +130,13 @@ def run_cell(
         loss = "attention-loss" in config.measure
         if not continuous:
             started.update(range(len(chunk)))
-            outputs = generate(session.loaded.model, ids, cell.press, cell.budget, settings, decode=codec.decode,
+            outputs = generate(session.loaded.model, ids, cell.press, cell.budget, settings, detokenize=codec.decode,
                                pad_token_id=tokenizer.pad_token_id, measure_attention_loss=loss,
                                critical_positions=critical)
             yield from enumerate(zip(prompts, outputs))
             return
         stream = ContinuousGeneration(session.loaded.model, ids, cell.press, cell.budget, settings,
-                                      batch_size(config, cell), decode=codec.decode,
+                                      batch_size(config, cell), detokenize=codec.decode,
                                       pad_token_id=tokenizer.pad_token_id,
                                       hooks=Hooks(attention_loss=loss, critical_positions=critical),
                                       on_admit=started.add)
