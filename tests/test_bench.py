@@ -134,7 +134,7 @@ def test_bench_out_of_memory_keeps_what_was_measured(tmp_path, monkeypatch):
 
 
 def test_bench_ops_column_is_the_counters_figure(tmp_path):
-    """`--ops` adds ops/step, syncs/step and growth per cell (the dispatch counter's own figures) and HF generate's
+    """`--ops` adds ops/step, dispatches/step, syncs/step and growth per cell (the dispatch counter's own figures) and HF generate's
     under the table, in the printed table and in `report --bench` from the store."""
     store = tmp_path / "s"
     result = kvbench("bench", "--model", "tiny-llama", "-p", "h2o", "-b", "8", "--prompt-len", "10", "--gen-len",
@@ -149,9 +149,38 @@ def test_bench_ops_column_is_the_counters_figure(tmp_path):
     prompt = torch.randint(0, model.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(0)).tolist()
     expected = kvbench_step(model.eval(), prompt, make_press("h2o"), 8)
     h2o = next(line for line in result.stdout.splitlines() if line.startswith("| h2o"))
-    assert [c.strip() for c in h2o.split("|")][-4:-1] == [f"{expected.ops:.0f}", "1.0", "+0"]
-    assert "ops/step" in result.stdout
-    assert "HF generate (DynamicCache), ops/step and syncs/step: batch 1:" in result.stdout
+    assert [c.strip() for c in h2o.split("|")][-5:-1] == [f"{expected.ops:.0f}", f"{expected.dispatches:.0f}", "1.0",
+                                                          "+0"]
+    assert expected.dispatches > expected.ops  # views dispatch and launch nothing
+    assert "ops/step" in result.stdout and "dispatches/step" in result.stdout
+    assert "HF generate (DynamicCache), ops/step (kernel-launching), dispatches/step" in result.stdout
     report = kvbench("report", str(store), "--bench", "-f", "markdown")
     stored = next(line for line in report.stdout.splitlines() if line.startswith("| h2o"))
-    assert report.returncode == 0 and [c.strip() for c in stored.split("|")][-4] == f"{expected.ops:.0f}"
+    assert report.returncode == 0 and [c.strip() for c in stored.split("|")][-5] == f"{expected.ops:.0f}"
+
+
+def test_bench_compile_times_each_cell_eager_and_compiled_beside_hf(tmp_path):
+    """`--compile`: every cell decoded eagerly and compiled, side by side, × eager and warm-up per row; HF generate
+    eager and with its static cache compiled below (traced with the eager backend here: no code generation)."""
+    result = kvbench("bench", "--model", "tiny-llama", "-p", "h2o", "-b", "8", "--prompt-len", "10", "--gen-len",
+                     "24", "--warmup", "2", "--compile", "--compile-backend", "eager", "-f", "csv")
+    assert result.returncode == 0, result.stderr
+    import io
+
+    import pandas as pd
+
+    table = pd.read_csv(io.StringIO(result.stdout), comment="#")
+    assert sorted(zip(table["press"], table["decoding"])) == [
+        ("HF generate", "HF generate eager (DynamicCache)"), ("HF generate", "HF generate, static cache compiled"),
+        ("full", "kvbench compiled"), ("full", "kvbench eager"), ("h2o", "kvbench compiled"), ("h2o", "kvbench eager")]
+    eager = table[table["decoding"] == "kvbench eager"]
+    assert (eager["× eager"] == 1.0).all() and (table[table["press"] == "full"]["× full"] == 1.0).all()
+    compiled = table[table["decoding"].isin(["kvbench compiled", "HF generate, static cache compiled"])]
+    assert (compiled["warm-up s (compiles)"] > 0).all()
+
+
+def test_bench_compile_refuses_what_cannot_be_one_graph():
+    result = kvbench("bench", "--model", "tiny-llama", "-p", "rkv", "-b", "8", "--compile")
+    assert result.returncode == 2 and "--compile: rkv cannot decode as one graph" in result.stderr
+    result = kvbench("bench", "--model", "tiny-llama", "-p", "h2o", "-b", "8", "--compile", "--ops")
+    assert result.returncode == 2 and "give --ops or --compile" in result.stderr

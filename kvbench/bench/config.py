@@ -25,9 +25,12 @@ class BenchConfig:
     memory_gib: float | None = None
     #: Upper bound on the batch tried for ``memory_gib``.
     max_batch: int = 1024
-    #: Attend over every preallocated slot (fixed shapes); with ``compile``, torch.compile the model.
+    #: Attend over every preallocated slot (fixed shapes).
     static_shapes: bool = False
+    #: Also decode every cell as one compiled graph per step, beside eager, and time HF's anchors.
     compile: bool = False
+    #: The torch.compile backend of ``compile`` (``kvbench.engine.compiled.BACKENDS``).
+    compile_backend: str = "inductor"
     #: Write a torch profiler table of each cell's decoding steps to this directory.
     profile_dir: str | None = None
     #: Also count the aten operators and host synchronisations of one decoding step per cell (``bench.opcount``).

@@ -16,9 +16,11 @@ import datetime as dt
 import gc
 import math
 import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+from kvbench.bench.anchors import label_compiled
 from kvbench.bench.config import BenchConfig
 from kvbench.bench.results import BenchRow, dtype_name, store_rows
 from kvbench.bench.timing import timed_step
@@ -75,11 +77,27 @@ def validate(config: BenchConfig) -> None:
     if config.warmup < 0:
         raise KvbenchError(f"--warmup must be >= 0, got {config.warmup}")
     _validate_workload(config, presses)
+    if config.compile:
+        _validate_compile(config, presses)
     if config.memory_gib is not None and not (math.isfinite(config.memory_gib) and config.memory_gib > 0):
         raise KvbenchError(f"--memory-gib must be a finite number > 0, got {config.memory_gib}")
     if config.store:
         ResultStore(Path(config.store) / "bench").check_writable(parts=False)  # bench parts: their own schema
         bench_parts(config.store, required=False)
+
+
+def _validate_compile(config: BenchConfig, presses: dict) -> None:
+    from kvbench.engine.compiled import BACKENDS, compile_refusal
+
+    if config.compile_backend not in BACKENDS:
+        raise KvbenchError(f"--compile-backend {config.compile_backend!r} is unknown (known: {', '.join(BACKENDS)})")
+    if config.count_ops:
+        raise KvbenchError("--ops counts the operators eager decoding dispatches; a compiled step runs one graph: "
+                           "give --ops or --compile")
+    for name, budget in cells(config):
+        reason = compile_refusal(presses[name], budget)
+        if reason:
+            raise KvbenchError(f"--compile: {name} cannot decode as one graph: {reason}")
 
 
 def _validate_workload(config: BenchConfig, presses: dict) -> None:
@@ -113,8 +131,6 @@ def execute(config: BenchConfig, on_progress: Callable[[str, int, int], None] | 
     session = load_session(config.model, config.dtype, config.device, config.seed, config.random_weights)
     loaded = session.loaded
     model = loaded.model
-    if config.compile:
-        compile_tensor_work(model)
     bench = _Bench(config, model, loaded.device, build_presses(config), on_progress)
     started = dt.datetime.now(dt.timezone.utc)
     rows: list[BenchRow] = []
@@ -139,25 +155,17 @@ def execute(config: BenchConfig, on_progress: Callable[[str, int, int], None] | 
             measured(batch_rows)
             if config.profile_dir:
                 bench.profile(batch, Path(config.profile_dir))
+            if config.compile:
+                from kvbench.bench.anchors import hf_rows
+
+                measured(hf_rows(model, bench.prompts[:batch], config.gen_len, batch_rows[0], bench._sync,
+                                 config.compile_backend))
         if config.memory_gib is not None:
             measured(bench.equal_memory(config.memory_gib))
     except torch.OutOfMemoryError as err:
         kept = f"; {len(rows)} rows measured before it are stored" if config.store and rows else ""
         raise KvbenchError(f"out of memory ({str(err).splitlines()[0]}){kept}; try smaller --batch-size") from None
     return rows, dtype_name(loaded.dtype), device_name(loaded.device)
-
-
-def compile_tensor_work(model) -> None:
-    """torch.compile each decoder layer's MLP and norms: the work with fixed shapes and no cache logic.
-
-    Attention stays eager: the cache's slot bookkeeping is host-side Python that graphs would break on.
-    """
-    import torch
-
-    for layer in model.model.layers:
-        for name in ("mlp", "input_layernorm", "post_attention_layernorm"):
-            if hasattr(layer, name):
-                setattr(layer, name, torch.compile(getattr(layer, name), dynamic=False))
 
 
 class _Bench:
@@ -171,12 +179,13 @@ class _Bench:
         rows = max(config.max_batch if config.memory_gib else 1, *config.batch_sizes)
         self.prompts = torch.randint(0, vocab, (rows, config.prompt_len), generator=generator).tolist()
 
-    def _generation(self, press_name: str, budget: int | None, batch: int, gen_len: int):
+    def _generation(self, press_name: str, budget: int | None, batch: int, gen_len: int, compiled: bool = False):
         from kvbench.engine.generate import GenerationSettings, generation
 
         settings = GenerationSettings(max_new_tokens=gen_len, seed=self.config.seed)  # no EOS: equal work
+        backend = self.config.compile_backend if compiled else None
         return generation(self.model, self.prompts[:batch], self.presses[press_name], budget, settings,
-                          static_shapes=self.config.static_shapes or self.config.compile)
+                          static_shapes=self.config.static_shapes, compile_backend=backend)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -185,18 +194,23 @@ class _Bench:
             torch.cuda.synchronize(self.device)
 
     def side_by_side(self, batch: int) -> list[BenchRow]:
+        """Every cell (each eager and compiled, with --compile) one decoding step in turn; ratios to the full cache
+        decoded the same way."""
         config = self.config
-        pairs = cells(config)
-        for press_name, budget in pairs:  # warm-up: kernels, allocator, caches
-            run_to_end(self._generation(press_name, budget, batch, min(config.warmup, config.gen_len)))
-        running = [self._generation(p, b, batch, config.gen_len) for p, b in pairs]
+        variants = [(p, b, compiled) for compiled in ((False, True) if config.compile else (False,))
+                    for p, b in cells(config)]
+        warmup = []
+        for press_name, budget, compiled in variants:  # warm-up: kernels, allocator, caches, compilation
+            start = time.perf_counter()
+            run_to_end(self._generation(press_name, budget, batch, min(config.warmup, config.gen_len), compiled))
+            warmup.append(time.perf_counter() - start)
+        running = [self._generation(p, b, batch, config.gen_len, c) for p, b, c in variants]
         for steps in running:
             next(steps)  # the prefill, not timed
-        times: list[list[float]] = [[] for _ in pairs]
-        outputs: list[list | None] = [None] * len(pairs)
-        total = (config.gen_len - 1) * len(pairs)
-        done = 0
-        label = f"batch {batch}: {len(pairs)} cells side by side"
+        times: list[list[float]] = [[] for _ in variants]
+        outputs: list[list | None] = [None] * len(variants)
+        total, done = (config.gen_len - 1) * len(variants), 0
+        label = f"batch {batch}: {len(variants)} cells side by side"
         while any(o is None for o in outputs):
             for i, steps in enumerate(running):
                 if outputs[i] is not None:
@@ -208,12 +222,12 @@ class _Bench:
                 times[i].append(seconds)
                 done += 1
                 self.on_progress(label, done, total)
-        rows = []
-        for (press_name, budget), step_times, outs in zip(pairs, times, outputs):
-            rows.append(self._row(press_name, budget, batch, step_times, outs, None))
-        full = rows[0].tokens_per_s
-        for row in rows:
-            row.ratio = row.tokens_per_s / full
+        rows = [self._row(p, b, batch, t, o, None) for (p, b, _), t, o in zip(variants, times, outputs)]
+        if config.compile:
+            label_compiled(rows, variants, warmup)
+        else:
+            for row in rows:
+                row.ratio = row.tokens_per_s / rows[0].tokens_per_s
         if self.device.type == "cuda":
             for row in rows:
                 row.peak_memory_mib = self._peak_memory(row.press, row.budget, batch) / 2**20
@@ -249,7 +263,7 @@ class _Bench:
 
     def _bytes_per_entry(self) -> int:
         """``BudgetCache.bytes_per_entry`` of this model, before any cache exists."""
-        from kvbench.engine.cache import entry_bytes
+        from kvbench.engine.telemetry import entry_bytes
 
         cfg = self.model.config.get_text_config(decoder=True)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads

@@ -30,10 +30,12 @@ class OpCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops = 0
+        self.dispatches = 0  # every aten operator, views included
         self.syncs = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self.dispatches += 1
         # a view, or a conversion that returns its input (``.to`` the same dtype), launches no kernel
         if not func.is_view and not (args and out is args[0]):
             self.ops += 1
@@ -82,6 +84,7 @@ class StepCount:
     ops: float
     syncs: float
     growth: float
+    dispatches: float  # every aten operator dispatched, views included: what the host pays for
 
 
 def per_step(run: Callable[[int], None], n: int, start: int) -> StepCount:
@@ -90,9 +93,10 @@ def per_step(run: Callable[[int], None], n: int, start: int) -> StepCount:
     for length in (start + n, start + 2 * n, start + 3 * n):
         with counting() as counter:
             run(length)
-        totals.append((counter.ops, counter.syncs))
-    (o1, s1), (o2, s2), (o3, s3) = totals
-    return StepCount(ops=(o3 - o2) / n, syncs=(s3 - s2) / n, growth=((o3 - o2) - (o2 - o1)) / n)
+        totals.append((counter.ops, counter.syncs, counter.dispatches))
+    (o1, s1, _), (o2, s2, d2), (o3, s3, d3) = totals
+    return StepCount(ops=(o3 - o2) / n, syncs=(s3 - s2) / n, growth=((o3 - o2) - (o2 - o1)) / n,
+                     dispatches=(d3 - d2) / n)
 
 
 def kvbench_step(model, prompts: list[list[int]], press, budget: int | None, n: int = 16) -> StepCount:
@@ -125,10 +129,11 @@ def hf_generate_step(model, prompts: list[list[int]], n: int = 16) -> StepCount:
 
 
 def add_counts(rows: list, model, prompts: list[list[int]], presses: dict) -> None:
-    """Put each bench row's ``ops_per_step``, ``syncs_per_step`` and ``ops_growth`` (and HF ``generate``'s ops and
-    syncs per step at the same batch, for reference) in its ``extra``."""
+    """Put each bench row's ``ops_per_step``, ``dispatches_per_step``, ``syncs_per_step`` and ``ops_growth`` (and HF
+    ``generate``'s at the same batch, for reference) in its ``extra``."""
     reference = hf_generate_step(model, prompts)
     for row in rows:
         count = kvbench_step(model, prompts, presses[row.press], row.budget)
         row.extra.update(ops_per_step=count.ops, syncs_per_step=count.syncs, ops_growth=count.growth,
-                         hf_ops_per_step=reference.ops, hf_syncs_per_step=reference.syncs)
+                         dispatches_per_step=count.dispatches, hf_ops_per_step=reference.ops,
+                         hf_syncs_per_step=reference.syncs, hf_dispatches_per_step=reference.dispatches)

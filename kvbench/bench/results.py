@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -127,7 +128,7 @@ def render(df, fmt: str = "markdown") -> str:
         title = (f"{info['model']}{weights}, {info['dtype']} on {info['device']}: prompt {info['prompt_len']} + "
                  f"{info['gen_len']} generated tokens, {info['setting']}"
                  + (f", press args: {info['press_args']}" if info["press_args"] else "")
-                 + (", torch.compile" if info["compile"] else ", static shapes" if info["static_shapes"] else ""))
+                 + (", static shapes" if info["static_shapes"] else ""))
         host = group["host_kv_mib"].fillna(0.0) if "host_kv_mib" in group else 0.0  # stored before it existed
         table = group.assign(
             budget=group["budget"].map(lambda b: "full" if b is None or b != b else str(int(b))),
@@ -146,13 +147,20 @@ def render(df, fmt: str = "markdown") -> str:
             continue
         if extras and all("ops_per_step" in e for e in extras):  # counted (bench --ops)
             table = table.assign(ops=[f"{e['ops_per_step']:.0f}" for e in extras],
+                                 dispatches=[f"{e.get('dispatches_per_step', math.nan):.0f}" for e in extras],
                                  syncs=[f"{e['syncs_per_step']:.1f}" for e in extras],
                                  growth=[f"{e['ops_growth']:+.0f}" for e in extras])
-            headers += ["ops/step", "syncs/step", "ops growth"]
-            hf = sorted({(g["batch"], e["hf_ops_per_step"], e["hf_syncs_per_step"])
-                         for (_, g), e in zip(group.iterrows(), extras)})
-            reference = "HF generate (DynamicCache), ops/step and syncs/step: " + ", ".join(
-                f"batch {b}: {o:.0f}, {y:.1f}" for b, o, y in hf)
+            headers += ["ops/step", "dispatches/step", "syncs/step", "ops growth"]
+            hf = sorted({(g["batch"], e["hf_ops_per_step"], e.get("hf_dispatches_per_step", math.nan),
+                          e["hf_syncs_per_step"]) for (_, g), e in zip(group.iterrows(), extras)})
+            reference = ("HF generate (DynamicCache), ops/step (kernel-launching), dispatches/step (every aten "
+                         "operator, views included) and syncs/step: " + ", ".join(
+                             f"batch {b}: {o:.0f}, {d:.0f}, {y:.1f}" for b, o, d, y in hf))
+        if extras and all("decoding" in e for e in extras):  # bench --compile
+            table = table.assign(decoding=[e["decoding"] for e in extras],
+                                 x_eager=[f"{e['x_eager']:.2f}" for e in extras],
+                                 warmup=[f"{e['warmup_s']:.1f}" for e in extras])
+            headers += ["decoding", "× eager", "warm-up s (compiles)"]
         if fmt == "csv":
             out.append(f"# {title}\n" + table.to_csv(index=False, header=headers, float_format="%.4g"))
             continue

@@ -26,10 +26,10 @@ def bench(
     memory_gib: float | None = typer.Option(None, "--memory-gib", help="Also run each cell alone at the largest batch "
                                             "fitting in this memory (measured on CUDA, KV estimate elsewhere)."),
     max_batch: int = typer.Option(1024, help="Largest batch tried with --memory-gib."),
-    static_shapes: bool = typer.Option(False, "--static-shapes", help="Attend over every preallocated slot, so every "
-                                       "decoding step has the same shapes."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile each layer's MLP and norms (implies "
-                                 "--static-shapes; experimental: slower on CPU)."),
+    static_shapes: bool = typer.Option(False, "--static-shapes", help="Attend over every preallocated slot."),
+    compile: bool = typer.Option(False, "--compile", help="Also decode each cell as one compiled graph per step, "
+                                 "beside eager; and time HF generate eager and with its static cache compiled."),
+    compile_backend: str = typer.Option("inductor", help="--compile's backend: inductor, eager or aot_eager."),
     profile: Path | None = typer.Option(None, "--profile", help="Also write each cell's torch profiler table "
                                         "(its last 64 decoding steps: the cache at its budget) to this directory."),
     ops: bool = typer.Option(False, "--ops", help="Also count the aten operators (and host synchronisations) one "
@@ -87,7 +87,8 @@ def _config(o: dict):
         prompt_len=o["prompt_len"], gen_len=o["gen_len"], press_args=tuple(o["press_arg"]),
         random_weights=o["random_weights"], dtype=o["dtype"], device=o["device"], warmup=o["warmup"],
         memory_gib=o["memory_gib"], max_batch=o["max_batch"], static_shapes=o["static_shapes"],
-        compile=o["compile"], profile_dir=str(o["profile"]) if o["profile"] else None, seed=o["seed"],
+        compile=o["compile"], compile_backend=o["compile_backend"],
+        profile_dir=str(o["profile"]) if o["profile"] else None, seed=o["seed"],
         count_ops=o["ops"], workload=o["workload"], examples=o["examples"],
         store=str(o["store"]) if o["store"] else None,
     )

@@ -28,6 +28,7 @@ def _command(kind: str, doc: str) -> Callable[..., None]:
         retry_failed: options.RetryFailed = False,
         measure: options.Measure = [],  # noqa: B006
         stop_on_loop: options.StopOnLoop = False,
+        compile: options.Compile = False, compile_backend: options.CompileBackend = "inductor",
     ) -> None:
         from kvbench.runs.plan import RunConfig, parse_budget
 
@@ -38,6 +39,7 @@ def _command(kind: str, doc: str) -> Callable[..., None]:
             protocol=protocol, system_prompt=system_prompt, store=str(store), dtype=dtype, device=device,
             data_dir=str(data_dir) if data_dir else None, dataset_revision=dataset_revision, batch_size=batch_size,
             batching=batching, stop_on_loop=stop_on_loop, measure=tuple(_split(measure)), kind=kind,
+            compile=compile_backend if compile else None,
         )
         _execute(config, retry_failed)
 

@@ -26,6 +26,7 @@ from kvbench.engine.query_ring import QueryRing
 from kvbench.engine.recorders import AttentionLossRecorder, RetentionRecorder
 from kvbench.engine.scores import attention_probs
 from kvbench.engine.splice import RowSplicing
+from kvbench.engine.telemetry import CacheTelemetry
 from kvbench.engine.view import SlotView, StepMode, StepPlan
 from kvbench.engine.window import KeptWindowAttention, worth_keeping
 from kvbench.errors import KvbenchError
@@ -41,12 +42,7 @@ def slot_capacity(press: Press, budget: int | None, num_layers: int, num_kv_head
     return min(press.capacity(budget, num_layers, num_kv_heads), max_length)
 
 
-def entry_bytes(num_layers: int, num_kv_heads: int, key_dim: int, value_dim: int, element_size: int) -> int:
-    """Bytes of one token's keys and values across all layers and KV heads."""
-    return num_layers * num_kv_heads * (key_dim + value_dim) * element_size
-
-
-class BudgetCache(RowSplicing, DynamicCache):
+class BudgetCache(RowSplicing, CacheTelemetry, DynamicCache):
     """A cache with one ``BudgetLayer`` per model layer over stacked slot buffers.
 
     ``budget=None`` (or a press that does not evict) is the full cache, preallocated for ``max_length``.
@@ -210,6 +206,11 @@ class BudgetCache(RowSplicing, DynamicCache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.tokens_seen
 
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        # Read only by transformers' mask builders, which kvbench's attention bypasses (its masks come from the
+        # slots); a constant keeps a compiled step from specialising on the token count.
+        return 0
+
     def end_step(self) -> None:
         """After the forward: decoding's scoring and eviction for all layers at once, and the bookkeeping."""
         press = self.press
@@ -223,14 +224,7 @@ class BudgetCache(RowSplicing, DynamicCache):
         else:
             view = None
             if self.mode is StepMode.SLOT and press.accumulates_attention:
-                view = self.stacked_view()
-                queries = torch.stack(self.step_queries).flatten(0, 1)  # [L*B, H_q, 1, D]
-                n_layers = len(self.layers)
-                press.observe(view, attention_probs(
-                    queries, self.step.positions.repeat(n_layers, 1), self.step.valid.repeat(n_layers, 1), view.keys,
-                    view.positions, view.valid, self.layers[0].scaling, reduce="sum", gqa=getattr(press, "gqa", "mean"),
-                ))
-                self.step_queries = [None] * n_layers
+                view = self._observe_decoding()
             if self.mode is StepMode.SLOT and self.kept_window is not None:
                 view = view or self.stacked_view()
                 self._update_kept_window(view)
@@ -240,8 +234,44 @@ class BudgetCache(RowSplicing, DynamicCache):
         for observer in self.observers:
             observer.after_step(self)
 
-    def stacked_view(self) -> SlotView:
-        """Every layer's slots in use, folded into the rows: [layers * B, H, used, ...] views of the buffers."""
+    def _observe_decoding(self, step: torch.Tensor | None = None) -> SlotView:
+        """The press observes this decoding step's attention, every layer at once; the view it saw."""
+        view = self.stacked_view(step)
+        queries = torch.stack(self.step_queries).flatten(0, 1)  # [L*B, H_q, 1, D]
+        n_layers = len(self.layers)
+        self.press.observe(view, attention_probs(
+            queries, self.step.positions.repeat(n_layers, 1), self.step.valid.repeat(n_layers, 1), view.keys,
+            view.positions, view.valid, self.layers[0].scaling, reduce="sum", gqa=getattr(self.press, "gqa", "mean"),
+        ))
+        self.step_queries = [None] * n_layers
+        return view
+
+    # --- a decoding step as one graph (kvbench.engine.compiled) ----------------------------------------------
+    def evict_on_device(self, evicting: torch.Tensor, step: torch.Tensor) -> None:
+        """A decoding step's scoring and eviction with no host decision: every row is scored and the rows of
+        ``evicting`` ([L*B, 1, 1], at their trigger) free their ``trigger - budget`` lowest slots; the others keep
+        theirs (masked arithmetic, so that a compiled step has one graph). For presses with a constant cadence.
+        ``step``: the decoding step as a 0-d tensor (what the views carry, so the graph is not specialised on it)."""
+        view = self._observe_decoding(step) if self.press.accumulates_attention else self.stacked_view(step)
+        if self.trigger is None:
+            return
+        scores = self.press.score(view).float().masked_fill(~view.valid, -torch.inf)
+        lowest = lowest_slots(scores, view.positions, self.trigger - self.budget)
+        view.valid.scatter_(2, lowest, view.valid.gather(2, lowest) & ~evicting)
+
+    def finish_decoding_step(self, full: tuple[bool, ...]) -> None:
+        """The host's side of ``evict_on_device``: the rows at their trigger compressed, and the observers."""
+        for row, is_full in enumerate(full):
+            if is_full:
+                self._compressed(row, self.occupancy.row_keep[row])
+        self.heads_uniform &= not any(full)
+        self.used = self.used_after
+        for observer in self.observers:
+            observer.after_step(self)
+
+    def stacked_view(self, step: torch.Tensor | None = None) -> SlotView:
+        """Every layer's slots in use, folded into the rows: [layers * B, H, used, ...] views of the buffers;
+        ``step`` replaces the decoding step's number (a compiled step's tensor of it)."""
         n, n_layers = self.used_after, len(self.layers)
 
         def fold(t: torch.Tensor) -> torch.Tensor:
@@ -258,7 +288,8 @@ class BudgetCache(RowSplicing, DynamicCache):
             keys=fold(self.keys), values=fold(self.values), positions=fold(self.positions), valid=fold(self.valid),
             state={name: fold(s) for name, s in self.state.items()},
             query_position=self.query_position.repeat(n_layers), budget=self.budget,
-            seeds=self.row_seeds.flatten(), step=self.decode_step, prompt_length=self.prompt_length.repeat(n_layers),
+            seeds=self.row_seeds.flatten(), step=self.decode_step if step is None else step,
+            prompt_length=self.prompt_length.repeat(n_layers),
             row_step=None if self.row_step is None else self.row_step.repeat(n_layers),
             layers=n_layers, window=window,
         )
@@ -306,10 +337,10 @@ class BudgetCache(RowSplicing, DynamicCache):
             if all(full):
                 view.valid.scatter_(2, lowest, False)
             else:  # only sequences at the trigger evict; the others keep their slots
-                keep_rows = self._row_mask(tuple(not f for f in full))
+                keep_rows = self.row_mask(tuple(not f for f in full))
                 view.valid.scatter_(2, lowest, view.valid.gather(2, lowest) & keep_rows)
             if self.kept_window is not None and self.kept_window.fresh:
-                self.kept_window.drop(lowest, None if all(full) else self._row_mask(full))
+                self.kept_window.drop(lowest, None if all(full) else self.row_mask(full))
         for i, is_full in enumerate(full):
             if is_full:
                 self._compressed(i, keeps[i])
@@ -348,53 +379,9 @@ class BudgetCache(RowSplicing, DynamicCache):
         self._row_masks.clear()
         self._keep_rows.clear()
 
-    def _row_mask(self, rows: tuple[bool, ...]) -> torch.Tensor:
+    def row_mask(self, rows: tuple[bool, ...]) -> torch.Tensor:
         """[L*B, 1, 1] device mask of the rows given per sequence; cached, so it crosses to the device once."""
         if rows not in self._row_masks:
             mask = torch.tensor(rows, device=self.keys.device).repeat(len(self.layers))
             self._row_masks[rows] = mask[:, None, None]
         return self._row_masks[rows]
-
-    # --- measurement --------------------------------------------------------------------------------------------
-    def track_critical(self, positions: list[list[int]], max_new_tokens: int, device) -> None:
-        """Measure retention of these prompt positions (per sequence) after every forward."""
-        self.retention = RetentionRecorder(positions, self.max_length, len(self.layers), max_new_tokens, device)
-        self.observers.append(self.retention)
-
-    @property
-    def retention_log(self) -> torch.Tensor | None:
-        return None if self.retention is None else self.retention.log
-
-    @property
-    def loss_log(self) -> torch.Tensor | None:
-        return None if self.attention_loss is None else self.attention_loss.log
-
-    # --- telemetry (host side, no synchronisation) ------------------------------------------------------------
-    def entries(self, row: int) -> float:
-        """Valid entries per KV head held for sequence ``row``, averaged over layers."""
-        return self.occupancy.entries(row)
-
-    def bytes_per_entry(self) -> int:
-        """Bytes of one token's keys and values across all layers and KV heads."""
-        if self.keys is None:
-            return 0
-        n_layers, _, h, _, d = self.keys.shape
-        return entry_bytes(n_layers, h, d, self.values.shape[-1], self.keys.element_size())
-
-    def peak_bytes(self, row: int) -> int:
-        return self.occupancy.peak[row] * self.bytes_per_entry() // len(self.layers)
-
-    def host_bytes(self, row: int) -> int:
-        return 0  # nothing is offloaded to host memory
-
-    def evicted_tokens(self, row: int) -> float:
-        """Entries evicted per KV head for sequence ``row``, averaged over layers."""
-        return self.occupancy.evicted[row] / len(self.layers)
-
-    def kept_positions(self, row: int = 0) -> list[list[set[int]]]:
-        """Per layer, per KV head, the positions currently held (for tests and analysis; synchronises)."""
-        out = []
-        for layer in self.layers:
-            pos, ok = layer.positions[row].tolist(), layer.valid[row].tolist()
-            out.append([{p for p, v in zip(ph, vh) if v} for ph, vh in zip(pos, ok)])
-        return out

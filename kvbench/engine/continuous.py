@@ -15,8 +15,9 @@ from collections.abc import Callable, Generator, Sequence
 
 import torch
 
+from kvbench.engine.compiled import CompiledStep, bucketed_length
 from kvbench.engine.decode import Decoder, Hooks, RowRecord, SequenceOutput, synchronize
-from kvbench.engine.generate import GenerationSettings, build_cache, engine_mode, left_pad
+from kvbench.engine.generate import GenerationSettings, build_cache, check_compilable, engine_mode, left_pad
 from kvbench.presses.base import Press
 
 #: What a continuous generation yields: (prompt index, output) of the sequences that have just finished.
@@ -108,7 +109,8 @@ class ContinuousGeneration:
                  settings: GenerationSettings, batch_size: int, *, detokenize: Callable[[list[int]], str] | None = None,
                  pad_token_id: int = 0, seeds: Sequence[int] | None = None,
                  forced_tokens: Sequence[Sequence[int]] | None = None, hooks: Hooks = Hooks(),
-                 keep_window_attention: bool | None = None, on_admit: Callable[[int], None] | None = None):
+                 keep_window_attention: bool | None = None, on_admit: Callable[[int], None] | None = None,
+                 compile_backend: str | None = None):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         if press.sparse or hooks.on_step or hooks.on_logits:
@@ -116,18 +118,26 @@ class ContinuousGeneration:
         self.model, self.prompts, self.press, self.budget = model, prompts, press, budget
         self.settings, self.detokenize, self.pad_token_id = settings, detokenize, pad_token_id
         self.seeds = list(seeds) if seeds is not None else [settings.seed] * len(prompts)
+        if compile_backend is not None:  # one graph for the batch's rows: they never leave (a fixed bucket)
+            check_compilable(press, budget, hooks)
+            keep_window_attention = False
+        self.compiled = compile_backend is not None
         self.forced, self.hooks, self.keep_window_attention = forced_tokens, hooks, keep_window_attention
         self.on_admit = on_admit  # told each prompt's index as it is begun
         self.device = next(model.parameters()).device
         self.pending = deque(range(len(prompts)))
         rows = min(batch_size, len(prompts))
         max_length = max(len(p) for p in prompts) + settings.max_new_tokens
+        if self.compiled:
+            max_length = bucketed_length(max_length)
         batch_hooks = Hooks(attention_loss=hooks.attention_loss, record_logits=hooks.record_logits,
                             critical_positions=None if hooks.critical_positions is None else [[]] * rows)
         cache = build_cache(model, press, budget, max_length, self.device, settings, [settings.seed] * rows,
-                            batch_hooks, False, keep_window_attention)
+                            batch_hooks, self.compiled, keep_window_attention)
         self.decoder = ContinuousDecoder(model, cache, rows, settings, batch_hooks, forced_tokens is not None,
                                          detokenize, pad_token_id, self.device)
+        if self.compiled:
+            self.decoder.step_graph = CompiledStep(model, cache, self.decoder.cache_kwarg, compile_backend)
         #: Row -> index of the prompt it decodes.
         self.in_flight: dict[int, int] = {}
 
@@ -142,7 +152,7 @@ class ContinuousGeneration:
             if done:  # a new sequence may finish on its first token: its row takes the next prompt at once
                 yield [(self.in_flight.pop(row), decoder.finished_output(row)) for row in done]
                 continue
-            if not self.pending and 0 < len(self.in_flight) < len(decoder.rows):
+            if not self.pending and 0 < len(self.in_flight) < len(decoder.rows) and not self.compiled:
                 self._leave_finished_rows()
             with engine_mode(self.model):
                 if not decoder.decode_running():

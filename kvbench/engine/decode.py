@@ -116,6 +116,8 @@ class Decoder:
         self.active_masks: dict[tuple[bool, ...], torch.Tensor] = {}  # each crosses to the device once
         self.cache_kwarg = {cache_argument(model): cache}
         self.logits: torch.Tensor | None = None  # [B, V] that choose the next token
+        #: The decoding forward compiled into one graph (``kvbench.engine.compiled``), when asked for.
+        self.step_graph = None
 
     @classmethod
     def for_batch(cls, model, cache: DecodingCache, batch: PaddedBatch, settings: GenerationSettings, hooks: Hooks,
@@ -132,6 +134,8 @@ class Decoder:
 
     def forward(self, ids, positions, valid, counts: list[int], step: int = 0) -> torch.Tensor:
         """One forward through the cache's step protocol; the last position's logits."""
+        if step > 0 and self.step_graph is not None:
+            return self.step_graph.forward(ids, positions, valid, counts, step)
         self.cache.begin_step(positions, valid, counts, step)
         out = self.model(input_ids=ids, position_ids=positions, **self.cache_kwarg, use_cache=True,
                          kvbench_cache=self.cache, logits_to_keep=1)

@@ -16,6 +16,7 @@ import torch
 
 from kvbench.engine.attention import use_kvbench_attention
 from kvbench.engine.cache import BudgetCache
+from kvbench.engine.compiled import CompiledStep, bucketed_length, compile_refusal
 from kvbench.engine.decode import Decoder, Hooks, SequenceOutput, cache_argument, synchronize
 from kvbench.engine.protocol import DecodingCache
 from kvbench.engine.sampling import sampling_probs
@@ -41,7 +42,7 @@ def generate(
     record_logits: bool = False, on_step: Callable[[DecodingCache, int], None] | None = None,
     measure_attention_loss: bool = False, on_logits: Callable[[int, torch.Tensor], None] | None = None,
     critical_positions: Sequence[Sequence[int]] | None = None, static_shapes: bool = False,
-    keep_window_attention: bool | None = None,
+    keep_window_attention: bool | None = None, compile_backend: str | None = None,
 ) -> list[SequenceOutput]:
     """Generate for a batch of tokenised prompts under ``press`` at ``budget``: ``generation`` run to its end,
     with its ``Hooks`` given one by one."""
@@ -49,7 +50,8 @@ def generate(
                   record_logits=record_logits, on_step=on_step, on_logits=on_logits)
     return run_to_end(generation(model, prompts, press, budget, settings, detokenize=detokenize,
                                  pad_token_id=pad_token_id, seeds=seeds, forced_tokens=forced_tokens, hooks=hooks,
-                                 static_shapes=static_shapes, keep_window_attention=keep_window_attention))
+                                 static_shapes=static_shapes, keep_window_attention=keep_window_attention,
+                                 compile_backend=compile_backend))
 
 
 def run_to_end(steps: Generator[int, None, list[SequenceOutput]]) -> list[SequenceOutput]:
@@ -66,6 +68,7 @@ def generation(
     settings: GenerationSettings, *, detokenize: Callable[[list[int]], str] | None = None, pad_token_id: int = 0,
     seeds: Sequence[int] | None = None, forced_tokens: Sequence[Sequence[int]] | None = None,
     hooks: Hooks = Hooks(), static_shapes: bool = False, keep_window_attention: bool | None = None,
+    compile_backend: str | None = None,
 ) -> Generator[int, None, list[SequenceOutput]]:
     """Generate for a batch of tokenised prompts under ``press`` at ``budget`` (None = no eviction).
 
@@ -73,7 +76,8 @@ def generation(
     each sequence its own sampling and press seed (default: ``settings.seed`` for all); ``forced_tokens`` replays
     given outputs instead of choosing (teacher forcing: finish reason "forced" when a sequence's tokens run out).
     ``keep_window_attention`` keeps a query window's attention between steps (default: on CPU only; see
-    ``kvbench.engine.window``).
+    ``kvbench.engine.window``). ``compile_backend`` (``kvbench.engine.compiled.BACKENDS``) runs every decoding
+    step as one compiled graph (static shapes).
 
     A generator: it yields the step number after the prefill (0) and after every decoding forward, and returns
     the outputs, so that ``kvbench bench`` can time several generations side by side, step by step. Each stretch
@@ -87,9 +91,17 @@ def generation(
     device = next(model.parameters()).device
     batch = left_pad(prompts, pad_token_id, device)
     seeds = list(seeds) if seeds is not None else [settings.seed] * len(prompts)
-    cache = build_cache(model, press, budget, batch.ids.shape[1] + settings.max_new_tokens, device, settings, seeds,
-                        hooks, static_shapes, keep_window_attention)
+    if compile_backend is not None:
+        check_compilable(press, budget, hooks)
+        static_shapes, keep_window_attention = True, False
+    max_length = batch.ids.shape[1] + settings.max_new_tokens
+    if compile_backend is not None:
+        max_length = bucketed_length(max_length)
+    cache = build_cache(model, press, budget, max_length, device, settings, seeds, hooks, static_shapes,
+                        keep_window_attention)
     decoder = Decoder.for_batch(model, cache, batch, settings, hooks, seeds, forced_tokens, detokenize)
+    if compile_backend is not None:
+        decoder.step_graph = CompiledStep(model, cache, decoder.cache_kwarg, compile_backend)
     with engine_mode(model):
         decoder.prefill()
     yield 0
@@ -102,6 +114,15 @@ def generation(
     synchronize(device)
     return decoder.outputs()
 
+
+
+def check_compilable(press: Press, budget: int | None, hooks: Hooks) -> None:
+    """Refuse, in one line, a generation whose decoding step cannot be one graph."""
+    reason = compile_refusal(press, budget)
+    if reason is None and hooks.attention_loss:
+        reason = "measuring attention loss reads a shadow of every key sized by the tokens seen so far"
+    if reason is not None:
+        raise KvbenchError(f"--compile: {press.name} cannot decode as one graph: {reason}")
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device: torch.device) -> PaddedBatch:

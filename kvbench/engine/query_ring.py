@@ -19,6 +19,10 @@ class QueryRing:
         self.pointer = 0
         #: Where this step's queries go.
         self.slots: list[int] = []
+        #: The same as a device tensor, when the layers' pushes run in a compiled graph (which must not read
+        #: a host index that changes every step).
+        self.slot_index: torch.Tensor | None = None
+        self.compiled = False
 
     def advance(self, positions: torch.Tensor, valid: torch.Tensor) -> None:
         """Before a forward: choose the ring slots of its tokens and record their positions (queries come per
@@ -35,6 +39,8 @@ class QueryRing:
             self.slots = [(self.pointer + i) % self.size for i in range(n_new)]
             self.pointer = (self.pointer + n_new) % self.size
         n = len(self.slots)
+        if self.compiled:
+            self.slot_index = torch.tensor(self.slots, device=positions.device)
         if n == 1:
             self.positions[:, self.slots[0]] = positions[:, -1]
             self.valid[:, self.slots[0]] = valid[:, -1]
@@ -49,7 +55,9 @@ class QueryRing:
             b, hq, _, d = query.shape
             self.queries = query.new_zeros(self.num_layers, b, hq, self.size, d)
         n = len(self.slots)
-        if n == 1:
+        if self.compiled:
+            self.queries[layer_idx].index_copy_(2, self.slot_index, query[:, :, -n:])
+        elif n == 1:
             self.queries[layer_idx, :, :, self.slots[0]] = query[:, :, -1]
         else:
             index = torch.tensor(self.slots, device=query.device)

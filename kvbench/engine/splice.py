@@ -36,7 +36,8 @@ class RowSplicing:
         self.step_offset[row] = step
         self.occupancy.splice(row, single.occupancy)
         # Every valid slot of a row lies below the most its heads have held: a long sequence gone, attention shrinks.
-        self.used = min(self.capacity, max(max(self.occupancy.high), single.used))
+        self.used = self.capacity if self.static_shapes else min(self.capacity, max(max(self.occupancy.high),
+                                                                                    single.used))
         self.heads_uniform &= single.heads_uniform
         self.tokens_seen = max(self.tokens_seen, single.tokens_seen)
         if self.query_ring is not None:

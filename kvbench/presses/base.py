@@ -67,6 +67,8 @@ class Press:
     #: False where the rule's exact arithmetic lets float noise that differs between batch shapes decide what is
     #: kept (``hott-knorm``'s unrounded norms): runs then decode such a press one sequence at a time.
     batch_invariant: ClassVar[bool] = True
+    #: Why the press's decoding step cannot be compiled into one graph (``--compile``); None: it can.
+    compile_refusal: ClassVar[str | None] = None
 
     #: Entries added between two compressions: the cache holds at most ``budget + buffer`` entries.
     buffer: int = 1

@@ -35,6 +35,8 @@ class HottH2OPress(Press):
     """
 
     name = "hott-h2o"
+    compile_refusal = ("it replays the fork's physical cache order (source_order): per-row lengths and gathers "
+                       "sized on the host")
     summary = "the paper's harness's H2O: one bf16 accumulator shared by all layers, misaligned (bug-compatible)"
     source = "the kvpress fork of arXiv 2512.12008 (h2o_press.py @43d9e37)"
     reference = ("minghui-liu/kvpress@43d9e37 kvpress/presses/h2o_press.py (H2OPress.score, compress_prefilling, "

@@ -28,6 +28,8 @@ class HottKNormPress(Press):
     """
 
     name = "hott-knorm"
+    compile_refusal = ("it replays the fork's physical cache order (source_order): per-row lengths and gathers "
+                       "sized on the host")
     summary = "the paper's harness's KNorm: topk of -||k|| in the keys' dtype, over its topk-ordered cache"
     source = "the kvpress fork of arXiv 2512.12008 (knorm_press.py @43d9e37)"
     reference = ("minghui-liu/kvpress@43d9e37 kvpress/presses/knorm_press.py (KnormPress.score; "

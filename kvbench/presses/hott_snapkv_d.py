@@ -33,6 +33,7 @@ class HottSnapKVDPress(Press):
     """
 
     name = "hott-snapkv-d"
+    compile_refusal = "its rule branches on the step number (the prefill's window or one decoding query)"
     summary = "the paper's harness's SnapKV-D: current query only, window and pooling by cache index (bug-compatible)"
     source = "the kvpress fork of arXiv 2512.12008 (snapkv_press.py @43d9e37, eager decoding path)"
     reference = "minghui-liu/kvpress@43d9e37 kvpress/presses/snapkv_press.py (SnapKVPress.score, eager attentions)"

@@ -21,6 +21,8 @@ class HottStreamingLLMPress(Press):
     """
 
     name = "hott-streaming_llm"
+    compile_refusal = ("it replays the fork's physical cache order (source_order): per-row lengths and gathers "
+                       "sized on the host")
     summary = "the paper's harness's StreamingLLM: index rule over its topk-reordered cache (bug-compatible)"
     source = "the kvpress fork of arXiv 2512.12008 (streaming_llm_press.py @43d9e37)"
     reference = ("minghui-liu/kvpress@43d9e37 kvpress/presses/streaming_llm_press.py (StreamingLLMPress.score; "

@@ -51,3 +51,6 @@ class RunConfig:
     measure: tuple[str, ...] = ()
     #: "generate" (free generation, scored) or "fidelity" (replay the full cache's response under the press).
     kind: str = "generate"
+    #: The torch.compile backend every decoding step runs under as one graph (``kvbench.engine.compiled``):
+    #: inductor (generated code), eager or aot_eager (traced only); None = eager decoding.
+    compile: str | None = None

@@ -24,7 +24,8 @@ class Reference:
     log_probs: list[torch.Tensor]  # per step, [V] float32 on the CPU
 
 
-def reference(session: Session, task: Task, example: Example, settings) -> Reference:
+def reference(session: Session, task: Task, example: Example, settings,
+              compile_backend: str | None = None) -> Reference:
     """The full cache's response under ``settings`` (the run's ``GenerationSettings``) and its next-token
     log-probabilities (cached per session)."""
     from kvbench.engine.generate import generate
@@ -37,14 +38,16 @@ def reference(session: Session, task: Task, example: Example, settings) -> Refer
         log_probs: list[torch.Tensor] = []
         (out,) = generate(session.loaded.model, [ids], make_press("full"), None, settings,
                           detokenize=codec.decode, pad_token_id=session.loaded.tokenizer.pad_token_id,
-                          on_logits=lambda t, logits: log_probs.append(torch.log_softmax(logits[0].float(), -1).cpu()))
+                          on_logits=lambda t, logits: log_probs.append(torch.log_softmax(logits[0].float(), -1).cpu()),
+                          compile_backend=compile_backend)
         if len(session.references) >= 64:  # bound memory: drop the oldest reference
             session.references.pop(next(iter(session.references)))
         session.references[key] = Reference(prompt, ids, out, log_probs[: out.output_tokens])
     return session.references[key]
 
 
-def replay(session: Session, task: Task, ref: Reference, press, budget, settings) -> tuple[object, dict]:
+def replay(session: Session, task: Task, ref: Reference, press, budget, settings,
+           compile_backend: str | None = None) -> tuple[object, dict]:
     """Teacher-force ``ref``'s tokens under ``press`` at ``budget``; return the output and the fidelity columns."""
     from kvbench.engine.generate import generate
 
@@ -62,13 +65,14 @@ def replay(session: Session, task: Task, ref: Reference, press, budget, settings
 
     (out,) = generate(session.loaded.model, [ref.prompt_ids], press, budget, settings,
                       detokenize=session.codec(task).decode, pad_token_id=session.loaded.tokenizer.pad_token_id,
-                      forced_tokens=[tokens], on_logits=compare)
+                      forced_tokens=[tokens], on_logits=compare, compile_backend=compile_backend)
     steps = max(len(kl), 1)
     return out, {"fidelity_kl_mean": sum(kl) / steps, "fidelity_kl_max": max(kl, default=0.0),
                  "fidelity_top1": sum(agree) / steps, "fidelity_rank_mean": sum(rank) / steps}
 
 
-def fidelity_columns(session: Session, task: Task, example: Example, press, budget, settings) -> dict:
+def fidelity_columns(session: Session, task: Task, example: Example, press, budget, settings,
+                     compile_backend: str | None = None) -> dict:
     """The fidelity columns of ``example`` under ``press`` at ``budget``: its full-cache reference replayed."""
-    ref = reference(session, task, example, settings)
-    return replay(session, task, ref, press, budget, settings)[1]
+    ref = reference(session, task, example, settings, compile_backend)
+    return replay(session, task, ref, press, budget, settings, compile_backend)[1]

@@ -110,7 +110,24 @@ def build_cells(config: RunConfig) -> list[Cell]:
             except KvbenchError as err:
                 raise ConfigError(str(err)) from None
             cells.append(Cell(press=press, budget=b))
+    if config.compile is not None:
+        check_compile(config, cells)
     return cells
+
+
+def check_compile(config: RunConfig, cells: list[Cell]) -> None:
+    """``--compile``: a known backend, and every cell a press whose decoding step can be one graph."""
+    from kvbench.engine.compiled import BACKENDS, compile_refusal
+
+    if config.compile not in BACKENDS:
+        raise ConfigError(f"--compile-backend {config.compile!r} is unknown (known: {', '.join(BACKENDS)})")
+    if "attention-loss" in config.measure:
+        raise ConfigError("--compile: --measure attention-loss reads a shadow of every key sized by the tokens seen "
+                          "so far; measure it without --compile")
+    for cell in cells:
+        reason = compile_refusal(cell.press, cell.budget)
+        if reason:
+            raise ConfigError(f"--compile: {cell.press.name} cannot decode as one graph: {reason}")
 
 
 def run_key(config: RunConfig, task: Task, cell: Cell, model_revision: str | None,
@@ -128,6 +145,8 @@ def run_key(config: RunConfig, task: Task, cell: Cell, model_revision: str | Non
     # only when set, so the keys of runs made before these options existed stay valid
     if config.stop_on_loop:
         payload["stop_on_loop"] = True
+    if config.compile:  # a compiled graph may round differently: its rows are its own
+        payload["compile"] = config.compile
     if config.measure:
         payload["measure"] = sorted(config.measure)
     if config.kind != "generate":

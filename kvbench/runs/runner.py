@@ -132,21 +132,21 @@ def run_generation_cell(
             started.update(range(len(chunk)))
             outputs = generate(session.loaded.model, ids, cell.press, cell.budget, settings, detokenize=codec.decode,
                                pad_token_id=tokenizer.pad_token_id, measure_attention_loss=loss,
-                               critical_positions=critical)
+                               critical_positions=critical, compile_backend=config.compile)
             yield from enumerate(zip(prompts, outputs))
             return
         stream = ContinuousGeneration(session.loaded.model, ids, cell.press, cell.budget, settings,
                                       batch_size(config, cell), detokenize=codec.decode,
                                       pad_token_id=tokenizer.pad_token_id,
                                       hooks=Hooks(attention_loss=loss, critical_positions=critical),
-                                      on_admit=started.add)
+                                      on_admit=started.add, compile_backend=config.compile)
         for finished in stream.steps():
             yield from ((index, (prompts[index], out)) for index, out in finished)
 
     def row_of(example: Example, output: tuple[str, object]) -> dict:
         prompt, out = output
         fidelity = ({} if "fidelity" not in config.measure
-                    else fidelity_columns(session, task, example, cell.press, cell.budget, settings))
+                    else fidelity_columns(session, task, example, cell.press, cell.budget, settings, config.compile))
         return {
             **base_row(session, config, task, cell, example, prompt, out, settings),
             **task.score(out.text, example.gold, prompt).columns(),
@@ -170,8 +170,8 @@ def run_fidelity_cell(
 
     def produce(chunk: list[Example], started: set[int]) -> Produced:
         started.add(0)
-        ref = reference(session, task, chunk[0], settings)
-        yield 0, (ref, *replay(session, task, ref, cell.press, cell.budget, settings))
+        ref = reference(session, task, chunk[0], settings, config.compile)
+        yield 0, (ref, *replay(session, task, ref, cell.press, cell.budget, settings, config.compile))
 
     def row_of(example: Example, output: tuple) -> dict:
         ref, out, columns = output
@@ -220,7 +220,7 @@ def base_row(session: Session, config: RunConfig, task: Task, cell: Cell, exampl
         "prompt_hash": task.prompt_hash, "example_id": example.id, "sample": 0, "seed": config.seed,
         "max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature, "top_p": settings.top_p,
         "top_k": settings.top_k, "repetition_penalty": settings.repetition_penalty, "protocol": config.protocol,
-        "stop_on_loop": config.stop_on_loop,
+        "stop_on_loop": config.stop_on_loop, "compile": config.compile,
         "prompt": prompt, "response": out.text, "gold": example.gold,
         "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens, "output_tokens": out.output_tokens,
         "prefill_s": out.prefill_s, "decode_s": out.decode_s, "tokens_per_s": out.tokens_per_s,

@@ -38,7 +38,7 @@ COLUMNS: dict[str, Callable[[str], object]] = {
     "max_new_tokens": int, "seed": int, "batch_size": int, "press_args": str, "temperature": float,
     "top_p": float, "dtype": str, "device": str, "data_dir": str, "stop_on_loop": parse_bool, "measure": str,
     "kind": str, "protocol": str, "system_prompt": str, "top_k": int, "repetition_penalty": float,
-    "dataset_revision": str, "batching": str,
+    "dataset_revision": str, "batching": str, "compile": str,
 }
 
 
@@ -160,7 +160,8 @@ def _validate(path: Path, run: PlannedRun) -> None:
 _FLAGS = {"kind ": "kind", "--measure": "measure", "--num-samples": "num_samples", "--max-new-tokens": "max_new_tokens",
           "--batch-size": "batch_size", "--batching": "batching", "--temperature": "temperature", "--top-p": "top_p",
           "--top-k": "top_k",
-          "--repetition-penalty": "repetition_penalty", "--protocol": "protocol", "--system-prompt": "system_prompt"}
+          "--repetition-penalty": "repetition_penalty", "--protocol": "protocol", "--system-prompt": "system_prompt",
+          "--compile": "compile"}
 
 
 def _require_budget(config: RunConfig) -> None:

@@ -53,6 +53,7 @@ SCHEMA = pa.schema([
     ("repetition_penalty", pa.float64()),  # 1 = none (null in older parts)
     ("protocol", pa.string()),  # kvbench.tasks.protocols (null in older parts = "kvbench")
     ("stop_on_loop", pa.bool_()),  # --stop-on-loop (null in older parts = false)
+    ("compile", pa.string()),  # --compile: the torch.compile backend of the decoding step (null: eager)
     # what came out
     ("prompt", pa.string()),
     ("response", pa.string()),

@@ -61,6 +61,9 @@ class VerifyConfig:
     press_args: tuple[str, ...] = ()
     architectures: tuple[str, ...] = ARCHITECTURES
     checks: tuple[str, ...] = ()  # empty = all
+    #: Where the tiny models run (``benchmarks/gpu_check.py`` runs the matrix in bfloat16 on CUDA).
+    device: str = "cpu"
+    dtype: str = "float32"
 
 
 def validate(config: VerifyConfig) -> Callable:
@@ -91,7 +94,7 @@ def run_checks(config: VerifyConfig, on_progress: Callable[[str, str], None] | N
     results: dict[str, list[Outcome]] = {}
     for arch in config.architectures:
         model, tokenizer = build_tiny(arch)
-        model.eval()
+        model.to(device=config.device, dtype=getattr(torch, config.dtype)).eval()
         subject = Subject(model, tokenizer, make)
         results[arch] = []
         for check in selected:

@@ -1,0 +1,74 @@
+"""What a GPU adds to the CPU suite, as printed tables: the oracle matrix (``kvbench verify``'s checks for every press
+on the five tiny architectures) in bfloat16 on the device, and the compiled decoding step (inductor, CUDA graphs)
+against eager decoding, token for token. ``benchmarks/gpu_check.sh`` runs it, then the speed benchmark.
+
+    python -m benchmarks.gpu_check --device cuda --dtype bfloat16
+    python -m benchmarks.gpu_check --device cpu --presses h2o --archs tiny-llama   # a smoke run of the script
+
+bfloat16 rounds differently from the float32 the suite checks in: a failing check is reported with its first
+difference (step, layer, head), to be read against the same check in float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from kvbench.engine.compiled import compile_refusal
+from kvbench.engine.generate import GenerationSettings, generate
+from kvbench.models import build_tiny
+from kvbench.presses import PRESSES, make_press
+from kvbench.verify import ARCHITECTURES, VerifyConfig, run_checks
+
+
+def oracle_matrix(presses: list[str], archs: tuple[str, ...], device: str, dtype: str) -> None:
+    print("| press | architecture | passed | failed | n/a | first failure | seconds |\n|---|---|---|---|---|---|---|")
+    for press in presses:
+        start = time.perf_counter()
+        results = run_checks(VerifyConfig(press=press, architectures=archs, device=device, dtype=dtype))
+        seconds = time.perf_counter() - start
+        for arch, outcomes in results.items():
+            failed = [o for o in outcomes if o.failed]
+            first = f"{failed[0].check}: {failed[0].where}" if failed else ""
+            print(f"| {press} | {arch} | {sum(o.status == 'pass' for o in outcomes)} | {len(failed)} | "
+                  f"{sum(o.status == 'n/a' for o in outcomes)} | {first} | {seconds / len(results):.1f} |", flush=True)
+
+
+def compiled_against_eager(presses: list[str], device: str, dtype: str, steps: int = 128) -> None:
+    print("\n| press | backend | same tokens (of 2 x 128) | first difference | compile s |\n|---|---|---|---|---|")
+    model, _ = build_tiny("tiny-qwen2")
+    model.to(device=device, dtype=getattr(torch, dtype)).eval()
+    prompts = [[1 + (i * 7) % 50 for i in range(40)], [3 + (i * 5) % 40 for i in range(23)]]
+    settings = GenerationSettings(max_new_tokens=steps)
+    for name in presses:
+        if compile_refusal(make_press(name), 16):
+            continue
+        torch._dynamo.reset()
+        start = time.perf_counter()
+        compiled = generate(model, prompts, make_press(name), 16, settings, compile_backend="inductor")
+        seconds = time.perf_counter() - start
+        eager = generate(model, prompts, make_press(name), 16, settings)
+        same = [next((i for i, (a, b) in enumerate(zip(c.tokens, e.tokens)) if a != b), len(c.tokens))
+                for c, e in zip(compiled, eager)]
+        first = "none" if all(s == steps for s in same) else f"token {min(same)}"
+        print(f"| {name} | inductor | {sum(same)} | {first} | {seconds:.0f} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--presses", default=",".join(sorted(PRESSES)))
+    parser.add_argument("--archs", default=",".join(ARCHITECTURES))
+    args = parser.parse_args()
+    presses = args.presses.split(",")
+    print(f"## Oracle matrix, {args.dtype} on {args.device}\n")
+    oracle_matrix(presses, tuple(args.archs.split(",")), args.device, args.dtype)
+    print(f"\n## Compiled decoding step against eager, {args.dtype} on {args.device}")
+    compiled_against_eager(presses, args.device, args.dtype)
+
+
+if __name__ == "__main__":
+    main()

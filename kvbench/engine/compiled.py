@@ -1,0 +1,84 @@
+"""A decoding step as one graph: ``torch.compile(fullgraph=True)`` over the model's forward (the layers' slot
+writes and attention), the press's observation, scoring and eviction, with static shapes.
+
+Static shapes: the cache attends over all of its preallocated ``budget + buffer`` slots (``static_shapes``), so
+every decoding step has the same tensor shapes. No host decision inside the graph: whether a row evicts this step
+is decided on the host before the forward (its entry count against its trigger) and enters the graph as a mask,
+so that a step with eviction and one without run the same graph (rows not at their trigger keep their slots by
+masked arithmetic). The host's bookkeeping (entry counts, the next schedule, the query ring's write slot) stays
+outside, before and after the graph. The prefill runs eagerly (its length differs per prompt).
+
+What cannot be one graph is refused by ``compile_refusal`` with the reason, before any model loads.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvbench.presses.base import Press
+
+#: A compiled step's slot count is rounded up to a multiple of this many tokens where the sequence length sets it
+#: (the full cache, short sequences), so that prompts of different lengths share one graph.
+LENGTH_BUCKET = 256
+#: Graphs one process may compile per step function: one per (press, budget, batch, slot count) it meets.
+RECOMPILE_LIMIT = 256
+
+#: torch.compile backends: inductor generates code (the speed); eager and aot_eager only trace (the proof that
+#: the step is one graph, in seconds: what the tests use).
+BACKENDS = ("inductor", "eager", "aot_eager")
+
+
+def compile_refusal(press: Press, budget: int | None) -> str | None:
+    """Why ``press`` at ``budget`` cannot decode as one graph, or None if it can."""
+    if budget is None or not press.evicts:
+        return None
+    if press.sparse:
+        return "its sparse attention selects chunks per step into a shadow cache of host-sized gathers"
+    if press.allocates:
+        return "its layers and heads keep different numbers of entries, ranked by counts decided per row"
+    if type(press).row_cadence is not Press.row_cadence or type(press).layer_keeps is not Press.layer_keeps:
+        return "its schedule changes with the sequence (how many entries a compression keeps differs per step)"
+    return press.compile_refusal
+
+
+def bucketed_length(tokens: int) -> int:
+    """The sequence length a compiled step's cache is sized for: ``tokens`` rounded up to ``LENGTH_BUCKET``."""
+    return -(-tokens // LENGTH_BUCKET) * LENGTH_BUCKET
+
+
+class CompiledStep:
+    """``forward`` of a ``Decoder``'s decoding steps, compiled once for the cache's batch and slot shapes."""
+
+    def __init__(self, model, cache, cache_kwarg: dict, backend: str = "inductor"):
+        self.model, self.cache, self.cache_kwarg = model, cache, cache_kwarg
+        if cache.query_ring is not None:
+            cache.query_ring.compiled = True
+        device = next(model.parameters()).device
+        mode = "reduce-overhead" if backend == "inductor" and device.type == "cuda" else None  # CUDA graphs
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        self.graph = torch.compile(self._step, fullgraph=True, backend=backend, mode=mode, dynamic=False)
+        self.step = torch.zeros((), dtype=torch.long, device=device)  # the decoding step, as the views carry it
+
+    def _step(self, ids: torch.Tensor, positions: torch.Tensor, evicting: torch.Tensor,
+              step: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids, position_ids=positions, cache_position=positions[0], **self.cache_kwarg,
+                         use_cache=True, kvbench_cache=self.cache, logits_to_keep=1)
+        self.cache.evict_on_device(evicting, step)
+        return out.logits[:, -1]
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, counts: list[int],
+                step: int) -> torch.Tensor:
+        """One decoding forward: the host's plan, the graph, the host's bookkeeping; the logits."""
+        # Tensors made inside inference mode, every step alike (the first step's positions were made outside it,
+        # and a tensor's dispatch keys are part of what the graph is specialised on).
+        positions, valid = positions.clone(), valid.clone()
+        cache = self.cache
+        for layer in cache.layers:  # bound before the graph (after a splice), else the first graph binds them
+            if not layer.is_initialized:
+                layer.lazy_initialization(cache.keys[0, :, :, :1], cache.values[0, :, :, :1])
+        cache.begin_step(positions, valid, counts, step)
+        full = cache.occupancy.at_trigger()
+        self.step.fill_(step)
+        logits = self.graph(ids, positions, cache.row_mask(full), self.step)
+        cache.finish_decoding_step(full)
+        return logits

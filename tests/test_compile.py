@@ -1,0 +1,163 @@
+"""The compiled decoding step (``--compile``, ``kvbench.engine.compiled``): one graph for every decoding step of every
+press that can compile, on the five tiny architectures, with output and kept sets equal to eager decoding.
+
+Dynamo traces with a counting backend that runs the captured graph as it is (no code generation): that proves
+``fullgraph=True`` (a graph break is an error) and counts compilations (a recompile is a second graph), in seconds.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvbench.engine.compiled import compile_refusal
+from kvbench.engine.generate import generate
+from kvbench.engine.settings import GenerationSettings
+from kvbench.errors import KvbenchError
+from kvbench.models.loading import build_tiny
+from kvbench.presses import PRESSES, make_press
+from kvbench.verify import ARCHITECTURES
+
+BUDGET = 16
+PROMPTS = [[1 + (i * 7) % 50 for i in range(12)], [3 + (i * 5) % 40 for i in range(9)]]
+#: 12-token prompts and a budget of 16: the first steps evict nothing, the rest evict every step (buffer 1).
+STEPS = 72
+COMPILABLE = sorted(name for name, cls in PRESSES.items() if compile_refusal(make_press(name), BUDGET) is None)
+
+
+class CountingBackend:
+    """A torch.compile backend that records each graph dynamo captures and runs it unchanged."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, graph_module, example_inputs):
+        self.graphs += 1
+        return graph_module.forward
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def model(request):
+    model, _ = build_tiny(request.param)
+    return model.eval()
+
+
+def _run(model, press, backend=None, steps: int = STEPS):
+    kept: list = []
+
+    def record(cache, step):
+        kept.append([cache.kept_positions(row) for row in range(len(PROMPTS))])
+
+    outputs = generate(model, PROMPTS, press, BUDGET, GenerationSettings(max_new_tokens=steps), on_step=record,
+                       compile_backend=backend)
+    return outputs, kept
+
+
+def test_the_compilable_presses_are_the_expected_ones():
+    assert COMPILABLE == ["full", "h2o", "hott-h2o-fixed", "hott-snapkv-d-fixed", "knorm", "random", "snapkv-d",
+                          "streaming_llm", "tova"]
+
+
+@pytest.mark.parametrize("name", COMPILABLE)
+def test_every_decoding_step_is_one_graph_equal_to_eager(model, name):
+    torch._dynamo.reset()
+    press = make_press(name)
+    backend = CountingBackend()
+    compiled, compiled_kept = _run(model, press, backend)
+    eager, eager_kept = _run(model, make_press(name))
+    assert backend.graphs == 1  # fullgraph, and no recompilation over the 71 decoding steps
+    assert [o.tokens for o in compiled] == [o.tokens for o in eager]
+    assert [o.finish_reason for o in compiled] == [o.finish_reason for o in eager]
+    assert compiled_kept == eager_kept  # every layer and KV head, after every forward
+    if press.evicts:
+        assert all(o.evicted_tokens > 0 for o in compiled)
+
+
+def test_steps_with_and_without_eviction_share_the_graph(model):
+    """Buffer 8: a row evicts one step in eight; whether it does is a mask, not a branch."""
+    torch._dynamo.reset()
+    backend = CountingBackend()
+    compiled, compiled_kept = _run(model, make_press("knorm", {"buffer": "8"}), backend)
+    eager, eager_kept = _run(model, make_press("knorm", {"buffer": "8"}))
+    assert backend.graphs == 1
+    assert [o.tokens for o in compiled] == [o.tokens for o in eager] and compiled_kept == eager_kept
+
+
+@pytest.mark.parametrize("name", sorted(set(PRESSES) - set(COMPILABLE)) + ["adakv:snapkv-d", "pyramidkv:snapkv-d"])
+def test_a_press_that_cannot_be_one_graph_is_refused_with_its_reason(name):
+    press = make_press(name)
+    reason = compile_refusal(press, BUDGET)
+    assert reason
+    model, _ = build_tiny("tiny-llama")
+    with pytest.raises(KvbenchError, match=f"--compile: {name} cannot decode as one graph: ") as error:
+        generate(model, PROMPTS, press, BUDGET, GenerationSettings(max_new_tokens=4), compile_backend="eager")
+    assert "\n" not in str(error.value)
+
+
+def test_attention_loss_is_not_measured_in_a_compiled_step():
+    model, _ = build_tiny("tiny-llama")
+    with pytest.raises(KvbenchError, match="attention loss"):
+        generate(model, PROMPTS, make_press("h2o"), BUDGET, GenerationSettings(max_new_tokens=4),
+                 measure_attention_loss=True, compile_backend="eager")
+
+
+def test_continuous_batching_joins_run_in_the_same_graph():
+    """Five prompts through two rows: three joins after the first, each into the running batch's rows (its bucket),
+    one graph throughout, outputs equal to eager continuous batching."""
+    from kvbench.engine.continuous import generate_continuous
+
+    torch._dynamo.reset()
+    model, _ = build_tiny("tiny-qwen2")
+    prompts = [[1 + (i * k) % 50 for i in range(n)] for k, n in ((7, 12), (5, 9), (3, 20), (11, 6), (13, 15))]
+    settings = GenerationSettings(max_new_tokens=40, eos_token_ids=(26,))  # ends four of the five early
+    backend = CountingBackend()
+    compiled = generate_continuous(model, prompts, make_press("snapkv-d"), BUDGET, settings, 2,
+                                   compile_backend=backend)
+    eager = generate_continuous(model, prompts, make_press("snapkv-d"), BUDGET, settings, 2)
+    assert backend.graphs == 1
+    assert [o.tokens for o in compiled] == [o.tokens for o in eager]
+    assert [o.evicted_tokens for o in compiled] == [o.evicted_tokens for o in eager]
+    assert len({len(o.tokens) for o in compiled}) > 1  # sequences end at different steps: rows free and rejoin
+
+
+def test_run_and_fidelity_compiled_store_what_eager_stores(tmp_path):
+    """`run --compile` (batch 1, static and continuous batching) and `fidelity --compile` store the rows eager
+    decoding stores, labelled with the backend (and keyed apart: a compiled graph may round differently)."""
+    from kvbench.runs.plan import RunConfig, execute
+
+    def rows(kind, compile, batch_size=1, batching="continuous"):
+        config = RunConfig(model="tiny-llama", presses=("h2o", "snapkv-d"), budgets=(24,), num_samples=3,
+                           max_new_tokens=16, store=str(tmp_path / f"{kind}{compile}{batch_size}{batching}"),
+                           kind=kind, compile=compile, batch_size=batch_size, batching=batching)
+        _, cells = execute(config)
+        assert {r["compile"] for c in cells for r in c.rows} == {compile}
+        return {(c.press.name, r["example_id"]): (r["response"], r["evicted_tokens"], r["fidelity_top1"],
+                                                  r["fidelity_kl_mean"]) for c in cells for r in c.rows}
+
+    eager = rows("generate", None)
+    assert len(eager) == 6
+    assert rows("generate", "eager") == eager
+    assert rows("generate", "eager", 2, "static") == eager
+    assert rows("generate", "eager", 2, "continuous") == eager
+    compiled, plain = rows("fidelity", "eager"), rows("fidelity", None)
+    # the full cache's reference attends over its slots rounded up to LENGTH_BUCKET: the same tokens and top-1,
+    # KL equal to float rounding (the masked slots change the order of the softmax's sums)
+    assert {k: v[:3] for k, v in compiled.items()} == {k: v[:3] for k, v in plain.items()}
+    assert [v[3] for v in compiled.values()] == pytest.approx([plain[k][3] for k in compiled], rel=1e-5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-p", "shadowkv", "-b", "80"], "--compile: shadowkv cannot decode as one graph: its sparse attention"),
+    (["-p", "rkv", "-b", "24"], "--compile: rkv cannot decode as one graph: its schedule changes"),
+    (["-p", "adakv:snapkv-d", "-b", "24"], "--compile: adakv:snapkv-d cannot decode as one graph"),
+    (["-p", "h2o", "-b", "24", "--measure", "attention-loss"], "--compile: --measure attention-loss"),
+    (["-p", "h2o", "-b", "24", "--compile-backend", "tvm"], "--compile-backend 'tvm' is unknown"),
+])
+def test_compile_refusals_are_one_line_before_the_model_loads(tmp_path, args, message):
+    from tests.test_cli import kvbench
+
+    result = kvbench("run", "--model", "tiny-llama", *args, "--compile", "--store", str(tmp_path / "s"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "s").exists()
