@@ -12,7 +12,7 @@ ARCHS = ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral", "tiny-phi3")
 ALL_PRESSES = [*PRESSES, "pyramidkv:snapkv-d", "adakv:snapkv-d", "pyramidkv:adakv:h2o"]
 #: Parameters that let a press act within a short test: buffers that fill, windows below small budgets.
 TEST_ARGS = {
-    "rkv": {"buffer": "4"}, "hott-rkv": {"buffer": "4"}, "hott-rkv-fixed": {"buffer": "4"},
+    "rkv": {"buffer": "4"}, "hott-rkv": {"buffer": "4"}, "hott-rkv-fixed": {"buffer": "4"}, "keydiff": {"buffer": "4"},
     "rpc": {"window_size": "1"},  # --budget is RPC's period: it first compresses after budget + window tokens
     "hott-snapkv-d": {"window_size": "4"}, "hott-snapkv-d-fixed": {"window_size": "4"},
     "shadowkv": {"chunk_size": "2", "local_window": "2", "outlier_chunks": "1"},

@@ -134,8 +134,8 @@ def test_bench_out_of_memory_keeps_what_was_measured(tmp_path, monkeypatch):
 
 
 def test_bench_ops_column_is_the_counters_figure(tmp_path):
-    """`--ops` adds ops/step, dispatches/step, syncs/step and growth per cell (the dispatch counter's own figures) and HF generate's
-    under the table, in the printed table and in `report --bench` from the store."""
+    """`--ops` adds ops/step, dispatches/step, syncs/step and growth per cell (the dispatch counter's own figures)
+    and HF generate's under the table, in the printed table and in `report --bench` from the store."""
     store = tmp_path / "s"
     result = kvbench("bench", "--model", "tiny-llama", "-p", "h2o", "-b", "8", "--prompt-len", "10", "--gen-len",
                      "12", "--warmup", "1", "--ops", "-f", "markdown", "--store", str(store))

@@ -1,7 +1,7 @@
 """``kvbench bench --compile``: each cell decoded eagerly and as one compiled graph per step, side by side, labelled
 with its ratio to the same press decoded eagerly and its warm-up time (where compilation happens); and the anchors
 every fast decoder is measured against: transformers' ``generate`` eager (``DynamicCache``) and with its static
-cache compiled (``cache_implementation="static"``, the way transformers compiles decoding), both full caches.
+cache compiled (a ``StaticCache`` of the timed length, as transformers compiles decoding), both full caches.
 
 The anchors run alone (``generate`` is one call): a step is timed as the difference of two generations of
 different lengths over their difference in tokens, which cancels the prefill and the set-up.
@@ -34,7 +34,7 @@ def hf_rows(model, prompts: list[list[int]], gen_len: int, eager_full: BenchRow,
     """HF ``generate`` eager and with its static cache compiled, at the batch of ``prompts``; × eager is against
     kvbench's full cache decoded eagerly (``eager_full``), × full against HF eager."""
     import torch
-    from transformers import DynamicCache
+    from transformers import DynamicCache, StaticCache
     from transformers.generation.configuration_utils import CompileConfig
 
     from kvbench.engine.decode import cache_argument
@@ -43,9 +43,12 @@ def hf_rows(model, prompts: list[list[int]], gen_len: int, eager_full: BenchRow,
     compiled = CompileConfig(fullgraph=True, dynamic=False, backend=backend,
                              mode="reduce-overhead" if ids.device.type == "cuda" else "default")
     compiled._compile_all_devices = True  # transformers compiles only on accelerators unless told
+    # one static cache length for every generation, so that the warm-up compiles the shapes that are timed
+    length = ids.shape[1] + gen_len
     ways = {"HF generate eager (DynamicCache)": lambda: {cache_argument(model): DynamicCache()},
-            "HF generate, static cache compiled": lambda: {"cache_implementation": "static",
-                                                            "compile_config": compiled}}
+            "HF generate, static cache compiled": lambda: {
+                cache_argument(model): StaticCache(config=model.config, max_cache_len=length),
+                "compile_config": compiled}}
     def run(length: int, options: Callable[[], dict]) -> float:
         sync()
         start = time.perf_counter()

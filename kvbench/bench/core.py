@@ -187,6 +187,14 @@ class _Bench:
         return generation(self.model, self.prompts[:batch], self.presses[press_name], budget, settings,
                           static_shapes=self.config.static_shapes, compile_backend=backend)
 
+    def _warm_up(self, press_name: str, budget: int | None, batch: int, compiled: bool = False) -> None:
+        """The first ``warmup`` decoding steps of a generation sized as the timed one (a compiled step is compiled
+        for the cache's shapes, which the generated length sets for the full cache)."""
+        steps = self._generation(press_name, budget, batch, self.config.gen_len, compiled)
+        for _ in range(min(self.config.warmup, self.config.gen_len) + 1):
+            next(steps, None)
+        steps.close()
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             import torch
@@ -202,7 +210,7 @@ class _Bench:
         warmup = []
         for press_name, budget, compiled in variants:  # warm-up: kernels, allocator, caches, compilation
             start = time.perf_counter()
-            run_to_end(self._generation(press_name, budget, batch, min(config.warmup, config.gen_len), compiled))
+            self._warm_up(press_name, budget, batch, compiled)
             warmup.append(time.perf_counter() - start)
         running = [self._generation(p, b, batch, config.gen_len, c) for p, b, c in variants]
         for steps in running:
@@ -331,7 +339,7 @@ class _Bench:
     def _alone(self, press_name, budget, batch, fixed, per_seq) -> BenchRow:
         import torch
 
-        run_to_end(self._generation(press_name, budget, batch, min(self.config.warmup, self.config.gen_len)))
+        self._warm_up(press_name, budget, batch)
         if self.device.type == "cuda":
             gc.collect()
             torch.cuda.empty_cache()

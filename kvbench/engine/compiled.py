@@ -58,6 +58,7 @@ class CompiledStep:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         self.graph = torch.compile(self._step, fullgraph=True, backend=backend, mode=mode, dynamic=False)
         self.step = torch.zeros((), dtype=torch.long, device=device)  # the decoding step, as the views carry it
+        self.marked = False
 
     def _step(self, ids: torch.Tensor, positions: torch.Tensor, evicting: torch.Tensor,
               step: torch.Tensor) -> torch.Tensor:
@@ -66,6 +67,17 @@ class CompiledStep:
         self.cache.evict_on_device(evicting, step)
         return out.logits[:, -1]
 
+    def _mark_static(self, cache) -> None:
+        """The cache's buffers keep their addresses for the whole generation: a CUDA graph may write them in place
+        (as transformers' static cache marks its own), instead of copying them in and out every step."""
+        ring = cache.query_ring
+        tensors = [cache.keys, cache.values, cache.positions, cache.valid, *cache.state.values()]
+        tensors += [] if ring is None else [ring.queries, ring.positions, ring.valid]
+        for tensor in tensors:
+            if tensor is not None:
+                torch._dynamo.mark_static_address(tensor)
+        self.marked = True
+
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, counts: list[int],
                 step: int) -> torch.Tensor:
         """One decoding forward: the host's plan, the graph, the host's bookkeeping; the logits."""
@@ -73,6 +85,8 @@ class CompiledStep:
         # and a tensor's dispatch keys are part of what the graph is specialised on).
         positions, valid = positions.clone(), valid.clone()
         cache = self.cache
+        if not self.marked:
+            self._mark_static(cache)
         for layer in cache.layers:  # bound before the graph (after a splice), else the first graph binds them
             if not layer.is_initialized:
                 layer.lazy_initialization(cache.keys[0, :, :, :1], cache.values[0, :, :, :1])

@@ -19,6 +19,7 @@ from kvbench.presses.hott_knorm import HottKNormPress
 from kvbench.presses.hott_rkv import HottRKVPress
 from kvbench.presses.hott_snapkv_d import HottSnapKVDPress
 from kvbench.presses.hott_streaming_llm import HottStreamingLLMPress
+from kvbench.presses.keydiff import KeyDiffPress
 from kvbench.presses.knorm import KNormPress
 from kvbench.presses.plugins import PluginError, installed, is_import_spec, load_class, load_entry_point
 from kvbench.presses.probe import probe
@@ -38,6 +39,8 @@ PRESSES: dict[str, type[Press]] = {
     for cls in (
         FullPress, StreamingLLMPress, H2OPress, SnapKVDecodingPress, KNormPress, RKVPress, RandomPress, TOVAPress,
         RPCPress, SCOPEPress, ShadowKVPress,
+        # the methods a 2026 paper compares against
+        KeyDiffPress,
         # the paper's harness: its rules with its defects fixed, and bug-compatible with its code
         HottH2OFixedPress, HottSnapKVDFixedPress, HottRKVFixedPress,
         HottH2OPress, HottSnapKVDPress, HottRKVPress, HottStreamingLLMPress, HottKNormPress,
