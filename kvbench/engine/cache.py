@@ -256,7 +256,8 @@ class BudgetCache(RowSplicing, CacheTelemetry, DynamicCache):
         if self.trigger is None:
             return
         scores = self.press.score(view).float().masked_fill(~view.valid, -torch.inf)
-        lowest = lowest_slots(scores, view.positions, self.trigger - self.budget)
+        # a cache shorter than the trigger (a short sequence) never evicts: the mask is all False then
+        lowest = lowest_slots(scores, view.positions, min(self.trigger - self.budget, scores.shape[-1]))
         view.valid.scatter_(2, lowest, view.valid.gather(2, lowest) & ~evicting)
 
     def finish_decoding_step(self, full: tuple[bool, ...]) -> None:
