@@ -91,11 +91,10 @@ def generation(
     device = next(model.parameters()).device
     batch = left_pad(prompts, pad_token_id, device)
     seeds = list(seeds) if seeds is not None else [settings.seed] * len(prompts)
-    if compile_backend is not None:
+    max_length = batch.ids.shape[1] + settings.max_new_tokens
+    if compile_backend is not None:  # one graph per step: static shapes, no host-kept window attention
         check_compilable(press, budget, hooks)
         static_shapes, keep_window_attention = True, False
-    max_length = batch.ids.shape[1] + settings.max_new_tokens
-    if compile_backend is not None:
         max_length = bucketed_length(max_length)
     cache = build_cache(model, press, budget, max_length, device, settings, seeds, hooks, static_shapes,
                         keep_window_attention)
