@@ -8,11 +8,16 @@ from kvbench.runs.plan import Cell, RunConfig, summarize
 from kvbench.tasks import Task
 
 
+def _compiled(config: RunConfig) -> str:
+    """The title's note of a compiled run (``--compile``), whose first steps include the compilation."""
+    return f"; decoding compiled ({config.compile}: tok/s includes the compile)" if config.compile else ""
+
+
 def result_table(task: Task, cells: list[Cell], config: RunConfig) -> Table:
     if config.kind == "fidelity":
         return fidelity_table(task, cells, config)
     table = Table(title=f"{config.model} on {task.name} (protocol {task.protocol}; "
-                        f"n={len(cells[0].rows) if cells else 0}; store: {config.store})")
+                        f"n={len(cells[0].rows) if cells else 0}{_compiled(config)}; store: {config.store})")
     for name in ("press", "budget", "n", "accuracy", "invalid", "truncated", "output tok", "tok/s", "peak KV MiB"):
         table.add_column(name, justify="left" if name == "press" else "right")
     for cell in cells:
@@ -27,7 +32,8 @@ def result_table(task: Task, cells: list[Cell], config: RunConfig) -> Table:
 
 def fidelity_table(task: Task, cells: list[Cell], config: RunConfig) -> Table:
     table = Table(title=f"{config.model} on {task.name}: teacher-forced fidelity against the full cache "
-                        f"(protocol {task.protocol}; n={len(cells[0].rows) if cells else 0}; store: {config.store})")
+                        f"(protocol {task.protocol}; n={len(cells[0].rows) if cells else 0}{_compiled(config)}; "
+                        f"store: {config.store})")
     for name in ("press", "budget", "n", "KL(full||press)", "max KL", "top-1 agreement", "mean rank", "peak KV MiB"):
         table.add_column(name, justify="left" if name == "press" else "right")
     for cell in cells:
@@ -49,7 +55,7 @@ def ranking_table(task: Task, cells: list[Cell], config: RunConfig) -> tuple[Tab
     teacher-forced top-1 agreement and KL first, then attention loss, accuracy, length, speed and memory; the best
     press of each budget in bold. Returns the table and the lines that read it."""
     n = len(cells[0].rows) if cells else 0
-    table = Table(title=f"{config.model} on {task.name} (protocol {task.protocol}; n={n}; "
+    table = Table(title=f"{config.model} on {task.name} (protocol {task.protocol}; n={n}{_compiled(config)}; "
                         f"{config.max_new_tokens or 'the dataset default'} new tokens at most; store: {config.store})",
                   caption="top-1 and KL(full‖press): the full cache's response replayed under the press, "
                           "teacher-forced (top-1: the press picks the full cache's next token); attention loss: "
