@@ -87,17 +87,14 @@ def validate(config: BenchConfig) -> None:
 
 
 def _validate_compile(config: BenchConfig, presses: dict) -> None:
-    from kvbench.engine.compiled import BACKENDS, compile_refusal
+    from kvbench.engine.compiled import check_backend, check_compilable
 
-    if config.compile_backend not in BACKENDS:
-        raise KvbenchError(f"--compile-backend {config.compile_backend!r} is unknown (known: {', '.join(BACKENDS)})")
+    check_backend(config.compile_backend)
     if config.count_ops:
         raise KvbenchError("--ops counts the operators eager decoding dispatches; a compiled step runs one graph: "
                            "give --ops or --compile")
     for name, budget in cells(config):
-        reason = compile_refusal(presses[name], budget)
-        if reason:
-            raise KvbenchError(f"--compile: {name} cannot decode as one graph: {reason}")
+        check_compilable(presses[name], budget)
 
 
 def _validate_workload(config: BenchConfig, presses: dict) -> None:

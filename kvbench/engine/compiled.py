@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from kvbench.errors import KvbenchError
 from kvbench.presses.base import Press
 
 #: A compiled step's slot count is rounded up to a multiple of this many tokens where the sequence length sets it
@@ -39,6 +40,21 @@ def compile_refusal(press: Press, budget: int | None) -> str | None:
     if type(press).row_cadence is not Press.row_cadence or type(press).layer_keeps is not Press.layer_keeps:
         return "its schedule changes with the sequence (how many entries a compression keeps differs per step)"
     return press.compile_refusal
+
+
+def check_compilable(press: Press, budget: int | None, attention_loss: bool = False) -> None:
+    """Refuse, in one line, ``press`` at ``budget`` (or a generation measuring attention loss) when its decoding
+    step cannot be one graph."""
+    reason = compile_refusal(press, budget)
+    if reason is None and attention_loss:
+        reason = "measuring attention loss reads a shadow of every key sized by the tokens seen so far"
+    if reason is not None:
+        raise KvbenchError(f"--compile: {press.name} cannot decode as one graph: {reason}")
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise KvbenchError(f"--compile-backend {backend!r} is unknown (known: {', '.join(BACKENDS)})")
 
 
 def bucketed_length(tokens: int) -> int:

@@ -15,9 +15,9 @@ from collections.abc import Callable, Generator, Sequence
 
 import torch
 
-from kvbench.engine.compiled import CompiledStep, bucketed_length
+from kvbench.engine.compiled import CompiledStep, bucketed_length, check_compilable
 from kvbench.engine.decode import Decoder, Hooks, RowRecord, SequenceOutput, synchronize
-from kvbench.engine.generate import GenerationSettings, build_cache, check_compilable, engine_mode, left_pad
+from kvbench.engine.generate import GenerationSettings, build_cache, engine_mode, left_pad
 from kvbench.presses.base import Press
 
 #: What a continuous generation yields: (prompt index, output) of the sequences that have just finished.
@@ -119,7 +119,7 @@ class ContinuousGeneration:
         self.settings, self.detokenize, self.pad_token_id = settings, detokenize, pad_token_id
         self.seeds = list(seeds) if seeds is not None else [settings.seed] * len(prompts)
         if compile_backend is not None:  # one graph for the batch's rows: they never leave (a fixed bucket)
-            check_compilable(press, budget, hooks)
+            check_compilable(press, budget, hooks.attention_loss)
             keep_window_attention = False
         self.compiled = compile_backend is not None
         self.forced, self.hooks, self.keep_window_attention = forced_tokens, hooks, keep_window_attention

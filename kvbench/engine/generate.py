@@ -16,7 +16,7 @@ import torch
 
 from kvbench.engine.attention import use_kvbench_attention
 from kvbench.engine.cache import BudgetCache
-from kvbench.engine.compiled import CompiledStep, bucketed_length, compile_refusal
+from kvbench.engine.compiled import CompiledStep, bucketed_length, check_compilable
 from kvbench.engine.decode import Decoder, Hooks, SequenceOutput, cache_argument, synchronize
 from kvbench.engine.protocol import DecodingCache
 from kvbench.engine.sampling import sampling_probs
@@ -93,7 +93,7 @@ def generation(
     seeds = list(seeds) if seeds is not None else [settings.seed] * len(prompts)
     max_length = batch.ids.shape[1] + settings.max_new_tokens
     if compile_backend is not None:  # one graph per step: static shapes, no host-kept window attention
-        check_compilable(press, budget, hooks)
+        check_compilable(press, budget, hooks.attention_loss)
         static_shapes, keep_window_attention = True, False
         max_length = bucketed_length(max_length)
     cache = build_cache(model, press, budget, max_length, device, settings, seeds, hooks, static_shapes,
@@ -113,15 +113,6 @@ def generation(
     synchronize(device)
     return decoder.outputs()
 
-
-
-def check_compilable(press: Press, budget: int | None, hooks: Hooks) -> None:
-    """Refuse, in one line, a generation whose decoding step cannot be one graph."""
-    reason = compile_refusal(press, budget)
-    if reason is None and hooks.attention_loss:
-        reason = "measuring attention loss reads a shadow of every key sized by the tokens seen so far"
-    if reason is not None:
-        raise KvbenchError(f"--compile: {press.name} cannot decode as one graph: {reason}")
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device: torch.device) -> PaddedBatch:

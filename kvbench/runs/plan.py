@@ -117,17 +117,17 @@ def build_cells(config: RunConfig) -> list[Cell]:
 
 def check_compile(config: RunConfig, cells: list[Cell]) -> None:
     """``--compile``: a known backend, and every cell a press whose decoding step can be one graph."""
-    from kvbench.engine.compiled import BACKENDS, compile_refusal
+    from kvbench.engine.compiled import check_backend, check_compilable
 
-    if config.compile not in BACKENDS:
-        raise ConfigError(f"--compile-backend {config.compile!r} is unknown (known: {', '.join(BACKENDS)})")
-    if "attention-loss" in config.measure:
-        raise ConfigError("--compile: --measure attention-loss reads a shadow of every key sized by the tokens seen "
-                          "so far; measure it without --compile")
-    for cell in cells:
-        reason = compile_refusal(cell.press, cell.budget)
-        if reason:
-            raise ConfigError(f"--compile: {cell.press.name} cannot decode as one graph: {reason}")
+    try:
+        check_backend(config.compile)
+        if "attention-loss" in config.measure:
+            raise ConfigError("--compile: --measure attention-loss reads a shadow of every key sized by the tokens "
+                              "seen so far; measure it without --compile")
+        for cell in cells:
+            check_compilable(cell.press, cell.budget)
+    except KvbenchError as err:
+        raise ConfigError(str(err)) from None
 
 
 def run_key(config: RunConfig, task: Task, cell: Cell, model_revision: str | None,
