@@ -171,6 +171,13 @@ def test_runs_that_differ_in_any_setting_are_never_pooled(tmp_path):
     assert set(long["dataset_label"]) == {"gsm8k [max_new_tokens=4 dtype=bfloat16]",
                                           "gsm8k [max_new_tokens=8 dtype=bfloat16]",
                                           "gsm8k [max_new_tokens=4 dtype=float32]"}
+    # a compiled run (--compile) beside the same run decoded eagerly: two columns, not one cell of n=2 over 4 rows
+    rows = [row("full", (), None, "gsm8k", i, 1, compile=backend, run_key=f"c{backend}")
+            for backend in (None, "inductor") for i in range(2)]
+    ResultStore(tmp_path / "c").append(rows)
+    long = aggregate(load(tmp_path / "c"), "accuracy")
+    assert sorted(long["n"]) == [2, 2]
+    assert set(long["dataset_label"]) == {"gsm8k [compile=none]", "gsm8k [compile=inductor]"}
     # seeds are replicates of one run (averaged per example: n counts the 2 examples), and a row stored twice
     # counts once; example 1 is right under one seed, wrong under the other: 0.5, so the mean is (1 + 0.5) / 2
     rows = [row("full", (), None, "gsm8k", i, int(i == 0 or s == 0), seed=s, run_key=f"seed{s}")

@@ -37,7 +37,7 @@ TEXT_COLUMNS = ("prompt", "response", "gold", "metrics", "attention_loss_profile
 LABEL_COLUMNS = ("run_key", "kind", "model", "model_source", "model_revision", "press", "press_args", "budget",
                  "dataset", "dataset_version", "split", "dataset_revision", "prompt_hash", "example_id", "sample",
                  "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "protocol", "stop_on_loop",
-                 "dtype", "fidelity_kl_mean")
+                 "compile", "dtype", "fidelity_kl_mean")
 
 
 def load(store: str | Path, text: tuple[str, ...] = (), metrics: tuple[Metric, ...] | None = None) -> pd.DataFrame:
@@ -97,8 +97,8 @@ def _dataset_labels(df: pd.DataFrame) -> list[str]:
 
 
 #: Run settings besides press, budget and dataset (all in the run key): rows that differ in one are never pooled.
-SETTINGS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop_on_loop", "dtype",
-            "model_source", "model_revision", "hub_revision")
+SETTINGS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop_on_loop", "compile",
+            "dtype", "model_source", "model_revision", "hub_revision")
 
 
 def _settings_suffixes(df: pd.DataFrame) -> pd.Series:
@@ -111,6 +111,7 @@ def _settings_suffixes(df: pd.DataFrame) -> pd.Series:
         "top_p": df["top_p"].fillna(1.0).where(~greedy, 1.0),
         "top_k": df["top_k"].fillna(0).astype(int).where(~greedy, 0),
         "repetition_penalty": df["repetition_penalty"].fillna(1.0), "stop_on_loop": df["stop_on_loop"].fillna(False),
+        "compile": df["compile"].fillna("none"),  # the compiled step's backend (none: eager decoding)
         "dtype": df["dtype"], "model_source": df["model_source"], "model_revision": df["model_revision"],
         # local files are not in the run key (their digest is stored, not keyed); hub commits are
         "hub_revision": df["dataset_revision"].where(df["dataset_revision"].fillna("").str.contains("@"), ""),
