@@ -13,6 +13,8 @@ ALL_PRESSES = [*PRESSES, "pyramidkv:snapkv-d", "adakv:snapkv-d", "pyramidkv:adak
 #: Parameters that let a press act within a short test: buffers that fill, windows below small budgets.
 TEST_ARGS = {
     "rkv": {"buffer": "4"}, "hott-rkv": {"buffer": "4"}, "hott-rkv-fixed": {"buffer": "4"}, "keydiff": {"buffer": "4"},
+    "gkv": {"buffer": "4", "window_size": "2"}, "morphkv": {"window_size": "4"},
+    "expected-attention": {"buffer": "4", "n_sink": "2", "n_future_positions": "16"},
     "rpc": {"window_size": "1"},  # --budget is RPC's period: it first compresses after budget + window tokens
     "hott-snapkv-d": {"window_size": "4"}, "hott-snapkv-d-fixed": {"window_size": "4"},
     "shadowkv": {"chunk_size": "2", "local_window": "2", "outlier_chunks": "1"},

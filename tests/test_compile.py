@@ -54,8 +54,8 @@ def _run(model, press, backend=None, steps: int = STEPS):
 
 
 def test_the_compilable_presses_are_the_expected_ones():
-    assert COMPILABLE == ["full", "h2o", "hott-h2o-fixed", "hott-snapkv-d-fixed", "knorm", "random", "snapkv-d",
-                          "streaming_llm", "tova"]
+    assert COMPILABLE == ["full", "h2o", "hott-h2o-fixed", "hott-snapkv-d-fixed", "knorm", "morphkv", "random",
+                          "snapkv-d", "streaming_llm", "tova"]
 
 
 @pytest.mark.parametrize("name", COMPILABLE)

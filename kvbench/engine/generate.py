@@ -155,6 +155,8 @@ def build_cache(model, press: Press, budget: int | None, max_length: int, device
         cache = BudgetCache(press, budget, config.num_hidden_layers, kv_heads, max_length, seeds,
                             measure_attention_loss=hooks.attention_loss, max_new_tokens=settings.max_new_tokens,
                             static_shapes=static_shapes, keep_window_attention=keep_window)
+        if press.reads_rope:
+            cache.query_ring.rope = model_rope(model, press, device)
     if hooks.critical_positions is not None:  # prompt positions -> padded batch positions are the same (explicit)
         cache.track_critical(hooks.critical_positions, settings.max_new_tokens, device)
     return cache
@@ -170,6 +172,11 @@ def _shadow_cache(model, press: Press, budget: int | None, num_layers: int, max_
     if unsupported:
         raise KvbenchError(f"{press.name}: attention-loss measurement and --static-shapes apply to evicting caches "
                            "only")
+    return ShadowCache(press, budget, num_layers, max_length, model_rope(model, press, device), batch)
+
+
+def model_rope(model, press: Press, device):
+    """positions [n] -> the model's own RoPE (cos, sin) [n, rotary dims], float32."""
     rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
     if rotary is None:
         raise KvbenchError(f"{press.name}: needs a model with a rotary embedding (model.model.rotary_emb)")
@@ -178,4 +185,4 @@ def _shadow_cache(model, press: Press, budget: int | None, num_layers: int, max_
         cos, sin = rotary(torch.zeros(1, device=device), positions[None].to(device))
         return cos[0].float(), sin[0].float()
 
-    return ShadowCache(press, budget, num_layers, max_length, rope, batch)
+    return rope

@@ -23,6 +23,8 @@ class QueryRing:
         #: a host index that changes every step).
         self.slot_index: torch.Tensor | None = None
         self.compiled = False
+        #: The model's RoPE (``QueryWindow.rope``), set for a press that reads pre-RoPE queries.
+        self.rope = None
 
     def advance(self, positions: torch.Tensor, valid: torch.Tensor) -> None:
         """Before a forward: choose the ring slots of its tokens and record their positions (queries come per
@@ -66,14 +68,15 @@ class QueryRing:
     def layer_window(self, layer_idx: int, scaling: float) -> QueryWindow | None:
         if self.queries is None:
             return None
-        return QueryWindow(self.queries[layer_idx], self.positions, self.valid, scaling)
+        return QueryWindow(self.queries[layer_idx], self.positions, self.valid, scaling, self.rope)
 
     def stacked_window(self, scaling: float) -> QueryWindow | None:
         """Every layer's window folded into the rows, as ``BudgetCache.stacked_view`` folds the slots."""
         if self.queries is None:
             return None
         n = self.num_layers
-        return QueryWindow(self.queries.flatten(0, 1), self.positions.repeat(n, 1), self.valid.repeat(n, 1), scaling)
+        return QueryWindow(self.queries.flatten(0, 1), self.positions.repeat(n, 1), self.valid.repeat(n, 1), scaling,
+                           self.rope)
 
     def keep_rows(self, index: torch.Tensor) -> None:
         """Only the sequences at ``index`` stay, in that order."""

@@ -45,6 +45,8 @@ class QueryWindow:
     positions: torch.Tensor  # [N, W]
     valid: torch.Tensor  # [N, W]
     scaling: float
+    #: positions [n] -> the model's RoPE (cos, sin) [n, rotary dims], for a press with ``reads_rope``; else None.
+    rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 @dataclass

@@ -11,7 +11,9 @@ import typing
 from kvbench.errors import KvbenchError
 from kvbench.presses.adakv import AdaKVPress
 from kvbench.presses.base import Press
+from kvbench.presses.expected_attention import ExpectedAttentionPress
 from kvbench.presses.full import FullPress
+from kvbench.presses.gkv import GKVPress
 from kvbench.presses.h2o import H2OPress
 from kvbench.presses.hott_fixed import HottH2OFixedPress, HottRKVFixedPress, HottSnapKVDFixedPress
 from kvbench.presses.hott_h2o import HottH2OPress
@@ -21,6 +23,7 @@ from kvbench.presses.hott_snapkv_d import HottSnapKVDPress
 from kvbench.presses.hott_streaming_llm import HottStreamingLLMPress
 from kvbench.presses.keydiff import KeyDiffPress
 from kvbench.presses.knorm import KNormPress
+from kvbench.presses.morphkv import MorphKVPress
 from kvbench.presses.plugins import PluginError, installed, is_import_spec, load_class, load_entry_point
 from kvbench.presses.probe import probe
 from kvbench.presses.pyramidkv import PyramidKVPress
@@ -40,7 +43,7 @@ PRESSES: dict[str, type[Press]] = {
         FullPress, StreamingLLMPress, H2OPress, SnapKVDecodingPress, KNormPress, RKVPress, RandomPress, TOVAPress,
         RPCPress, SCOPEPress, ShadowKVPress,
         # the methods a 2026 paper compares against
-        KeyDiffPress,
+        KeyDiffPress, ExpectedAttentionPress, MorphKVPress, GKVPress,
         # the paper's harness: its rules with its defects fixed, and bug-compatible with its code
         HottH2OFixedPress, HottSnapKVDFixedPress, HottRKVFixedPress,
         HottH2OPress, HottSnapKVDPress, HottRKVPress, HottStreamingLLMPress, HottKNormPress,

@@ -34,7 +34,9 @@ class View(Protocol):
     row_step: torch.Tensor | None
     prompt_length: torch.Tensor | None  # [N]
     layers: int
-    window: Any  # the recent queries: ``queries`` [N, H_q, W, D], ``positions``, ``valid`` [N, W], ``scaling``
+    #: the recent queries: ``queries`` [N, H_q, W, D], ``positions``, ``valid`` [N, W], ``scaling``, and ``rope``
+    #: (positions [n] -> the model's cos, sin [n, rotary dims]) for a press with ``reads_rope``
+    window: Any
     #: Entries each row keeps at this compression (a row keeping at least what it holds keeps all); None when the
     #: view is not scored for one of the engine's compressions.
     compress_to: list[int] | None
@@ -67,6 +69,8 @@ class Press:
     #: False where the rule's exact arithmetic lets float noise that differs between batch shapes decide what is
     #: kept (``hott-knorm``'s unrounded norms): runs then decode such a press one sequence at a time.
     batch_invariant: ClassVar[bool] = True
+    #: True if the press reads the model's RoPE (``view.window.rope``), to undo it on the window's queries.
+    reads_rope: ClassVar[bool] = False
     #: Why the press's decoding step cannot be compiled into one graph (``--compile``); None: it can.
     compile_refusal: ClassVar[str | None] = None
 

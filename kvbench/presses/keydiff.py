@@ -3,12 +3,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvbench.errors import KvbenchError
-from kvbench.presses.base import Press, View
+from kvbench.presses.base import View
+from kvbench.presses.decoding_schedule import DecodingPressSchedule
 
 
 @dataclass
-class KeyDiffPress(Press):
+class KeyDiffPress(DecodingPressSchedule):
     """Keep the keys least similar to the mean key direction: query-free, every ``buffer`` decoding steps.
 
     KeyDiff's score as kvpress computes it (``KeyDiffPress.score``): the anchor is the mean of the cached keys
@@ -35,28 +35,6 @@ class KeyDiffPress(Press):
     source = "Park et al. 2025, arXiv 2504.15364 (KeyDiff)"
     reference = ("NVIDIA/kvpress@8bb29b9 kvpress/presses/keydiff_press.py (KeyDiffPress.score) under "
                  "kvpress/presses/decoding_press.py (DecodingPress.forward_hook) and scorer_press.py (compress)")
-
-    #: Decoding forwards between two compressions: DecodingPress's ``compression_interval`` (512 there).
-    buffer: int = 512
-
-    def cadence(self, budget: int) -> tuple[int, int]:
-        if budget < 1:
-            raise KvbenchError(f"keydiff: budget must be >= 1, got {budget}")
-        return budget, budget + self.buffer
-
-    def row_cadence(self, budget: int, prompt_length: int, compressions: int) -> tuple[int, int]:
-        """The first compression at the first multiple of the interval where the cache holds more than the budget
-        (the prompt and that many tokens), then every interval."""
-        if compressions > 0:
-            return budget, budget + self.buffer
-        intervals = max(1, (budget - prompt_length) // self.buffer + 1)
-        first = prompt_length + intervals * self.buffer
-        if first > self.capacity(budget, 1, 1):  # a prompt over budget + buffer: cut to the budget at the prefill
-            return budget, prompt_length
-        return budget, first
-
-    def capacity(self, budget: int, n_layers: int, n_heads: int) -> int:
-        return budget + 2 * self.buffer  # a prompt up to budget + buffer waits for its first interval
 
     def score(self, view: View) -> torch.Tensor:
         keys = view.keys.float()

@@ -47,6 +47,14 @@ class ProbeView:
         return probs[:, :, -(last or WINDOW):].mean(dim=2)
 
 
+def _rope(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A standard RoPE (theta 10,000) over the probe's head dims, for a press that reads ``window.rope``."""
+    frequencies = 10000.0 ** (-torch.arange(0, DIM, 2).float() / DIM)
+    angles = positions.float()[:, None] * frequencies
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
 def probe_view(state_names: tuple[str, ...]) -> ProbeView:
     g = torch.Generator().manual_seed(0)
     keys = torch.randn(1, HEADS, SLOTS, DIM, generator=g)
@@ -56,7 +64,7 @@ def probe_view(state_names: tuple[str, ...]) -> ProbeView:
     positions = order.expand(1, HEADS, SLOTS).clone()
     queries = torch.randn(1, HEADS, WINDOW, DIM, generator=g)
     window = SimpleNamespace(queries=queries, positions=torch.arange(SLOTS - WINDOW, SLOTS)[None],
-                             valid=torch.ones(1, WINDOW, dtype=torch.bool), scaling=DIM**-0.5)
+                             valid=torch.ones(1, WINDOW, dtype=torch.bool), scaling=DIM**-0.5, rope=_rope)
     return ProbeView(keys=keys, values=torch.randn(1, HEADS, SLOTS, DIM, generator=g), positions=positions,
                      valid=valid, state={name: torch.zeros(1, HEADS, SLOTS) for name in state_names}, window=window)
 

@@ -102,7 +102,7 @@ class RKVPress(Press):
         return keep, most
 
     def score(self, view: View) -> torch.Tensor:
-        index = fork_index(view) if self.order == "cache" and STATE in view.state else _position_index(view)
+        index = fork_index(view) if self.order == "cache" and STATE in view.state else position_index(view)
         lengths = valid_lengths(view)
         prefix = view.valid & (index < (torch.tensor(lengths, device=index.device) - self.window_size)[:, None, None])
         final = self._final(view, index, prefix, max(lengths))
@@ -159,7 +159,7 @@ def redundancy(view, index: torch.Tensor, threshold: float, exempt_first: bool =
     return torch.softmax(mean_sim.masked_fill(~view.valid, -torch.inf), dim=-1).nan_to_num(0.0)
 
 
-def _position_index(view) -> torch.Tensor:
+def position_index(view) -> torch.Tensor:
     """[N, H, S] each valid slot's rank in token order (invalid slots: a large number)."""
     rank = view.positions.masked_fill(~view.valid, _BIG).argsort(dim=-1).argsort(dim=-1)
     return rank.masked_fill(~view.valid, _BIG)

@@ -84,12 +84,17 @@ def synthetic_forwards(seed: int = 0, *, group: int = 2, prompt: int = 24, steps
 
 
 def run_cache(press: Press, budget: int, forwards: Sequence[Forward], *, seed: int = 0,
-              keep_window_attention: bool = True) -> Kept:
-    """kvbench's kept sets when ``forwards`` pass through a ``BudgetCache`` as the decode loop passes them."""
+              keep_window_attention: bool = True, rope=None) -> Kept:
+    """kvbench's kept sets when ``forwards`` pass through a ``BudgetCache`` as the decode loop passes them.
+
+    ``rope`` (positions [n] -> cos, sin [n, rotary dims]) is the RoPE a press with ``reads_rope`` undoes on the
+    window's queries (the model's own, in a real run)."""
     first = forwards[0]
     n_tokens = sum(f.positions.numel() for f in forwards)
     cache = BudgetCache(press, budget, first.layers, first.keys.shape[1], n_tokens, [seed],
                         max_new_tokens=len(forwards), keep_window_attention=keep_window_attention)
+    if rope is not None:
+        cache.query_ring.rope = rope
     kept: Kept = []
     with torch.inference_mode():
         for step, forward in enumerate(forwards):
