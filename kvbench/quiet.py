@@ -56,3 +56,18 @@ def no_library_progress_bars():
             transformers_logging.enable_progress_bar()
         if bar is not None:
             gguf_utils.tqdm = bar
+
+
+@contextlib.contextmanager
+def native_stderr_muted():
+    """File descriptor 2 sent to /dev/null for the block: for native code that writes there itself (the torch
+    profiler's ``USDT: ... profiler_start`` lines), which Python's ``sys.stderr`` cannot redirect."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

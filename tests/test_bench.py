@@ -184,3 +184,15 @@ def test_bench_compile_refuses_what_cannot_be_one_graph():
     assert result.returncode == 2 and "--compile: rkv cannot decode as one graph" in result.stderr
     result = kvbench("bench", "--model", "tiny-llama", "-p", "h2o", "-b", "8", "--compile", "--ops")
     assert result.returncode == 2 and "give --ops or --compile" in result.stderr
+
+
+def test_bench_profile_writes_operator_tables_and_keeps_stderr_to_progress(tmp_path):
+    """The torch profiler's native ``USDT: ... profiler_start`` lines no longer reach stderr."""
+    result = kvbench("bench", "--model", "tiny-llama", "-p", "full,h2o", "-b", "16", "--gen-len", "70",
+                     "--profile", str(tmp_path / "prof"))
+    assert result.returncode == 0, result.stderr
+    tables = sorted(p.name for p in (tmp_path / "prof").iterdir())
+    assert tables == ["full-full-b1.txt", "h2o-16-b1.txt"]
+    assert "Self CPU" in (tmp_path / "prof" / "h2o-16-b1.txt").read_text()
+    assert "USDT" not in result.stderr
+    assert all(line.startswith("batch 1: ") for line in result.stderr.splitlines()), result.stderr

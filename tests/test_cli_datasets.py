@@ -37,6 +37,24 @@ def test_score_rescores_stored_rows_and_counts_changes(tmp_path):
     assert "0 changed" in again.stdout
 
 
+def test_score_leaves_teacher_forced_replays_alone(tmp_path):
+    """A store with `kvbench fidelity` rows beside generations (as `make run`'s): replays have no score of their own;
+    `score` used to stop on them with a traceback (found by the README-commands test)."""
+    store = tmp_path / "store"
+    for command in ("run", "fidelity"):
+        result = kvbench(command, "--model", "tiny-llama", "-p", "full,h2o", "-b", "16", "-n", "2",
+                         "--max-new-tokens", "6", "--store", str(store))
+        assert result.returncode == 0, result.stderr
+    before = ResultStore(store).read().to_pylist()
+    replays = [r for r in before if r["kind"] == "fidelity"]
+    assert replays and all(r["correct"] is None for r in replays)
+    done = kvbench("score", str(store))
+    assert done.returncode == 0, done.stderr
+    assert "re-scored 4 rows: 0 changed" in done.stdout  # the 4 generations; the 4 replays untouched
+    after = {(r["run_key"], r["example_id"]): r for r in ResultStore(store).read().to_pylist()}
+    assert all(after[(r["run_key"], r["example_id"])]["correct"] is None for r in replays)
+
+
 def test_score_on_an_empty_store_fails_clearly(tmp_path):
     result = kvbench("score", str(tmp_path))
     assert result.returncode == 2 and "no results in" in result.stderr

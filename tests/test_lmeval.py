@@ -130,3 +130,17 @@ def test_lm_eval_picks_the_device_as_run_does_and_keeps_its_info_lines_off_stder
                      "--tasks", "kvbench_tiny_arith", "--include_path", str(local_task), "--limit", "1", env=OFFLINE)
     assert result.returncode == 0, result.stderr[-3000:]
     assert " INFO " not in result.stderr and "CUDA is not available" not in result.stderr
+
+
+def test_budget_full_in_model_args_is_the_full_cache_as_run_takes_it(local_task):
+    """``budget=full`` (as ``run -b full``) is the full cache: no traceback, the model built without a budget;
+    with an evicting press it is the one-line refusal that asks for a budget."""
+    from kvbench.integrations.lmeval import KvbenchLM, parse_budget, prepared_arguments
+
+    assert [parse_budget(text) for text in ("full", "FULL", "none", "", None, "12")] == [None] * 5 + [12]
+    args = ["--model", "kvbench", "--model_args", "pretrained=tiny-llama,budget=full", "--tasks", "kvbench_tiny_arith",
+            "--include_path", str(local_task)]
+    assert prepared_arguments(args)[-2:] == ["--device", "auto"]
+    assert KvbenchLM(pretrained="tiny-llama", budget="full", device="cpu").budget is None
+    with pytest.raises(ConfigError, match="give budget=N"):
+        prepared_arguments([*args[:3], "pretrained=tiny-llama,press=h2o,budget=full", *args[4:]])

@@ -111,6 +111,18 @@ def test_hott_reference_rows(tmp_path):
         render(tmp_path / "r", reference="nope")
 
 
+def test_hott_reference_on_a_model_the_paper_did_not_run_says_so(tmp_path):
+    from kvbench.store import ResultStore
+
+    ResultStore(tmp_path / "r").append([row(p, (), b, "gsm8k", i, 1, model="smollm2-135m")
+                                        for p, b in (("full", None), ("h2o", 64)) for i in range(2)])
+    text = render(tmp_path / "r", fmt="markdown", reference="hott")
+    assert "(paper)" not in text
+    note = next(line for line in text.splitlines() if line.startswith("- the paper published no figures"))
+    assert note.startswith("- the paper published no figures for smollm2-135m (it ran ")
+    assert "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B" in note and note.endswith("nothing to set beside these rows")
+
+
 def test_hott_reference_sits_beside_the_rows_that_run_the_papers_code(tmp_path):
     from kvbench.store import ResultStore
 
@@ -245,14 +257,79 @@ def test_fidelity_columns_mean_one_thing_to_every_reader(tmp_path):
     assert both[both["budget"] == 64][["mean", "n"]].values.tolist() == [[pytest.approx(0.3), 2]]
 
 
-def test_the_reading_line_never_ranks_a_press_against_itself():
+def _cells(values_by_press: dict, budget=64, column="fidelity_top1"):
     from types import SimpleNamespace
 
-    from kvbench.cli.tables import best_presses, reading
+    return [SimpleNamespace(budget=None if name == "full" else budget,
+                            press=SimpleNamespace(name=name, evicts=name != "full"),
+                            rows=tuple({"example_id": f"q{i}", column: v} for i, v in enumerate(values)))
+            for name, values in values_by_press.items()]
 
-    cells = [SimpleNamespace(budget=None, press=SimpleNamespace(evicts=False)),
-             SimpleNamespace(budget=64, press=SimpleNamespace(evicts=True))]
-    summaries = [{"press": "full", "top1": 1.0, "kl": 0.0}, {"press": "h2o", "top1": 0.12, "kl": 0.9}]
-    (line,) = reading(cells, summaries, best_presses(cells, summaries))
-    assert line == ("At budget 64, h2o picks the full cache's next token 12% of the time (KL 0.900); no other "
-                    "evicting press ran at this budget.")
+
+def test_the_reading_never_ranks_a_press_alone_or_against_itself():
+    from kvbench.cli.reading import reading
+
+    (line,) = reading(_cells({"full": [1.0, 1.0], "h2o": [0.12, 0.2]}))
+    assert line == "At budget 64, h2o is the only evicting press: nothing to compare it with."
+
+
+def test_the_reading_names_a_winner_only_where_the_paired_interval_excludes_zero():
+    from kvbench.cli.reading import distinguished_best, reading
+
+    # snapkv-d ahead on every example by 3 to 5 points: its paired interval against h2o excludes zero
+    clear = _cells({"full": [1.0] * 5, "snapkv-d": [0.90, 0.92, 0.88, 0.95, 0.91],
+                    "h2o": [0.86, 0.88, 0.85, 0.90, 0.87], "streaming_llm": [0.5] * 5})
+    heading, top1 = reading(clear)
+    assert heading == "At budget 64, the presses against each other on the same 5 examples (paired, 95% intervals):"
+    assert top1.startswith("  top-1: snapkv-d is best, 91.2% against 87.2% for h2o, the next (Δ +4.0 points, "
+                           "95% interval [+")
+    assert [c.press.name for c in distinguished_best(clear)] == ["snapkv-d"]
+    # make run's case: snapkv-d ahead on the mean, behind on two of five examples: not distinguishable
+    close = _cells({"full": [1.0] * 5, "snapkv-d": [0.95, 0.80, 0.92, 0.90, 0.87],
+                    "h2o": [0.85, 0.86, 0.84, 0.93, 0.80]})
+    _, top1 = reading(close)
+    assert top1.startswith("  top-1: snapkv-d 88.8% and h2o 85.6% are not distinguishable at n = 5 (Δ +3.2 points, "
+                           "95% interval [-")
+    assert top1.endswith("examples would be needed to tell a difference this size apart.")
+    needed = int(top1.split("about ")[1].split(" ")[0])
+    assert needed == 22  # t(20) x 0.0719 / sqrt(21) = 0.0327 > 0.032; t(21) x 0.0719 / sqrt(22) = 0.0319
+    assert distinguished_best(close) == []
+    # lower is better for KL: the leader is the press with the lower mean
+    kl = _cells({"full": [0.0] * 4, "h2o": [0.20, 0.21, 0.22, 0.23], "snapkv-d": [0.30, 0.31, 0.32, 0.33]},
+                column="fidelity_kl_mean")
+    _, line = reading(kl)
+    assert line.startswith("  KL: h2o is best, 0.215 against 0.315 for snapkv-d, the next (Δ -0.100, ")
+
+
+def test_paired_report_sets_each_press_against_the_best_of_its_budget(tmp_path):
+    """Press against press on the same examples: the best press of each budget by the metric's mean, each other press
+    against it with Student's t interval and a verdict; an independent computation of the interval."""
+    import math
+
+    from kvbench.store import ResultStore
+
+    # t(df) two-sided 95% quantiles for df = 1..40 (tables), for the examples an interval this wide needs
+    T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+            2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045,
+            2.042, 2.040, 2.037, 2.035, 2.032, 2.030, 2.028, 2.026, 2.024, 2.023, 2.021]
+    tokens = {"h2o": [100, 110, 120, 130], "snapkv-d": [90, 100, 115, 125], "tova": [95, 104, 116, 122]}
+    rows = [row(press, (), 64, "gsm8k", i, 1, output_tokens=value) for press, values in tokens.items()
+            for i, value in enumerate(values)]
+    rows += [row("full", (), None, "gsm8k", i, 1, output_tokens=100) for i in range(4)]
+    ResultStore(tmp_path / "r").append(rows)
+    text = render(tmp_path / "r", metric="output_tokens", fmt="markdown", paired=True)
+    block = text.split("each press against the best press")[1]
+    lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in block.splitlines() if line.startswith("| ") and "press" not in line.split("|")[1]}
+    # output tokens: lower is better, so snapkv-d (107.5) leads; h2o is 7.5 behind on every example but one
+    assert set(lines) == {"h2o", "tova"} and lines["h2o"][2] == "snapkv-d"
+    differences = [a - b for a, b in zip(tokens["h2o"], tokens["snapkv-d"])]  # 10, 10, 5, 5
+    mean = sum(differences) / 4
+    sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / 3)
+    half = 3.182 * sd / 2  # t(3) x sd / sqrt(4)
+    assert lines["h2o"][4:] == [f"+{mean:.0f}", f"[+{mean - half:.0f}, +{mean + half:.0f}]", "differs"]
+    tova = [a - b for a, b in zip(tokens["tova"], tokens["snapkv-d"])]  # 5, 4, 1, -3: mean 1.75, sd 3.59
+    mean = sum(tova) / 4
+    sd = math.sqrt(sum((d - mean) ** 2 for d in tova) / 3)
+    needed = next(n for n in range(5, 200) if T975[n - 2] * sd / math.sqrt(n) < mean)
+    assert lines["tova"][3] == "4" and lines["tova"][6] == f"not distinguishable (~{needed} examples needed)"

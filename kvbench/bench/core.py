@@ -243,6 +243,8 @@ class _Bench:
         its budget) by self time (device time on CUDA)."""
         from torch.profiler import ProfilerActivity, profile
 
+        from kvbench.quiet import native_stderr_muted
+
         directory.mkdir(parents=True, exist_ok=True)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
         sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
@@ -250,8 +252,14 @@ class _Bench:
             generation = self._generation(press_name, budget, batch, self.config.gen_len)
             for _ in range(max(1, self.config.gen_len - steps)):  # the prefill and the steps before, not profiled
                 next(generation)
-            with profile(activities=activities) as prof:
+            prof = profile(activities=activities)
+            with native_stderr_muted():  # the profiler's native start and stop lines
+                prof.__enter__()
+            try:
                 run_to_end(generation)
+            finally:
+                with native_stderr_muted():
+                    prof.__exit__(None, None, None)
             name = f"{press_name}-{budget or 'full'}-b{batch}.txt"
             (directory / name).write_text(prof.key_averages().table(sort_by=sort, row_limit=40))
 

@@ -84,7 +84,7 @@ def _execute(config, retry_failed: bool) -> None:
         table, lines = ranking_table(task, cells, config)
         console.print(table)
         for line in lines:
-            console.print(line)
+            console.print(line, soft_wrap=True)  # a long reading line wraps in the terminal, not mid-table
         return
     console.print(result_table(task, cells, config))
 

@@ -11,15 +11,13 @@ def score(
     dry_run: bool = typer.Option(False, "--dry-run", help="Count what would change; write nothing."),
 ) -> None:
     """Re-extract and re-score stored responses with the current dataset configs (no generation)."""
-    from rich.console import Console
-    from rich.progress import Progress
-
+    from kvbench.cli.progress import progress_bar
     from kvbench.results.rescore import rescore, stored_tasks
     from kvbench.store import ResultStore
 
     tasks = stored_tasks(str(store), dataset)  # the store's parts and every config checked before any work
     parts = len(ResultStore(store).parts())
-    with Progress(console=Console(stderr=True), transient=True) as progress:
+    with progress_bar(transient=True) as progress:
         bar = progress.add_task("re-scoring", total=parts)
         summary = rescore(str(store), dataset, dry_run, on_part=lambda: progress.advance(bar),
                           tasks=tasks)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -44,30 +45,80 @@ def plot_fidelity(df: pd.DataFrame, directory: Path) -> list[Path]:
             for (model, dataset), _ in replays.groupby(["model", "dataset_label"])]
 
 
+#: Each press's marker and line style, in the order of its label: no two lines in a figure look alike, and
+#: a line hidden under another still shows its markers beside the other's (see ``_offsets``).
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p", "d", "H", "8")
+LINESTYLES = ("-", "--", "-.", ":")
+
+
 def _plot_vs_budget(path: Path, title: str, panels: list, model: str, dataset: str) -> Path:
-    """One panel per (long table, label): a line per press against budget; the full cache as a dashed line."""
+    """One panel per (long table, label): a line per press against budget, the full cache black.
+
+    Every press has its own marker and line style (the same in every panel) and its points sit a little to one
+    side of the budget (a small step in log-budget space), so presses that score the same stay visible; the
+    budget axis is log2 with a plain tick at each budget present."""
     import matplotlib.pyplot as plt
 
+    parts = [long[(long["model"] == model) & (long["dataset_label"] == dataset)] for long, _ in panels]
+    presses = sorted({press for part in parts for press in part["press_label"]})
+    budgets = sorted({int(b) for part in parts for b in part["budget"].dropna()})
+    flat = {press for part in parts for press, rows in part.groupby("press_label") if rows["budget"].isna().all()}
+    styles = _styles(presses, flat)
+    offsets = _offsets(presses, budgets)
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (long, label) in zip(axes[0], panels):
-        part = long[(long["model"] == model) & (long["dataset_label"] == dataset)]
-        for press, rows in part.groupby("press_label"):
-            if rows["budget"].isna().all():
-                ax.axhline(rows["mean"].iloc[0], color="black", linestyle="--", label=press)
-                continue
-            rows = rows[rows["budget"].notna()].sort_values("budget")
-            ax.errorbar(rows["budget"].astype(int), rows["mean"], yerr=rows["se"], marker="o", capsize=3,
-                        label=press)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("budget (KV entries per layer per head)")
+    for ax, part, (_, label) in zip(axes[0], parts, panels):
+        _draw_panel(ax, part, budgets, styles, offsets)
         ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _draw_panel(ax, part: pd.DataFrame, budgets: list[int], styles: dict, offsets: dict) -> None:
+    """A line per press (errors as bars); a press without a budget (the full cache) flat across the budgets."""
+    from matplotlib.ticker import NullLocator
+
+    for press, rows in part.groupby("press_label"):
+        style, shift = styles[press], offsets[press]
+        if rows["budget"].isna().all():
+            mean = rows["mean"].iloc[0]
+            if budgets:
+                ax.plot([b * shift for b in budgets], [mean] * len(budgets), label=press, **style)
+            else:
+                ax.axhline(mean, label=press, **style)
+            continue
+        rows = rows[rows["budget"].notna()].sort_values("budget")
+        ax.errorbar(rows["budget"].astype(int) * shift, rows["mean"], yerr=rows["se"], capsize=3, label=press,
+                    **style)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(budgets, labels=[str(b) for b in budgets])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("budget (KV entries per layer per head)")
+    ax.grid(alpha=0.3)
+
+
+def _styles(presses: list[str], flat: set[str]) -> dict[str, dict]:
+    """Marker, line style and colour per press; those in ``flat`` (no budget: the full cache) are black."""
+    import matplotlib
+
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {press: {"marker": MARKERS[i % len(MARKERS)], "linestyle": LINESTYLES[i % len(LINESTYLES)],
+                    "color": "black" if press in flat else colours[i % len(colours)]}
+            for i, press in enumerate(presses)}
+
+
+def _offsets(presses: list[str], budgets: list[int]) -> dict[str, float]:
+    """The factor each press's budgets are multiplied by: presses side by side around each budget, a step
+    apart in log2 space that grows with the axis's span and stays under the gap between neighbouring budgets."""
+    octaves = [math.log2(b) for b in budgets]
+    span = octaves[-1] - octaves[0] if octaves else 0.0
+    gap = min((b - a for a, b in zip(octaves, octaves[1:])), default=1.0)
+    step = min(0.04 * max(span, 1.0), 0.6 * gap / max(len(presses) - 1, 1))
+    middle = (len(presses) - 1) / 2
+    return {press: 2 ** ((i - middle) * step) for i, press in enumerate(presses)}
 
 
 def plot_attention_loss(df: pd.DataFrame, directory: Path) -> list[Path]:

@@ -120,7 +120,9 @@ def with_reference(means: pd.DataFrame, errors: pd.DataFrame, mask: pd.DataFrame
     the note lines on every row of a published method."""
     rows = ref[ref["model"] == model]
     if rows.empty:
-        return means, errors, mask, []
+        published = ", ".join(sorted(set(ref["model"])))
+        return means, errors, mask, [f"the paper published no figures for {model} (it ran {published}): nothing to "
+                                     "set beside these rows"]
     parts, placed, notes = [], set(), []
     for label in means.index:
         parts.append((means.loc[[label]], errors.loc[[label]], mask.loc[[label]]))

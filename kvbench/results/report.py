@@ -244,7 +244,8 @@ def check_options(metric: str, fmt: str, reference: str | None, paired: bool) ->
 
 def render(store: str | Path, metric: str = "accuracy", fmt: str = "markdown", reference: str | None = None,
            paired: bool = False) -> str:
-    """The report of ``store``: one table per model; ``paired`` adds each model's paired statistics vs full."""
+    """The report of ``store``: one table per model; ``paired`` adds each model's paired statistics against the full
+    cache and against the best press of each budget."""
     definition, ref = check_options(metric, fmt, reference, paired)  # every option before the store is read
     df = load(store, metrics=(definition,))
     identities = df.attrs["identities"]
@@ -253,6 +254,7 @@ def render(store: str | Path, metric: str = "accuracy", fmt: str = "markdown", r
     if fmt == "csv":
         return _csv(_with_paired(long, df, metric), metric, ref, identities, reference)
     with_paired = _with_paired(long, df, metric).dropna(subset=["paired_n"]) if paired else None
+    leaders = _leaders(df, definition) if paired else None
     blocks = []
     for model in sorted(set(long["model"])):
         means, errors = model_table(long, model)
@@ -268,6 +270,7 @@ def render(store: str | Path, metric: str = "accuracy", fmt: str = "markdown", r
         blocks.append(RENDERERS[fmt](title, means, errors, mask, number) + _notes(notes, fmt))
         if paired:
             blocks.append(_paired_block(with_paired, metric, model, number, fmt))
+            blocks.append(_leader_block(leaders, metric, model, number, fmt))
     return "\n\n".join(blocks) + "\n"
 
 
@@ -279,6 +282,23 @@ def _paired_block(with_paired: pd.DataFrame, metric: str, model: str, number: st
     title = (f"{model}: {metric}, each press against the full cache on the same examples (mean difference, "
              "bootstrap 95% interval" + (", exact McNemar p" if metric == "accuracy" else "") + ")")
     return render_paired(title, rows, fmt) if rows else f"{title}: no press shares examples with the full cache"
+
+
+def _leader_block(leaders: pd.DataFrame, metric: str, model: str, number: str, fmt: str) -> str:
+    """``model``'s presses against the best press of each budget (``kvbench.results.paired.leader_statistics``)."""
+    from kvbench.results.paired import leader_rows, render_leaders
+
+    rows = leader_rows(leaders, model, number)
+    title = (f"{model}: {metric}, each press against the best press of its dataset and budget on the same examples "
+             "(mean difference, Student-t 95% interval; differs: the interval excludes zero)")
+    return render_leaders(title, rows, fmt) if rows else f"{title}: no two presses share a dataset and budget"
+
+
+def _leaders(df: pd.DataFrame, definition) -> pd.DataFrame:
+    from kvbench.results.paired import leader_statistics
+
+    rows = _rows_of_kind(df, definition)
+    return leader_statistics(rows, definition.value(rows), definition.higher_is_better)
 
 
 def _with_paired(long: pd.DataFrame, df: pd.DataFrame, metric: str) -> pd.DataFrame:

@@ -47,8 +47,8 @@ def _rescore_part(store: ResultStore, part, tasks: dict, dataset: str | None, dr
     rows = store.read_part(part).to_pylist()
     touched = False
     for row in rows:
-        if dataset and row["dataset"] != dataset:
-            continue
+        if (dataset and row["dataset"] != dataset) or row.get("kind") == "fidelity":
+            continue  # a teacher-forced replay answers nothing of its own: it has no score
         task = tasks[(row["dataset"], row["protocol"] or DEFAULT_PROTOCOL)]
         new = task.score(row["response"], row["gold"], row["prompt"]).columns()
         summary.rows += 1
