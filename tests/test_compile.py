@@ -161,3 +161,14 @@ def test_compile_refusals_are_one_line_before_the_model_loads(tmp_path, args, me
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("command", [["run", "-p", "h2o", "-b", "24"], ["bench", "-p", "h2o", "-b", "24"]])
+def test_a_compile_backend_without_compile_is_refused_not_ignored(tmp_path, command):
+    from tests.test_cli import kvbench
+
+    result = kvbench(*command, "--model", "tiny-llama", "--compile-backend", "eager", "--store", str(tmp_path / "s"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["error: --compile-backend eager applies with --compile (give both)"], result.stderr
+    assert not (tmp_path / "s").exists()

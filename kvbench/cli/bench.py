@@ -29,7 +29,8 @@ def bench(
     static_shapes: bool = typer.Option(False, "--static-shapes", help="Attend over every preallocated slot."),
     compile: bool = typer.Option(False, "--compile", help="Also decode each cell as one compiled graph per step, "
                                  "beside eager; and time HF generate eager and with its static cache compiled."),
-    compile_backend: str = typer.Option("inductor", help="--compile's backend: inductor, eager or aot_eager."),
+    compile_backend: str | None = typer.Option(None, help="--compile's backend: inductor (the default), eager or "
+                                               "aot_eager. Refused without --compile."),
     profile: Path | None = typer.Option(None, "--profile", help="Also write each cell's torch profiler table "
                                         "(its last 64 decoding steps: the cache at its budget) to this directory."),
     ops: bool = typer.Option(False, "--ops", help="Also count the aten operators (and host synchronisations) one "
@@ -75,6 +76,8 @@ def _config(o: dict):
     from kvbench.errors import KvbenchError
     from kvbench.runs.plan import parse_budget
 
+    if o["compile_backend"] is not None and not o["compile"]:
+        raise KvbenchError(f"--compile-backend {o['compile_backend']} applies with --compile (give both)")
     budgets = tuple(parse_budget(b) for b in _split(o["budget"]))
     if None in budgets:
         raise KvbenchError("bench budgets are numbers (the full cache always runs as the reference)")
@@ -87,7 +90,7 @@ def _config(o: dict):
         prompt_len=o["prompt_len"], gen_len=o["gen_len"], press_args=tuple(o["press_arg"]),
         random_weights=o["random_weights"], dtype=o["dtype"], device=o["device"], warmup=o["warmup"],
         memory_gib=o["memory_gib"], max_batch=o["max_batch"], static_shapes=o["static_shapes"],
-        compile=o["compile"], compile_backend=o["compile_backend"],
+        compile=o["compile"], compile_backend=o["compile_backend"] or "inductor",
         profile_dir=str(o["profile"]) if o["profile"] else None, seed=o["seed"],
         count_ops=o["ops"], workload=o["workload"], examples=o["examples"],
         store=str(o["store"]) if o["store"] else None,

@@ -28,9 +28,13 @@ def _command(kind: str, doc: str) -> Callable[..., None]:
         retry_failed: options.RetryFailed = False,
         measure: options.Measure = [],  # noqa: B006
         stop_on_loop: options.StopOnLoop = False,
-        compile: options.Compile = False, compile_backend: options.CompileBackend = "inductor",
+        compile: options.Compile = False, compile_backend: options.CompileBackend = None,
     ) -> None:
+        from kvbench.errors import ConfigError
         from kvbench.runs.plan import RunConfig, parse_budget
+
+        if compile_backend is not None and not compile:
+            raise ConfigError(f"--compile-backend {compile_backend} applies with --compile (give both)")
 
         config = RunConfig(
             model=model, presses=tuple(_split(press)), budgets=tuple(parse_budget(b) for b in _split(budget)),
@@ -39,7 +43,7 @@ def _command(kind: str, doc: str) -> Callable[..., None]:
             protocol=protocol, system_prompt=system_prompt, store=str(store), dtype=dtype, device=device,
             data_dir=str(data_dir) if data_dir else None, dataset_revision=dataset_revision, batch_size=batch_size,
             batching=batching, stop_on_loop=stop_on_loop, measure=tuple(_split(measure)), kind=kind,
-            compile=compile_backend if compile else None,
+            compile=(compile_backend or "inductor") if compile else None,
         )
         _execute(config, retry_failed)
 

@@ -52,5 +52,6 @@ StopOnLoop = Annotated[bool, typer.Option("--stop-on-loop", help="End a generati
 Compile = Annotated[bool, typer.Option("--compile", help="Run every decoding step as one torch.compile graph "
         "(fullgraph, static shapes: the model's forward, the cache write, the press's scoring and eviction); the "
         "prefill stays eager. Presses that cannot be one graph are refused with the reason.")]
-CompileBackend = Annotated[str, typer.Option(help="The torch.compile backend of --compile: inductor (generated "
-        "code; CUDA graphs on a GPU), or eager / aot_eager (traced only: checks the step is one graph).")]
+CompileBackend = Annotated[str | None, typer.Option(help="The torch.compile backend of --compile: inductor (the "
+        "default: generated code; CUDA graphs on a GPU), or eager / aot_eager (traced only: checks the step is one "
+        "graph). Refused without --compile.")]
