@@ -15,6 +15,7 @@ TEST_ARGS = {
     "rkv": {"buffer": "4"}, "hott-rkv": {"buffer": "4"}, "hott-rkv-fixed": {"buffer": "4"}, "keydiff": {"buffer": "4"},
     "gkv": {"buffer": "4", "window_size": "2"}, "morphkv": {"window_size": "4"},
     "expected-attention": {"buffer": "4", "n_sink": "2", "n_future_positions": "16"},
+    "quest": {"chunk_size": "4", "dense_layers": "1"},  # pages of 4 over the tiny models' 2-3 layers
     "rpc": {"window_size": "1"},  # --budget is RPC's period: it first compresses after budget + window tokens
     "hott-snapkv-d": {"window_size": "4"}, "hott-snapkv-d-fixed": {"window_size": "4"},
     "shadowkv": {"chunk_size": "2", "local_window": "2", "outlier_chunks": "1"},

@@ -60,7 +60,7 @@ def test_continuous_equals_batch_one_for_every_press(tiny_llama, press_name):
     alone = _compare(model, tokenizer, press_name, settings)
     lengths = {len(o.tokens) for o in alone}
     assert len(lengths) > 1, "every sequence ran equally long: no row was ever freed early"
-    if make_press(press_name).evicts:
+    if make_press(press_name).evicts and not make_press(press_name).selects:
         assert sum(o.evicted_tokens for o in alone) > 0
 
 

@@ -103,8 +103,8 @@ def kvbench_step(model, prompts: list[list[int]], press, budget: int | None, n: 
     """kvbench's decoding step under ``press`` at ``budget`` (EOS ignored), once the cache is full."""
     from kvbench.engine.generate import GenerationSettings, generate
 
-    start = 0 if budget is None else press.capacity(budget, model.config.num_hidden_layers,
-                                                    model.config.num_key_value_heads) + 2
+    full = budget is None or press.selects  # the whole cache kept (a selection attends part of it)
+    start = 0 if full else press.capacity(budget, model.config.num_hidden_layers, model.config.num_key_value_heads) + 2
 
     def run(length: int) -> None:
         generate(model, prompts, press, budget, GenerationSettings(max_new_tokens=length))

@@ -29,8 +29,7 @@ def bench(
     static_shapes: bool = typer.Option(False, "--static-shapes", help="Attend over every preallocated slot."),
     compile: bool = typer.Option(False, "--compile", help="Also decode each cell as one compiled graph per step, "
                                  "beside eager; and time HF generate eager and with its static cache compiled."),
-    compile_backend: str | None = typer.Option(None, help="--compile's backend: inductor (the default), eager or "
-                                               "aot_eager. Refused without --compile."),
+    compile_backend: str | None = typer.Option(None, help="--compile's backend: inductor (default), eager, aot_eager."),
     profile: Path | None = typer.Option(None, "--profile", help="Also write each cell's torch profiler table "
                                         "(its last 64 decoding steps: the cache at its budget) to this directory."),
     ops: bool = typer.Option(False, "--ops", help="Also count the aten operators (and host synchronisations) one "

@@ -181,7 +181,8 @@ class BudgetCache(RowSplicing, CacheTelemetry, DynamicCache):
         layer_step = LayerStep(
             self.step, self.press, self.used, self.capacity, self.tokens_seen, self.budget, tuple(occupancy.held),
             self.query_position, self.prompt_length, self.row_step, self.row_seeds, self.heads_uniform,
-            self.allocates, self.query_ring, self.attention_loss, self.hold_query, self.layer_keep_rows)
+            self.allocates, self.query_ring, self.attention_loss, self.hold_query, self.layer_keep_rows,
+            self.requested_budget if self.press.selects else None)
         for layer in self.layers:
             layer.step = layer_step
         return self.step

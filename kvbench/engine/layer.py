@@ -44,6 +44,8 @@ class LayerStep:
     attention_loss: Any  # AttentionLossRecorder | None
     hold_query: Callable[[int, torch.Tensor], None]  # keep a decoding query for end_step's observe()
     layer_keep_rows: Callable[[tuple[bool, ...], int | None], tuple[list[int], torch.Tensor]]
+    #: Tokens a selecting press (``Press.selects``: Quest) lets each query head attend to per decoding step.
+    selection_budget: int | None = None
 
     @property
     def mode(self) -> StepMode:
@@ -167,6 +169,10 @@ class BudgetLayer(DynamicLayer):
         if lq == 1 and ctx.mode is not StepMode.OVERFLOW:
             # One query per sequence: fold the GQA group into the query length, so keys are never expanded.
             mask = self.valid[:, :, None, : key.shape[2]]
+            if ctx.selection_budget is not None:  # each query head attends to what the press selects
+                chosen = ctx.press.select(query.view(b, h, hq // h, d), key, self.positions[:, :, : key.shape[2]],
+                                          mask[:, :, 0], ctx.selection_budget, self.layer_idx)
+                mask = mask if chosen is None else chosen
             out = F.scaled_dot_product_attention(query.view(b, h, hq // h, d), key, value, attn_mask=mask,
                                                  scale=scaling).view(b, hq, 1, -1)
         else:

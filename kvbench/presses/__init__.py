@@ -27,6 +27,7 @@ from kvbench.presses.morphkv import MorphKVPress
 from kvbench.presses.plugins import PluginError, installed, is_import_spec, load_class, load_entry_point
 from kvbench.presses.probe import probe
 from kvbench.presses.pyramidkv import PyramidKVPress
+from kvbench.presses.quest import QuestPress
 from kvbench.presses.random import RandomPress
 from kvbench.presses.rkv import RKVPress
 from kvbench.presses.rpc import RPCPress
@@ -43,7 +44,7 @@ PRESSES: dict[str, type[Press]] = {
         FullPress, StreamingLLMPress, H2OPress, SnapKVDecodingPress, KNormPress, RKVPress, RandomPress, TOVAPress,
         RPCPress, SCOPEPress, ShadowKVPress,
         # the methods a 2026 paper compares against
-        KeyDiffPress, ExpectedAttentionPress, MorphKVPress, GKVPress,
+        KeyDiffPress, ExpectedAttentionPress, MorphKVPress, GKVPress, QuestPress,
         # the paper's harness: its rules with its defects fixed, and bug-compatible with its code
         HottH2OFixedPress, HottSnapKVDFixedPress, HottRKVFixedPress,
         HottH2OPress, HottSnapKVDPress, HottRKVPress, HottStreamingLLMPress, HottKNormPress,

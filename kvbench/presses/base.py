@@ -69,6 +69,9 @@ class Press:
     #: False where the rule's exact arithmetic lets float noise that differs between batch shapes decide what is
     #: kept (``hott-knorm``'s unrounded norms): runs then decode such a press one sequence at a time.
     batch_invariant: ClassVar[bool] = True
+    #: True for selection (Quest): every entry is kept, and each decoding step's query heads attend to what
+    #: ``select`` chooses; ``--budget`` is the tokens attended.
+    selects: ClassVar[bool] = False
     #: True if the press reads the model's RoPE (``view.window.rope``), to undo it on the window's queries.
     reads_rope: ClassVar[bool] = False
     #: Why the press's decoding step cannot be compiled into one graph (``--compile``); None: it can.
@@ -136,6 +139,13 @@ class Press:
     def score(self, view: View) -> torch.Tensor:
         """Return [B, H_kv, S] scores over ``view``'s slots; higher = keep. Invalid slots are ignored."""
         raise NotImplementedError
+
+    def select(self, queries: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
+               budget: int, layer_idx: int) -> torch.Tensor | None:
+        """A selecting press's choice (``selects``): [B, H, G, S] the slots each query head of a decoding step
+        attends to (queries [B, H, G, D]: the G query heads of each KV head; keys [B, H, S, D]; positions and valid
+        [B, H, S]); None: every valid slot."""
+        return None
 
     def params(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -16,7 +16,7 @@ from kvbench.verify.subject import NotApplicable, Outcome, Subject, decode_lengt
 
 
 def _evicting(press) -> None:
-    if not press.evicts or press.sparse:
+    if not press.evicts or press.sparse or press.selects:
         raise NotApplicable("evicts nothing")
 
 
@@ -54,7 +54,7 @@ def no_growth(subject: Subject, budget: int = 24) -> Outcome:
     press = subject.make()
     if getattr(press, "grows", False):
         raise NotApplicable("its schedule keeps more as the sequence grows, by design")
-    if not press.evicts:
+    if not press.evicts or press.selects:
         raise NotApplicable("the full cache grows by design")
     prompt = subject.prompt(20)
     layers, heads = subject.shape

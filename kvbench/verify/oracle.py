@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 
-MASKS: dict[int, torch.Tensor] = {}  # layer -> [H_kv, L, L] bool, True = may attend
+MASKS: dict[int, torch.Tensor] = {}  # layer -> [H_kv or H_q, L, L] bool, True = may attend
 #: layer -> [H_kv, L]: full causal attention mass each query puts on the positions its mask hides
 MISSED: dict[int, torch.Tensor] = {}
 #: layer -> what the masked forward computed: post-RoPE queries [H_q, L, D], keys [H_kv, L, D], and the
@@ -25,18 +25,19 @@ PROBS: dict[int, torch.Tensor] = {}
 
 
 def _masked_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    mask = MASKS[module.layer_idx]
     group = query.shape[1] // key.shape[1]
+    mask = MASKS[module.layer_idx]  # per KV head, or per query head (a selection: Quest)
+    mask = mask if mask.shape[0] == query.shape[1] else mask.repeat_interleave(group, dim=0)
     k = key.float().repeat_interleave(group, dim=1)
     v = value.float().repeat_interleave(group, dim=1)
     raw = query.float() @ k.transpose(-1, -2) * scaling
-    probs = torch.softmax(raw.masked_fill(~mask.repeat_interleave(group, dim=0)[None], float("-inf")), dim=-1)
+    probs = torch.softmax(raw.masked_fill(~mask[None], float("-inf")), dim=-1)
     layer = module.layer_idx
     QUERIES[layer], KEYS[layer], PROBS[layer] = query[0].float(), key[0].float(), probs[0]
     length = query.shape[2]
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     full = torch.softmax(raw.masked_fill(~causal, float("-inf")), -1)
-    hidden = causal & ~mask.repeat_interleave(group, dim=0)[None]
+    hidden = causal & ~mask[None]
     MISSED[layer] = (full * hidden).sum(-1)[0].view(key.shape[1], group, length).mean(1)
     return (probs @ v).transpose(1, 2).contiguous().to(query.dtype), None
 
@@ -46,7 +47,7 @@ AttentionMaskInterface.register("oracle_masked", lambda *a, **k: None)
 
 
 def masked_logits(model, tokens: list[int], masks: dict[int, torch.Tensor]) -> torch.Tensor:
-    """Logits [L, V] of a forward over ``tokens`` with per-layer, per-KV-head masks."""
+    """Logits [L, V] of a forward over ``tokens`` with per-layer masks, per KV head or per query head."""
     MASKS.clear()
     MASKS.update(masks)
     MISSED.clear()

@@ -37,7 +37,7 @@ def masking(subject: Subject, budget: int) -> Outcome:
     press = subject.make()
     if not press.evicts:
         raise NotApplicable("evicts nothing")
-    if press.sparse:
+    if press.sparse or press.selects:
         raise NotApplicable("attends a selection and evicts nothing (its own oracle test covers it)")
     prompt = subject.prompt(30)
     n_new = decode_length(press, budget, len(prompt), floor=36)
@@ -105,7 +105,7 @@ def batched(subject: Subject, budget: int) -> Outcome:
         row = differ[0]
         step = next((t for t, (a, b) in enumerate(zip(alone[row].tokens, together[row].tokens)) if a != b), 0)
         return Outcome("batch", "fail", worst, where(step, row=row))
-    if press.evicts and not press.sparse and not sum(o.evicted_tokens for o in alone):
+    if press.evicts and not (press.sparse or press.selects) and not sum(o.evicted_tokens for o in alone):
         return Outcome("batch", "fail", "nothing evicted", f"budget {budget}, {n_new} new tokens")
     return Outcome("batch", "pass", worst)
 

@@ -55,6 +55,8 @@ class NotApplicable(KvbenchError):
 def decode_length(press: Press, budget: int, prompt_length: int, floor: int) -> int:
     """New tokens for a run that compresses at least twice at ``budget`` (a prompt above the trigger is compressed
     at the prefill), at least ``floor``."""
+    if press.selects:  # nothing is compressed: every step attends a selection
+        return floor
     keep, trigger = press.cadence(budget)
     first = trigger - prompt_length if prompt_length < trigger else trigger - keep
     n = max(floor, first + (trigger - keep) + 4)
