@@ -75,6 +75,7 @@ import torch.nn.functional as F
 
 from kvbench.models import build_tiny
 from kvbench.presses import PressError, make_press
+from tests.reference.decoding_press import find_target_compression_ratio, scorer_compress
 from tests.reference.harness import (
     GROUPS,
     assert_identical,
@@ -108,22 +109,6 @@ def unrotate(queries, positions, rope):
     cos, sin = (x.to(queries.dtype) for x in rope(positions))
     half = queries.shape[-1] // 2
     return queries * cos - torch.cat([-queries[..., half:], queries[..., :half]], dim=-1) * sin
-
-
-def find_target_compression_ratio(q_len, target_tokens):
-    """``DecodingPress._find_target_compression_ratio`` (decoding_press.py lines 194-236): the same search."""
-    if q_len <= target_tokens:
-        return 0.0
-    ratio, low, high = 1.0 - (target_tokens / q_len), 0.0, 1.0
-    for _ in range(20):
-        n_kept = int(q_len * (1 - ratio))
-        if n_kept == target_tokens:
-            break
-        if n_kept > target_tokens:
-            low, ratio = ratio, (ratio + high) / 2
-        else:
-            high, ratio = ratio, (low + ratio) / 2
-    return ratio
 
 
 def statistics(buffered, cfg, rope, start):
@@ -162,25 +147,18 @@ def score(keys, values, buffered, cfg, rope, start):
 
 
 def compress(st, budget, cfg, rope):
-    """``DecodingPress.compress`` (102-111) then ``ScorerPress.compress`` (scorer_press.py 86-100), in place."""
-    k_len = st["keys"].shape[1]
-    if (ratio := find_target_compression_ratio(k_len, budget)) == 0:  # scorer_press.py line 86
+    """``DecodingPress.compress`` then ``ScorerPress.compress`` (``tests/reference/decoding_press.py``), in place,
+    with the buffered queries (line 153) as the score's hidden states."""
+    if find_target_compression_ratio(st["keys"].shape[1], budget) == 0:  # scorer_press.py line 86: not scored
         return
     buffered = torch.cat(st["buffer"], dim=1)  # line 153
     cfg["sizes"].append(buffered.shape[1])
     start = buffered.shape[1] if cfg["future"] == "buffer" else int(st["positions"].max()) + 1
     scores = score(st["keys"], st["values"], buffered, cfg, rope, start)
     scores = -scores if cfg["negate"] else scores
-    n_kept = int(k_len * (1 - ratio))  # line 94
-    if cfg["ties"] == "topk":
-        indices = scores.topk(n_kept, dim=-1).indices  # line 95
-    else:  # not the source: equal scores ranked newest first (kvbench's ranking)
-        newest = st["positions"].argsort(dim=-1, descending=True, stable=True)
-        indices = newest.gather(-1, scores.gather(-1, newest).argsort(dim=-1, descending=True, stable=True))
-        indices = indices[..., :n_kept]
-    for name in ("keys", "values"):  # lines 99-100: the cache now in topk's order
-        st[name] = st[name].gather(1, indices[..., None].expand(-1, -1, st[name].shape[-1]))
-    st["positions"] = st["positions"].gather(1, indices)
+    st["positions"], kept = scorer_compress(scores, st["positions"], budget,
+                                            {"keys": st["keys"], "values": st["values"]}, cfg["ties"])
+    st.update(kept)  # the cache now in topk's order
 
 
 def reference(forwards, budget, interval, qbuf, rope, prerope=None, *, window=False, **options):

@@ -64,6 +64,7 @@ import torch
 import torch.nn.functional as F
 
 from kvbench.presses import make_press
+from tests.reference.decoding_press import decoding_press, find_target_compression_ratio
 from tests.reference.harness import (
     GROUPS,
     assert_identical,
@@ -78,84 +79,22 @@ from tests.reference.harness import (
 PROMPT = "Tom has 12 apples. He buys 7 more. How many?"
 
 
-def find_target_compression_ratio(q_len, target_tokens):
-    """``DecodingPress._find_target_compression_ratio`` (decoding_press.py lines 194-236), verbatim."""
-    if q_len <= target_tokens:
-        return 0.0
-    ratio = 1.0 - (target_tokens / q_len)
-    low, high = 0.0, 1.0
-    iteration = 0
-    while iteration < 20:
-        n_kept = int(q_len * (1 - ratio))
-        if n_kept == target_tokens:
-            break
-        elif n_kept > target_tokens:
-            low = ratio
-            ratio = (ratio + high) / 2
-        else:
-            high = ratio
-            ratio = (low + ratio) / 2
-        iteration += 1
-    return ratio
-
-
 def keydiff_score(keys):
     """``KeyDiffPress.score`` (keydiff_press.py lines 45-46) on keys [1, H, n, d]."""
     anchor = F.normalize(keys, p=2, dim=-1).mean(dim=2, keepdim=True)
     return -F.cosine_similarity(keys, anchor, dim=-1)
 
 
-def compress(keys, positions, budget, similar=False, ties="topk"):
-    """``DecodingPress.compress`` (lines 102-111) then ``ScorerPress.compress`` (scorer_press.py lines 86-100) on
-    one layer's cache: keys [1, H, n, d] and the positions [1, H, n] of its entries, in physical order."""
-    k_len = keys.shape[2]
-    ratio = find_target_compression_ratio(k_len, budget)
-    if ratio == 0:  # line 86: a cache at or under the target is left as it is
-        return keys, positions
-    scores = keydiff_score(keys)
-    scores = -scores if similar else scores
-    n_kept = int(k_len * (1 - ratio))  # line 94
-    if ties == "topk":
-        indices = scores.topk(n_kept, dim=-1).indices  # line 95
-    else:  # not the source: equal scores ranked newest first (kvbench's ranking)
-        newest_first = positions.argsort(dim=-1, descending=True, stable=True)
-        by_score = scores.gather(-1, newest_first).argsort(dim=-1, descending=True, stable=True)
-        indices = newest_first.gather(-1, by_score)[..., :n_kept]
-    keys = keys.gather(2, indices[..., None].expand(-1, -1, -1, keys.shape[-1])).contiguous()  # line 99
-    return keys, positions.gather(2, indices)  # the cache now in topk's order
-
-
-def reference(forwards, budget, interval, similar=False, prefill_over=None, ties="topk", q_len_trigger=True):
+def reference(forwards, budget, interval, similar=False, **differences):
     """kept[t][layer][head] of kvpress's cache under ``DecodingPress(KeyDiffPress(), compression_interval=interval,
-    target_size=budget)``: each layer's ``forward_hook`` after its attention, the cache in its own physical order.
+    target_size=budget)`` (``tests/reference/decoding_press.py``, the cache in kvpress's own physical order).
 
-    Not the rule, for naming kvbench's differences one at a time: ``prefill_over=n`` also compresses a prefill of
-    more than ``n`` tokens to ``budget`` (difference 1); ``ties="newest"`` ranks equal scores newest first
-    (difference 2); ``q_len_trigger=False`` drops line 141's ``q_len >= target_size`` (difference 3).
-    ``similar=True`` (keeps the keys *most* similar to the anchor) only shows the comparison can fail.
+    ``differences`` name kvbench's, one at a time (``decoding_press``'s options): ``prefill_over=n`` (difference 1),
+    ``ties="newest"`` (difference 2), ``q_len_trigger=False`` (difference 3). ``similar=True`` (keeps the keys
+    *most* similar to the anchor) only shows the comparison can fail.
     """
-    first = forwards[0]
-    kv_heads, d = first.keys.shape[1], first.keys.shape[-1]
-    keys = [torch.empty(1, kv_heads, 0, d, dtype=first.keys.dtype) for _ in range(first.layers)]
-    positions = [torch.empty(1, kv_heads, 0, dtype=torch.long) for _ in range(first.layers)]
-    step_counts = [0] * first.layers  # layer_step_counts, line 54
-    kept = []
-    for forward in forwards:
-        q_len = forward.positions.numel()
-        for i in range(first.layers):
-            # DynamicCache.update appends the forward's keys before attention; the hook runs after it
-            keys[i] = torch.cat([keys[i], forward.keys[i][None]], dim=2)
-            positions[i] = torch.cat([positions[i], forward.positions.expand(1, kv_heads, q_len)], dim=2)
-            if int(forward.positions[-1]) + 1 == q_len:  # is_prefilling (base_press.py 37-40): line 129, no-op
-                if prefill_over is not None and q_len > prefill_over:  # not the source: kvbench's prefill cut
-                    keys[i], positions[i] = compress(keys[i], positions[i], budget, similar, ties)
-                continue
-            step_counts[i] += 1  # line 137
-            if step_counts[i] >= interval or (q_len_trigger and q_len >= budget):  # line 141
-                keys[i], positions[i] = compress(keys[i], positions[i], budget, similar, ties)
-                step_counts[i] = 0  # line 169
-        kept.append([[set(row.tolist()) for row in p[0]] for p in positions])
-    return kept
+    return decoding_press(forwards, budget, interval, (lambda k: keydiff_score(k).neg()) if similar else keydiff_score,
+                          **differences)
 
 
 def press(interval):
