@@ -57,11 +57,12 @@ def _is_run(command: str) -> bool:
     return not any(part in command for part in NOT_RUN)
 
 
-RUN = [c for c in commands() if _is_run(c)]
+COMMANDS = commands()  # read once: every test and the store look-up below use them
+RUN = [c for c in COMMANDS if _is_run(c)]
 
 
 def test_every_command_is_run_or_named_with_a_reason():
-    shown = commands()
+    shown = COMMANDS
     assert len(RUN) >= 40  # the README's kvbench commands
     for command in RUN:
         assert command.split()[0] in ("kvbench", "python") or command.startswith("KVBENCH_DATA_DIR="), command
@@ -166,7 +167,7 @@ def _stores_written_before(argv: list[str], scratch: Path) -> list[str]:
     missing = [w.rstrip("/") for w in argv[2:] if w.startswith("results/") and not (scratch / w).exists()]
     writers = []
     for path in missing:
-        writer = next((c for c in commands() if f"--store {path}" in c and _is_run(c) and c != " ".join(argv)),
+        writer = next((c for c in COMMANDS if f"--store {path}" in c and _is_run(c) and c != " ".join(argv)),
                       None)
         if writer is not None and "--store" not in argv:
             writers.append(writer)

@@ -192,18 +192,29 @@ def pool_by_position(scores: torch.Tensor, view: View, kernel_size: int, mode: s
     return torch.empty_like(scores).scatter_(-1, order, pooled)
 
 
-def window_softmax(view, prefix: torch.Tensor, gqa: str = "max") -> torch.Tensor:
-    """[N, H, S]: the window queries' attention over the ``prefix`` keys only (all older than every window query,
-    so no causal mask is needed), averaged over the valid window queries. ``gqa="max"``: softmax of the maximum
-    of the group's logits (R-KV's code); ``"mean"``: each query head's softmax, averaged over the group (RPC's)."""
+def window_logits(view, sum_group: bool = False) -> torch.Tensor:
+    """[N, H, G, W, S] float32: each window query's scaled logit on every slot, the query heads grouped by the KV
+    head they read (G per KV head); ``sum_group``: [N, H, W, S], the group's logits summed in the same contraction."""
     window = view.window
     n, hq, w, d = window.queries.shape
     h = view.keys.shape[1]
     queries = window.queries.float().view(n, h, hq // h, w, d)
-    logits = torch.einsum("nhgwd,nhsd->nhgws", queries, view.keys.float()) * window.scaling
-    masked = logits.masked_fill(~prefix[:, :, None, None, :], -torch.inf)
+    out = "nhws" if sum_group else "nhgws"
+    return torch.einsum(f"nhgwd,nhsd->{out}", queries, view.keys.float()) * window.scaling
+
+
+def window_mean(probs: torch.Tensor, window) -> torch.Tensor:
+    """[N, H, S]: ``probs`` [N, H, W, S] averaged over each row's valid window queries."""
+    probs = probs * window.valid[:, None, :, None]
+    return probs.sum(dim=2) / window.valid.sum(dim=-1).clamp(min=1)[:, None, None]
+
+
+def window_softmax(view, prefix: torch.Tensor, gqa: str = "max") -> torch.Tensor:
+    """[N, H, S]: the window queries' attention over the ``prefix`` keys only (all older than every window query,
+    so no causal mask is needed), averaged over the valid window queries. ``gqa="max"``: softmax of the maximum
+    of the group's logits (R-KV's code); ``"mean"``: each query head's softmax, averaged over the group (RPC's)."""
+    masked = window_logits(view).masked_fill(~prefix[:, :, None, None, :], -torch.inf)
     grouped = masked.amax(dim=2) if gqa == "max" else masked
     probs = torch.softmax(grouped, dim=-1)
     probs = probs if gqa == "max" else probs.mean(dim=2)
-    probs = probs.nan_to_num(0.0) * window.valid[:, None, :, None]
-    return probs.sum(dim=2) / window.valid.sum(dim=-1).clamp(min=1)[:, None, None]
+    return window_mean(probs.nan_to_num(0.0), view.window)

@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.presses.base import INF, Press, View
+from kvbench.presses.base import INF, Press, View, window_logits, window_mean
 from kvbench.presses.rkv import position_index, redundancy
 
 HISTORY = "history"
@@ -96,15 +96,10 @@ class GKVPress(Press):
     def _attention(self, view: View) -> torch.Tensor:
         """[N, H, S]: the window queries' causal softmax over the cache, the group's maximum, the window's mean."""
         window = view.window
-        n, hq, w, d = window.queries.shape
-        h = view.keys.shape[1]
-        queries = window.queries.float().view(n, h, hq // h, w, d)
-        logits = torch.einsum("nhgwd,nhsd->nhgws", queries, view.keys.float()) * window.scaling
         seen = view.valid[:, :, None, None, :] & (view.positions[:, :, None, None, :]
                                                    <= window.positions[:, None, None, :, None])
-        probs = torch.softmax(logits.masked_fill(~seen, -torch.inf), dim=-1).nan_to_num(0.0).amax(dim=2)
-        probs = probs * window.valid[:, None, :, None]
-        return probs.sum(dim=2) / window.valid.sum(dim=-1).clamp(min=1)[:, None, None]
+        probs = torch.softmax(window_logits(view).masked_fill(~seen, -torch.inf), dim=-1).nan_to_num(0.0)
+        return window_mean(probs.amax(dim=2), window)
 
     def _history(self, view: View, attention: torch.Tensor) -> torch.Tensor:
         if self.alpha <= 0:

@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.presses.base import Press, View, protect
+from kvbench.presses.base import Press, View, protect, window_logits
 
 
 @dataclass
@@ -61,11 +61,7 @@ class MorphKVPress(Press):
 
     def score(self, view: View) -> torch.Tensor:
         window = view.window
-        n, hq, w, d = window.queries.shape
-        h = view.keys.shape[1]
-        queries = window.queries.float().view(n, h, hq // h, w, d)
-        # the group's logits summed (MorphKV's ``.sum(dim=2)`` over the grouped heads)
-        logits = torch.einsum("nhgwd,nhsd->nhws", queries, view.keys.float()) * window.scaling
+        logits = window_logits(view, sum_group=True)  # the group's logits summed (MorphKV's ``.sum(dim=2)``)
         older = view.valid & (view.positions <= view.query_position[:, None, None] - self.window_size)
         probs = torch.softmax(logits.masked_fill(~older[:, :, None, :], -torch.inf), dim=-1).nan_to_num(0.0)
         probs = probs * window.valid[:, None, :, None]

@@ -3,7 +3,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.errors import KvbenchError
-from kvbench.presses.base import INF, Press, View, pool_by_position, protect, recent_positions
+from kvbench.presses.base import INF, Press, View, pool_by_position, protect, recent_positions, window_logits
 
 _UNBOUNDED = 2**62
 
@@ -129,11 +129,7 @@ class RPCPress(Press):
         """[N, H, S]: each selector query's softmax over the ``reasoning`` slots, summed over the selectors with
         their weights, averaged over each KV head's query heads (``rpc_utils.py`` 109-113, 125-131)."""
         window = view.window
-        n, hq, w, d = window.queries.shape
-        h = view.keys.shape[1]
-        queries = window.queries.float().view(n, h, hq // h, w, d)
-        logits = torch.einsum("nhgwd,nhsd->nhgws", queries, view.keys.float()) * window.scaling
-        probs = torch.softmax(logits.masked_fill(~reasoning[:, :, None, None, :], -torch.inf), dim=-1)
+        probs = torch.softmax(window_logits(view).masked_fill(~reasoning[:, :, None, None, :], -torch.inf), dim=-1)
         weights = window.valid.float()
         if self.query_weights == "rpc":  # the oldest query out, the newest twice
             stamp = window.positions.masked_fill(~window.valid, -1)

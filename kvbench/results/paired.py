@@ -124,25 +124,15 @@ def paired_rows(paired: pd.DataFrame, model: str, number: str) -> list[list[str]
     signed = number.replace("{:", "{:+", 1)
     rows = []
     for r in paired[paired["model"] == model].sort_values(["press_label", "dataset_label", "budget"]).itertuples():
-        interval = ("–" if pd.isna(r.paired_ci_low)
-                    else f"[{signed.format(r.paired_ci_low)}, {signed.format(r.paired_ci_high)}]")
         rows.append([r.press_label, r.dataset_label, str(r.budget), str(int(r.paired_n)),
-                     signed.format(r.paired_difference), interval,
+                     signed.format(r.paired_difference), _interval(r, signed),
                      "–" if pd.isna(r.mcnemar_p) else f"{r.mcnemar_p:.3g}"])
     return rows
 
 
 def render_paired(title: str, rows: list[list[str]], fmt: str) -> str:
     """``paired_rows`` as a markdown, LaTeX or terminal table."""
-    from kvbench.text_table import markdown_table, text_table
-
-    if fmt == "markdown":
-        return f"**{title}**\n\n" + markdown_table(PAIRED_HEADERS, rows, left=2)
-    if fmt == "latex":
-        body = [" & ".join(r).replace("Δ", "$\\Delta$").replace("%", "\\%") + r" \\" for r in [PAIRED_HEADERS, *rows]]
-        return "\n".join([f"% {title}", r"\begin{tabular}{lllrrrr}", r"\toprule", body[0], r"\midrule", *body[1:],
-                          r"\bottomrule", r"\end{tabular}"])
-    return text_table(title, PAIRED_HEADERS, rows, left=2)
+    return _render(title, PAIRED_HEADERS, rows, fmt, left=2, latex_columns="lllrrrr")
 
 
 LEADER_HEADERS = ["press", "dataset", "budget", "best press", "pairs", "Δ vs best", "95% interval", "verdict"]
@@ -177,8 +167,6 @@ def leader_rows(leaders: pd.DataFrame, model: str, number: str) -> list[list[str
     signed = number.replace("{:", "{:+", 1)
     rows = []
     for r in leaders[leaders["model"] == model].sort_values(["dataset_label", "budget", "press_label"]).itertuples():
-        interval = ("–" if pd.isna(r.paired_ci_low)
-                    else f"[{signed.format(r.paired_ci_low)}, {signed.format(r.paired_ci_high)}]")
         if r.distinguishable:
             verdict = "differs"
         elif pd.isna(r.examples_needed):
@@ -186,19 +174,31 @@ def leader_rows(leaders: pd.DataFrame, model: str, number: str) -> list[list[str
         else:
             verdict = f"not distinguishable (~{int(r.examples_needed)} examples needed)"
         rows.append([r.press_label, r.dataset_label, str(r.budget), r.leader, str(int(r.paired_n)),
-                     signed.format(r.paired_difference), interval, verdict])
+                     signed.format(r.paired_difference), _interval(r, signed), verdict])
     return rows
 
 
 def render_leaders(title: str, rows: list[list[str]], fmt: str) -> str:
     """``leader_rows`` as a markdown, LaTeX or terminal table."""
+    return _render(title, LEADER_HEADERS, rows, fmt, left=4, latex_columns="llllrrrl")
+
+
+def _interval(row, signed: str) -> str:
+    """A row's 95% interval in the metric's signed format; – where there is none (one example)."""
+    if pd.isna(row.paired_ci_low):
+        return "–"
+    return f"[{signed.format(row.paired_ci_low)}, {signed.format(row.paired_ci_high)}]"
+
+
+def _render(title: str, headers: list[str], rows: list[list[str]], fmt: str, left: int, latex_columns: str) -> str:
+    """A paired table as markdown, LaTeX (booktabs) or a terminal box, its first ``left`` columns left-aligned."""
     from kvbench.text_table import markdown_table, text_table
 
     if fmt == "markdown":
-        return f"**{title}**\n\n" + markdown_table(LEADER_HEADERS, rows, left=4)
+        return f"**{title}**\n\n" + markdown_table(headers, rows, left=left)
     if fmt == "latex":
         body = [" & ".join(r).replace("Δ", "$\\Delta$").replace("%", "\\%").replace("~", "$\\sim$") + r" \\"
-                for r in [LEADER_HEADERS, *rows]]
-        return "\n".join([f"% {title}", r"\begin{tabular}{llllrrrl}", r"\toprule", body[0], r"\midrule", *body[1:],
-                          r"\bottomrule", r"\end{tabular}"])
-    return text_table(title, LEADER_HEADERS, rows, left=4)
+                for r in [headers, *rows]]
+        return "\n".join([f"% {title}", rf"\begin{{tabular}}{{{latex_columns}}}", r"\toprule", body[0], r"\midrule",
+                          *body[1:], r"\bottomrule", r"\end{tabular}"])
+    return text_table(title, headers, rows, left=left)
