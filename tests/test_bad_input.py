@@ -30,6 +30,7 @@ GRIDS = {
         "@dataclass\nclass Listed(Press):\n    weights: list = None\n"
         "    def score(self, view):\n        return view.positions.float()\n"),
     "notes.txt": "not python at all: (\n",
+    "empty.txt": "  \n",
     "empty_press.csv": "model,press,dataset\ntiny-llama,,arith\n",
     "plugin_grid.csv": "model,press,dataset,budget,press_args\ntiny-llama,"
                        f"{Path(__file__).parents[1] / 'examples' / 'my_press.py'}:ValueNormAttentionPress,arith,8,"
@@ -170,6 +171,27 @@ CASES = [
     (["run", "-n", "1", "--store", "GRID/keyless_failure"], "not a kvbench failure record"),
     (["report", "GRID/bad_args"], "press_args that are not a JSON object"),
     (["store", "compact", "GRID/foreign"], "not a kvbench result part"),
+    # a press that reads per-model statistics, and the command that writes them
+    (["run", "-p", "triattention", "-b", "64"], "give its calibration statistics, -a stats=FILE"),
+    (["run", "-p", "triattention", "-b", "64", "-a", "stats=GRID/none.pt"], "no statistics file"),
+    (["run", "-p", "triattention", "-b", "64", "-a", "stats=GRID/notes.txt"], "is not a TriAttention statistics"),
+    (["run", "-p", "triattention", "-b", "64", "-a", "stats=GRID/notes.txt", "-a", "aggregation=median"],
+     "aggregation must be 'mean' or 'max'"),
+    (["run", "-p", "adakv:triattention", "-b", "64"], "give its calibration statistics"),
+    (["run", "-p", "sepllm", "-b", "64"], "must exceed n_init + sep_cache_size + local_size = 292"),
+    (["run", "-p", "sepllm", "-b", "400", "-a", "separators=13;11"], "separators must be 'auto' or token ids"),
+    (["run", "-p", "sepllm", "-b", "400", "-a", "local_size=0"], "local_size must be >= 1"),
+    (["calibrate", "--text", "GRID/none.txt", "--out", "GRID/s.pt"], "no such file"),
+    (["calibrate", "--text", "GRID/empty.txt", "--out", "GRID/s.pt"], "is empty"),
+    (["calibrate", "--text", "GRID/notes.txt", "--out", "GRID/s.pt", "--max-tokens", "1"], "at least 2"),
+    (["calibrate", "--text", "GRID/notes.txt", "--out", "GRID"], "cannot be written"),
+    (["calibrate", "-p", "h2o", "--text", "GRID/notes.txt", "--out", "GRID/s.pt"], "computes data for triattention"),
+    (["calibrate", "-p", "rlkv", "--text", "GRID/notes.txt", "--out", "GRID/g.tsv", "--context-max", "10"],
+     "--context-max must be at least --context-min"),
+    (["calibrate", "-p", "rlkv", "--text", "GRID/notes.txt", "--out", "GRID/g.tsv", "--lr", "nan"],
+     "--lr must be a positive number"),
+    (["run", "-p", "rlkv", "-b", "80"], "give its gates, -a gates=FILE"),
+    (["run", "-p", "rlkv", "-b", "80", "-a", "gates=GRID/notes.txt"], "is not a table of numbers"),
 ]
 
 

@@ -7,7 +7,7 @@ from kvbench.presses import make_press
 from kvbench.verify.invariants import allocated_per_step, no_growth
 from kvbench.verify.outputs import batched
 from kvbench.verify.subject import NotApplicable, Subject
-from tests.conftest import ALL_PRESSES, TEST_ARGS, prompt_ids
+from tests.conftest import ALL_PRESSES, TEST_ARGS, default_press, prompt_ids
 from tests.test_cli import kvbench
 
 
@@ -19,7 +19,7 @@ def test_batched_output_equals_batch_one(tiny, press_name, budget):
     batch-invariant by design is not judged: runs decode it alone)."""
     model, tokenizer = tiny
     subject = Subject(model, tokenizer, lambda: make_press(press_name, TEST_ARGS.get(press_name)))
-    if not make_press(press_name).batch_invariant:
+    if not default_press(press_name).batch_invariant:
         with pytest.raises(NotApplicable, match="one sequence at a time"):
             batched(subject, budget)
         return
@@ -27,14 +27,17 @@ def test_batched_output_equals_batch_one(tiny, press_name, budget):
     assert outcome.status == "pass" and ", 0 ended early" not in outcome.worst, outcome
 
 
-@pytest.mark.parametrize("press_name", [p for p in ALL_PRESSES if p != "full" and not make_press(p).selects])
+@pytest.mark.parametrize("press_name", [p for p in ALL_PRESSES if p != "full" and not default_press(p).selects])
 def test_memory_per_step_does_not_grow_once_the_cache_is_full(tiny_llama, press_name):
     """`kvbench verify`'s no-growth check (RPC's published schedule grows by design: checked on its budget one;
-    quest keeps the full cache, as the full cache's control below)."""
+    RLKV's full heads too: checked with every head compressed; quest keeps the full cache, as the full cache's
+    control below)."""
     model, tokenizer = tiny_llama
     args = TEST_ARGS.get(press_name)
     if press_name == "rpc":
         args = {**args, "schedule": "budget"}
+    if press_name == "rlkv":
+        args = {**args, "sparsity": "1"}
     outcome = no_growth(Subject(model, tokenizer, lambda: make_press(press_name, args)))
     assert outcome.status == "pass", outcome
 

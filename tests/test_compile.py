@@ -17,12 +17,13 @@ from kvbench.errors import KvbenchError
 from kvbench.models.loading import build_tiny
 from kvbench.presses import PRESSES, make_press
 from kvbench.verify import ARCHITECTURES
+from tests.conftest import TEST_ARGS, default_press
 
 BUDGET = 16
 PROMPTS = [[1 + (i * 7) % 50 for i in range(12)], [3 + (i * 5) % 40 for i in range(9)]]
 #: 12-token prompts and a budget of 16: the first steps evict nothing, the rest evict every step (buffer 1).
 STEPS = 72
-COMPILABLE = sorted(name for name, cls in PRESSES.items() if compile_refusal(make_press(name), BUDGET) is None)
+COMPILABLE = sorted(name for name, cls in PRESSES.items() if compile_refusal(default_press(name), BUDGET) is None)
 
 
 class CountingBackend:
@@ -55,16 +56,17 @@ def _run(model, press, backend=None, steps: int = STEPS):
 
 def test_the_compilable_presses_are_the_expected_ones():
     assert COMPILABLE == ["full", "h2o", "hott-h2o-fixed", "hott-snapkv-d-fixed", "knorm", "morphkv", "random",
-                          "snapkv-d", "streaming_llm", "tova"]
+                          "snapkv-d", "streaming_llm", "tova", "triattention"]
 
 
 @pytest.mark.parametrize("name", COMPILABLE)
 def test_every_decoding_step_is_one_graph_equal_to_eager(model, name):
     torch._dynamo.reset()
-    press = make_press(name)
+    args = TEST_ARGS["triattention"] if name == "triattention" else None  # its buffer of 128 is past 72 steps
+    press = make_press(name, args)
     backend = CountingBackend()
     compiled, compiled_kept = _run(model, press, backend)
-    eager, eager_kept = _run(model, make_press(name))
+    eager, eager_kept = _run(model, make_press(name, args))
     assert backend.graphs == 1  # fullgraph, and no recompilation over the 71 decoding steps
     assert [o.tokens for o in compiled] == [o.tokens for o in eager]
     assert [o.finish_reason for o in compiled] == [o.finish_reason for o in eager]
@@ -85,7 +87,7 @@ def test_steps_with_and_without_eviction_share_the_graph(model):
 
 @pytest.mark.parametrize("name", sorted(set(PRESSES) - set(COMPILABLE)) + ["adakv:snapkv-d", "pyramidkv:snapkv-d"])
 def test_a_press_that_cannot_be_one_graph_is_refused_with_its_reason(name):
-    press = make_press(name)
+    press = default_press(name)
     reason = compile_refusal(press, BUDGET)
     assert reason
     model, _ = build_tiny("tiny-llama")

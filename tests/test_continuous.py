@@ -9,7 +9,7 @@ from kvbench.engine.decode import Hooks
 from kvbench.engine.generate import GenerationSettings, generate
 from kvbench.models import build_tiny
 from kvbench.presses import make_press
-from tests.conftest import ALL_PRESSES, ARCHS, TEST_ARGS, prompt_ids
+from tests.conftest import ALL_PRESSES, ARCHS, TEST_ARGS, default_press, prompt_ids
 
 BUDGET = 12
 
@@ -53,14 +53,14 @@ def _early_eos(model, tokenizer, press_name: str, n_new: int) -> tuple[int, ...]
 
 
 @pytest.mark.parametrize("press_name", [p for p in ALL_PRESSES
-                                        if not make_press(p).sparse and make_press(p).batch_invariant])
+                                        if not default_press(p).sparse and default_press(p).batch_invariant])
 def test_continuous_equals_batch_one_for_every_press(tiny_llama, press_name):
     model, tokenizer = tiny_llama
     settings = GenerationSettings(max_new_tokens=40, seed=1, eos_token_ids=_early_eos(model, tokenizer, press_name, 40))
     alone = _compare(model, tokenizer, press_name, settings)
     lengths = {len(o.tokens) for o in alone}
     assert len(lengths) > 1, "every sequence ran equally long: no row was ever freed early"
-    if make_press(press_name).evicts and not make_press(press_name).selects:
+    if default_press(press_name).evicts and not default_press(press_name).selects:
         assert sum(o.evicted_tokens for o in alone) > 0
 
 

@@ -9,7 +9,7 @@ from kvbench.engine.generate import GenerationSettings, generate
 from kvbench.presses import make_press
 from kvbench.verify.outputs import full_cache
 from kvbench.verify.subject import Subject
-from tests.conftest import ALL_PRESSES, prompt_ids
+from tests.conftest import ALL_PRESSES, default_press, prompt_ids
 
 N_NEW = 40
 
@@ -18,7 +18,7 @@ N_NEW = 40
 def test_budget_at_least_length_equals_full_and_hf_generate(tiny, press_name):
     """`kvbench verify`'s full-cache check: a budget no sequence reaches evicts nothing and changes nothing."""
     model, tokenizer = tiny
-    outcome = full_cache(Subject(model, tokenizer, lambda: make_press(press_name)))
+    outcome = full_cache(Subject(model, tokenizer, lambda: default_press(press_name)))
     assert outcome.status == "pass", outcome
 
 

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from kvbench.cli import app
 from kvbench.runs.plan import RunConfig, execute
+from tests.conftest import TINY_GATES, TINY_STATISTICS
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -36,6 +37,7 @@ NOT_RUN = {
     "python3 -m venv": "docs/kvpress-peer.md: the venv kvpress 0.5.5 needs (transformers < 5.3)",
     "/tmp/kvpvenv/bin/": "docs/kvpress-peer.md: run in kvpress's own venv",
     "benchmarks.kvpress_peer": "docs/kvpress-peer.md: its halves exchange files with kvpress's venv (40 minutes)",
+    "--text long-text.txt": "docs/measurements.md: calibrates a hub model (its weights, a GPU, a long text of yours)",
 }
 #: Grids whose models are hub checkpoints: checked and planned (``--dry-run``), not run.
 HUB_GRIDS = ("grids/paper.csv", "grids/paper-hott.csv", "grids/methods-2026.csv")
@@ -71,7 +73,7 @@ def test_every_command_is_run_or_named_with_a_reason():
 
 
 SMALL = {"--num-samples": "1", "-n": "1", "--max-new-tokens": "4", "--gen-len": "24", "--prompt-len": "16",
-         "--examples": "2", "--memory-gib": "1", "--runs": "2"}
+         "--examples": "2", "--memory-gib": "1", "--runs": "2", "--steps": "3"}
 MODELS = {"r1-qwen-7b": "tiny-qwen2", "llama-3.1-8b": "tiny-llama"}
 
 
@@ -88,6 +90,8 @@ def small(command: str, scratch: Path) -> list[str]:
             word = MODELS.get(word, "tiny-llama")
         elif word.startswith("/tmp/"):  # a scratch path, not the machine's /tmp
             word = str(scratch / word.removeprefix("/tmp/"))
+        elif "=/tmp/" in word:  # a press argument naming a scratch file (-a stats=/tmp/...)
+            word = word.replace("=/tmp/", f"={scratch}/")
         elif word.startswith("pretrained="):
             word = re.sub(r"pretrained=[^,]+", "pretrained=tiny-llama", word)
         out.append(word)
@@ -132,6 +136,10 @@ def _scratch(tmp_path: Path, seed_store: Path) -> Path:
             writer = csv.DictWriter(out, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
+        for row in rows:  # a hub model's statistics and gates come from elsewhere: stand-ins for the dry run
+            for name, path in re.findall(r"(stats|gates)=([^;\s]+)", row.get("press_args") or ""):
+                (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(TINY_STATISTICS if name == "stats" else TINY_GATES, tmp_path / path)
     return tmp_path
 
 
@@ -142,7 +150,7 @@ def test_readme_command_runs(command, tmp_path, seed_store, monkeypatch):
     if DATA.is_dir():
         monkeypatch.setenv("KVBENCH_DATA_DIR", str(DATA))
     argv = small(command, scratch)
-    for needed in _stores_written_before(argv, scratch):  # a report of the store the sweep above it wrote
+    for needed in [*_stores_written_before(argv, scratch), *_files_written_before(argv, scratch)]:
         made = CliRunner().invoke(app, small(needed, scratch)[1:])
         assert made.exit_code == 0, (needed, made.output[-2000:], made.exception)
     if "--revision" in argv:  # a hub revision, offline: one clear line, exit 2, before anything loads
@@ -172,6 +180,12 @@ def _stores_written_before(argv: list[str], scratch: Path) -> list[str]:
         if writer is not None and "--store" not in argv:
             writers.append(writer)
     return writers
+
+
+def _files_written_before(argv: list[str], scratch: Path) -> list[str]:
+    """The docs' commands that write (``--out /tmp/...``) a scratch file ``argv`` reads and the scratch lacks."""
+    read = [m for w in argv for m in re.findall(rf"={re.escape(str(scratch))}/(\S+)", w)]
+    return [next(c for c in COMMANDS if f"--out /tmp/{name}" in c) for name in read if not (scratch / name).exists()]
 
 
 def _offline_hub_error(argv: list[str], scratch: Path) -> None:

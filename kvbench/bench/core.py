@@ -128,7 +128,10 @@ def execute(config: BenchConfig, on_progress: Callable[[str, int, int], None] | 
     session = load_session(config.model, config.dtype, config.device, config.seed, config.random_weights)
     loaded = session.loaded
     model = loaded.model
-    bench = _Bench(config, model, loaded.device, build_presses(config), on_progress)
+    from kvbench.presses import for_tokenizer
+
+    presses = {name: for_tokenizer(press, loaded.tokenizer) for name, press in build_presses(config).items()}
+    bench = _Bench(config, model, loaded.device, presses, on_progress)
     started = dt.datetime.now(dt.timezone.utc)
     rows: list[BenchRow] = []
 

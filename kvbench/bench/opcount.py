@@ -104,7 +104,12 @@ def kvbench_step(model, prompts: list[list[int]], press, budget: int | None, n: 
     from kvbench.engine.generate import GenerationSettings, generate
 
     full = budget is None or press.selects  # the whole cache kept (a selection attends part of it)
-    start = 0 if full else press.capacity(budget, model.config.num_hidden_layers, model.config.num_key_value_heads) + 2
+    if full:
+        start = 0
+    elif getattr(press, "grows", False):  # never full (RLKV's full heads): once it first compresses
+        start = budget + 2
+    else:
+        start = press.capacity(budget, model.config.num_hidden_layers, model.config.num_key_value_heads) + 2
 
     def run(length: int) -> None:
         generate(model, prompts, press, budget, GenerationSettings(max_new_tokens=length))

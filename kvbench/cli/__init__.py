@@ -7,6 +7,7 @@ import sys
 import typer
 
 from kvbench.cli import bench as bench_cmd
+from kvbench.cli import calibrate as calibrate_cmd
 from kvbench.cli import datasets as datasets_cmd
 from kvbench.cli import inspect as inspect_cmd
 from kvbench.cli import lmeval as lmeval_cmd
@@ -33,6 +34,7 @@ app.command("report")(report_cmd.report)
 app.command("bench")(bench_cmd.bench)
 app.command("verify")(verify_cmd.verify)
 app.command("inspect")(inspect_cmd.inspect)
+app.command("calibrate")(calibrate_cmd.calibrate)
 app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
                                          "help_option_names": []})(lmeval_cmd.lm_eval)
 app.add_typer(datasets_cmd.app, name="datasets")

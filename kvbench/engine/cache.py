@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
+from kvbench.engine.device_eviction import DeviceEviction
 from kvbench.engine.layer import BudgetLayer, LayerStep
 from kvbench.engine.occupancy import Occupancy
 from kvbench.engine.query_ring import QueryRing
@@ -30,7 +31,7 @@ from kvbench.engine.telemetry import CacheTelemetry
 from kvbench.engine.view import SlotView, StepMode, StepPlan
 from kvbench.engine.window import KeptWindowAttention, worth_keeping
 from kvbench.errors import KvbenchError
-from kvbench.presses.base import Press
+from kvbench.presses.base import TOKEN_STATE, Press
 from kvbench.presses.ranking import lowest_slots, slot_ranks
 
 
@@ -42,7 +43,7 @@ def slot_capacity(press: Press, budget: int | None, num_layers: int, num_kv_head
     return min(press.capacity(budget, num_layers, num_kv_heads), max_length)
 
 
-class BudgetCache(RowSplicing, CacheTelemetry, DynamicCache):
+class BudgetCache(RowSplicing, DeviceEviction, CacheTelemetry, DynamicCache):
     """A cache with one ``BudgetLayer`` per model layer over stacked slot buffers.
 
     ``budget=None`` (or a press that does not evict) is the full cache, preallocated for ``max_length``.
@@ -84,6 +85,7 @@ class BudgetCache(RowSplicing, CacheTelemetry, DynamicCache):
         self.heads_uniform = True  # all KV heads hold the same positions (true until an eviction)
         #: Recent queries, for presses with a query window.
         self.query_ring = QueryRing(num_layers, press.query_window, batch) if press.query_window else None
+        self.rope = None  # the model's RoPE, for a press that reads it (``set_rope``)
         #: The window queries' attention kept between decoding steps (see ``kvbench.engine.window``).
         self.kept_window = (KeptWindowAttention(self.capacity)
                             if keep_window_attention and worth_keeping(press, budget) else None)
@@ -120,6 +122,12 @@ class BudgetCache(RowSplicing, CacheTelemetry, DynamicCache):
         self.head_capacity = ([press.head_capacity(b, num_kv_heads) for b in self.layer_keep]
                               if self.allocates else None)
 
+    def set_rope(self, rope) -> None:
+        """The model's RoPE (``kvbench.engine.rope``), handed to the press in every view and query window."""
+        self.rope = rope
+        if self.query_ring is not None:
+            self.query_ring.rope = rope
+
     def bind_layer(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple:
         """Layer ``layer``'s slices of the stacked buffers, allocated by the first layer to see keys."""
         if self.keys is None:
@@ -138,12 +146,12 @@ class BudgetCache(RowSplicing, CacheTelemetry, DynamicCache):
         self.positions = torch.full((n_layers, b, h, c), -1, dtype=torch.long, device=device)
         self.valid = torch.zeros(n_layers, b, h, c, dtype=torch.bool, device=device)
         self.state = {n: torch.zeros(n_layers, b, h, c, dtype=torch.float32, device=device)
-                      for n in self.press.state_names}
+                      for n in (*self.press.state_names, *((TOKEN_STATE,) if self.press.reads_tokens else ()))}
         self.row_seeds = self.row_seeds.to(device)
 
     # --- the step protocol ---------------------------------------------------------------------------------------
     def begin_step(self, positions: torch.Tensor, valid: torch.Tensor, valid_counts: list[int],
-                   decode_step: int = 0) -> StepPlan:
+                   decode_step: int = 0, token_ids: torch.Tensor | None = None) -> StepPlan:
         """Decide what the forward does (the step's plan, ``self.step``) and count its tokens on the host."""
         self.query_position = positions[:, -1]
         self.row_step = None if self.step_offset is None else decode_step - self.step_offset
@@ -177,12 +185,13 @@ class BudgetCache(RowSplicing, CacheTelemetry, DynamicCache):
         if self.query_ring is not None:
             self.query_ring.advance(positions, valid)
         self.step = StepPlan(positions, valid, valid_counts, decode_step, mode, used_after, tuple(keep_n),
-                               overflow_evicts=mode is StepMode.OVERFLOW and keep_n != occupancy.held)
+                             overflow_evicts=mode is StepMode.OVERFLOW and keep_n != occupancy.held,
+                             token_ids=token_ids if self.press.reads_tokens else None)
         layer_step = LayerStep(
             self.step, self.press, self.used, self.capacity, self.tokens_seen, self.budget, tuple(occupancy.held),
             self.query_position, self.prompt_length, self.row_step, self.row_seeds, self.heads_uniform,
             self.allocates, self.query_ring, self.attention_loss, self.hold_query, self.layer_keep_rows,
-            self.requested_budget if self.press.selects else None)
+            self.requested_budget if self.press.selects else None, self.rope)
         for layer in self.layers:
             layer.step = layer_step
         return self.step
@@ -218,9 +227,10 @@ class BudgetCache(RowSplicing, CacheTelemetry, DynamicCache):
         if self.mode is not StepMode.SLOT and self.kept_window is not None:
             self.kept_window.fresh = False  # several tokens were written or slots moved: recompute next step
         if self.mode is StepMode.OVERFLOW:
+            counted = self.held_on_device() if self.press.keeps_fewer and self.step.overflow_evicts else None
             for i, keep in enumerate(self.step.keep_n):
                 if keep != self.occupancy.held[i]:
-                    self._compressed(i, keep)
+                    self._compressed(i, keep, None if counted is None else counted[i])
             self.heads_uniform &= not self.step.overflow_evicts
         else:
             view = None
@@ -247,30 +257,6 @@ class BudgetCache(RowSplicing, CacheTelemetry, DynamicCache):
         self.step_queries = [None] * n_layers
         return view
 
-    # --- a decoding step as one graph (kvbench.engine.compiled) ----------------------------------------------
-    def evict_on_device(self, evicting: torch.Tensor, step: torch.Tensor) -> None:
-        """A decoding step's scoring and eviction with no host decision: every row is scored and the rows of
-        ``evicting`` ([L*B, 1, 1], at their trigger) free their ``trigger - budget`` lowest slots; the others keep
-        theirs (masked arithmetic, so that a compiled step has one graph). For presses with a constant cadence.
-        ``step``: the decoding step as a 0-d tensor (what the views carry, so the graph is not specialised on it)."""
-        view = self._observe_decoding(step) if self.press.accumulates_attention else self.stacked_view(step)
-        if self.trigger is None:
-            return
-        scores = self.press.score(view).float().masked_fill(~view.valid, -torch.inf)
-        # a cache shorter than the trigger (a short sequence) never evicts: the mask is all False then
-        lowest = lowest_slots(scores, view.positions, min(self.trigger - self.budget, scores.shape[-1]))
-        view.valid.scatter_(2, lowest, view.valid.gather(2, lowest) & ~evicting)
-
-    def finish_decoding_step(self, full: tuple[bool, ...]) -> None:
-        """The host's side of ``evict_on_device``: the rows at their trigger compressed, and the observers."""
-        for row, is_full in enumerate(full):
-            if is_full:
-                self._compressed(row, self.occupancy.row_keep[row])
-        self.heads_uniform &= not any(full)
-        self.used = self.used_after
-        for observer in self.observers:
-            observer.after_step(self)
-
     def stacked_view(self, step: torch.Tensor | None = None) -> SlotView:
         """Every layer's slots in use, folded into the rows: [layers * B, H, used, ...] views of the buffers;
         ``step`` replaces the decoding step's number (a compiled step's tensor of it)."""
@@ -293,11 +279,16 @@ class BudgetCache(RowSplicing, CacheTelemetry, DynamicCache):
             seeds=self.row_seeds.flatten(), step=self.decode_step if step is None else step,
             prompt_length=self.prompt_length.repeat(n_layers),
             row_step=None if self.row_step is None else self.row_step.repeat(n_layers),
-            layers=n_layers, window=window,
+            layers=n_layers, window=window, rope=self.rope,
         )
 
-    def _compressed(self, row: int, keep: int) -> None:
-        """Host bookkeeping of sequence ``row`` after a compression that keeps ``keep``; its next schedule."""
+    def _compressed(self, row: int, keep: int, counted: tuple | None = None) -> None:
+        """Host bookkeeping of sequence ``row`` after a compression that keeps ``keep`` (or what the device
+        ``counted``: ``held_on_device``); its next schedule."""
+        if counted is not None:
+            self.occupancy.counted(row, *counted)
+            self._schedule(row)
+            return
         layer_keep = self.occupancy.layer_keep[row]
         head_capacity = self.head_capacity if layer_keep is None else [
             self.press.head_capacity(b, self.num_kv_heads) for b in layer_keep]
@@ -325,7 +316,10 @@ class BudgetCache(RowSplicing, CacheTelemetry, DynamicCache):
         else:
             view.compress_to = [k if f else self.capacity for k, f in zip(keeps, full)] * len(self.layers)
         scores = self.press.score(view).float().masked_fill(~view.valid, -torch.inf)
-        if self.allocates:
+        if self.press.keeps_fewer:  # the press chooses: what it scores above -inf, in the rows at their trigger
+            view.valid &= (scores > -torch.inf) | ~self.row_mask(full)
+            counted = self.held_on_device()
+        elif self.allocates:
             view.valid &= self.keep_mask(scores, view.positions, keep)
         elif self.capacity > min(occupancy.row_trigger):  # a growing schedule: those at their trigger hold free slots
             keep = torch.tensor(view.compress_to, device=scores.device)
@@ -345,8 +339,17 @@ class BudgetCache(RowSplicing, CacheTelemetry, DynamicCache):
                 self.kept_window.drop(lowest, None if all(full) else self.row_mask(full))
         for i, is_full in enumerate(full):
             if is_full:
-                self._compressed(i, keeps[i])
+                self._compressed(i, keeps[i], counted[i] if self.press.keeps_fewer else None)
         self.heads_uniform = False
+
+    def held_on_device(self) -> list[tuple[int, list[float], list[int]]]:
+        """Per sequence, read from the device (one synchronisation): the most entries a KV head of any layer holds,
+        and per layer the mean and the most per KV head: the host's counts after a press that ``keeps_fewer``."""
+        if self.kept_window is not None:
+            self.kept_window.fresh = False  # entries left that the window's bookkeeping did not drop
+        counts = self.valid.sum(-1).float()  # [L, B, H]
+        means, most = torch.stack([counts.mean(-1).T, counts.amax(-1).T]).tolist()  # one transfer
+        return [(int(max(m)), mean, [int(x) for x in m]) for mean, m in zip(means, most)]
 
     def keep_mask(self, scores: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """[N, H, S]: the slots of each head ranked within its count, the press's counts for rows keeping ``keep``."""

@@ -106,7 +106,7 @@ class CompiledStep:
         for layer in cache.layers:  # bound before the graph (after a splice), else the first graph binds them
             if not layer.is_initialized:
                 layer.lazy_initialization(cache.keys[0, :, :, :1], cache.values[0, :, :, :1])
-        cache.begin_step(positions, valid, counts, step)
+        cache.begin_step(positions, valid, counts, step, ids)
         full = cache.occupancy.at_trigger()
         self.step.fill_(step)
         logits = self.graph(ids, positions, cache.row_mask(full), self.step)

@@ -136,7 +136,7 @@ class Decoder:
         """One forward through the cache's step protocol; the last position's logits."""
         if step > 0 and self.step_graph is not None:
             return self.step_graph.forward(ids, positions, valid, counts, step)
-        self.cache.begin_step(positions, valid, counts, step)
+        self.cache.begin_step(positions, valid, counts, step, ids)
         out = self.model(input_ids=ids, position_ids=positions, **self.cache_kwarg, use_cache=True,
                          kvbench_cache=self.cache, logits_to_keep=1)
         self.cache.end_step()

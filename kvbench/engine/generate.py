@@ -19,6 +19,7 @@ from kvbench.engine.cache import BudgetCache
 from kvbench.engine.compiled import CompiledStep, bucketed_length, check_compilable
 from kvbench.engine.decode import Decoder, Hooks, SequenceOutput, cache_argument, synchronize
 from kvbench.engine.protocol import DecodingCache
+from kvbench.engine.rope import model_rope
 from kvbench.engine.sampling import sampling_probs
 from kvbench.engine.settings import GenerationSettings, PaddedBatch
 from kvbench.errors import KvbenchError
@@ -146,6 +147,12 @@ def build_cache(model, press: Press, budget: int | None, max_length: int, device
     """A ``ShadowCache`` for a sparse press, else a ``BudgetCache``, for sequences of ``max_length`` tokens (the
     padded prompts and the generation)."""
     config = supported_text_config(model)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    try:
+        press.check_model(config.num_hidden_layers, config.num_attention_heads,
+                          getattr(config, "num_key_value_heads", None) or config.num_attention_heads, head_dim)
+    except ValueError as err:
+        raise KvbenchError(str(err)) from None
     if press.sparse:
         cache = _shadow_cache(model, press, budget, config.num_hidden_layers, max_length, len(seeds), device,
                               hooks.attention_loss or static_shapes)
@@ -156,7 +163,7 @@ def build_cache(model, press: Press, budget: int | None, max_length: int, device
                             measure_attention_loss=hooks.attention_loss, max_new_tokens=settings.max_new_tokens,
                             static_shapes=static_shapes, keep_window_attention=keep_window)
         if press.reads_rope:
-            cache.query_ring.rope = model_rope(model, press, device)
+            cache.set_rope(model_rope(model, press.name, device))
     if hooks.critical_positions is not None:  # prompt positions -> padded batch positions are the same (explicit)
         cache.track_critical(hooks.critical_positions, settings.max_new_tokens, device)
     return cache
@@ -172,17 +179,4 @@ def _shadow_cache(model, press: Press, budget: int | None, num_layers: int, max_
     if unsupported:
         raise KvbenchError(f"{press.name}: attention-loss measurement and --static-shapes apply to evicting caches "
                            "only")
-    return ShadowCache(press, budget, num_layers, max_length, model_rope(model, press, device), batch)
-
-
-def model_rope(model, press: Press, device):
-    """positions [n] -> the model's own RoPE (cos, sin) [n, rotary dims], float32."""
-    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
-    if rotary is None:
-        raise KvbenchError(f"{press.name}: needs a model with a rotary embedding (model.model.rotary_emb)")
-
-    def rope(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = rotary(torch.zeros(1, device=device), positions[None].to(device))
-        return cos[0].float(), sin[0].float()
-
-    return rope
+    return ShadowCache(press, budget, num_layers, max_length, model_rope(model, press.name, device), batch)

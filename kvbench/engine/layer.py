@@ -17,7 +17,7 @@ from transformers.cache_utils import DynamicLayer
 
 from kvbench.engine.scores import attention_probs
 from kvbench.engine.view import SlotView, StepMode, StepPlan
-from kvbench.presses.base import Press
+from kvbench.presses.base import TOKEN_STATE, Press
 from kvbench.presses.ranking import rank_slots
 
 
@@ -46,6 +46,7 @@ class LayerStep:
     layer_keep_rows: Callable[[tuple[bool, ...], int | None], tuple[list[int], torch.Tensor]]
     #: Tokens a selecting press (``Press.selects``: Quest) lets each query head attend to per decoding step.
     selection_budget: int | None = None
+    rope: Any = None  # the model's RoPE, for a press that reads it
 
     @property
     def mode(self) -> StepMode:
@@ -100,7 +101,7 @@ class BudgetLayer(DynamicLayer):
                 "positions": torch.cat([self.positions[:, :, :used], step.positions[:, None, :].expand(b, h, n_new)],
                                        dim=2),
                 "valid": torch.cat([self.valid[:, :, :used], step.valid[:, None, :].expand(b, h, n_new)], dim=2),
-                "state": {n: torch.cat([s[:, :, :used], s.new_zeros(b, h, n_new)], dim=2)
+                "state": {n: torch.cat([s[:, :, :used], self._new_state(n, s, step, h)], dim=2)
                           for n, s in self.state.items()},
             }
             return self._pending["keys"], self._pending["values"]
@@ -131,8 +132,16 @@ class BudgetLayer(DynamicLayer):
         self.values.scatter_(2, slot[..., None].expand(-1, -1, -1, self.values.shape[-1]), value_states)
         self.positions.scatter_(2, slot, step.positions[:, None, :].expand(b, h, n_new))
         self.valid.scatter_(2, slot, step.valid[:, None, :].expand(b, h, n_new))
-        for s in self.state.values():
-            s.scatter_(2, slot, 0.0)
+        for name, s in self.state.items():
+            s.scatter_(2, slot, self._new_state(name, s, step, h))
+
+    @staticmethod
+    def _new_state(name: str, state: torch.Tensor, step: StepPlan, h: int) -> torch.Tensor:
+        """[B, H, L] the state of the step's new entries: their token ids (``TOKEN_STATE``), zero otherwise."""
+        b, n_new = step.positions.shape
+        if name == TOKEN_STATE:
+            return step.token_ids.to(state.dtype)[:, None, :].expand(b, h, n_new)
+        return state.new_zeros(b, h, n_new)
 
     def visible_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions and validity of the slots attention sees this step (including an overflow's new tokens)."""
@@ -156,7 +165,7 @@ class BudgetLayer(DynamicLayer):
             state=src["state"], query_position=ctx.query_position, budget=ctx.budget,
             seeds=ctx.row_seeds[self.layer_idx], step=ctx.decode_step, prompt_length=ctx.prompt_length,
             row_step=ctx.row_step,
-            layer_idx=self.layer_idx, window=window,
+            layer_idx=self.layer_idx, window=window, rope=ctx.rope,
         )
 
     # --- after attention -------------------------------------------------------------------------------------
@@ -233,6 +242,9 @@ class BudgetLayer(DynamicLayer):
         else:
             limit = torch.tensor(keep_n, device=self.device)[:, None, None]
         rank_ok = torch.arange(k, device=self.device) < limit
+        if ctx.press.keeps_fewer and ctx.plan.overflow_evicts:  # the press chooses, in the rows that compress
+            compressing = torch.tensor(full, device=self.device)[:, None, None]
+            rank_ok = torch.where(compressing, scores.gather(2, order) > -torch.inf, rank_ok)
         pending = self._pending
         self.valid[:, :, :k] = view.valid.gather(2, order) & rank_ok
         self.valid[:, :, k:] = False

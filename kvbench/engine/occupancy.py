@@ -5,7 +5,7 @@ from __future__ import annotations
 
 #: What ``Occupancy`` keeps per sequence.
 _PER_ROW = ("held", "layer_held", "head_most", "peak", "evicted", "row_keep", "row_trigger", "layer_keep",
-            "compressions", "prompt_held", "high")
+            "compressions", "prompt_held", "high", "fed")
 
 
 class Occupancy:
@@ -34,9 +34,13 @@ class Occupancy:
         self.prompt_held: list[int] = []  # set by the prefill
         #: The most entries one head of each sequence has held: its valid slots all lie below it.
         self.high = [0] * batch
+        #: Whether each sequence took a token in the last forward: one that did not (finished, frozen in its
+        #: batch) never compresses, even where it holds its trigger's count (a press whose full heads keep all).
+        self.fed = [False] * batch
 
     def add(self, valid_counts: list[int], capacity: int) -> None:
         """A forward's valid tokens per sequence: written, so held (until a compression)."""
+        self.fed = [n > 0 for n in valid_counts]
         for i, n in enumerate(valid_counts):
             self.held[i] += n
             if not self.allocates:
@@ -53,7 +57,7 @@ class Occupancy:
         return max(max(bound) for bound in self.head_most) if self.allocates else max(self.held)
 
     def at_trigger(self) -> tuple[bool, ...]:
-        return tuple(t is not None and c >= t for c, t in zip(self.held, self.row_trigger))
+        return tuple(t is not None and c >= t and fed for c, t, fed in zip(self.held, self.row_trigger, self.fed))
 
     def compressed(self, row: int, keep: int, layer_keep: list[int] | None, head_capacity: list[int] | None) -> None:
         """Sequence ``row`` after a compression that keeps ``keep`` (each layer its share, under allocation)."""
@@ -66,6 +70,16 @@ class Occupancy:
         else:
             self.evicted[row] += (self.held[row] - keep) * self.num_layers
         self.held[row] = keep
+        self.compressions[row] += 1
+
+    def counted(self, row: int, held: int, layer_held: list[float], head_most: list[int]) -> None:
+        """Sequence ``row`` after a compression whose counts were read from the device (a press that keeps
+        fewer): the most one head holds, and per layer the mean and the most per KV head."""
+        before = sum(self.layer_held[row]) if self.allocates else self.held[row] * self.num_layers
+        if self.allocates:
+            self.layer_held[row], self.head_most[row] = list(layer_held), list(head_most)
+        self.evicted[row] += before - (sum(layer_held) if self.allocates else held * self.num_layers)
+        self.held[row] = held
         self.compressions[row] += 1
 
     def set_schedule(self, row: int, keep: int | None, trigger: int | None,

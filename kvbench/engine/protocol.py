@@ -22,8 +22,8 @@ class DecodingCache(Protocol):
     layers: list
 
     def begin_step(self, positions: torch.Tensor, valid: torch.Tensor, valid_counts: list[int],
-                   decode_step: int = 0) -> StepPlan:
-        """Before a forward: positions and valid [B, L] of the tokens it writes (decode_step 0 = the prefill);
+                   decode_step: int = 0, token_ids: torch.Tensor | None = None) -> StepPlan:
+        """Before a forward: positions, valid and ids [B, L] of the tokens it writes (decode_step 0 = the prefill);
         returns the step's immutable plan, which the layers and ``end_step`` read."""
 
     def end_step(self) -> None:

@@ -257,7 +257,7 @@ class ShadowCache(DynamicCache):
             self._allowed = {allowed: torch.tensor(allowed, device=self.query_position.device)}
         return self._allowed[allowed]
 
-    def begin_step(self, positions, valid, valid_counts, decode_step: int = 0) -> StepPlan:
+    def begin_step(self, positions, valid, valid_counts, decode_step: int = 0, token_ids=None) -> StepPlan:
         if decode_step == 0 and positions.shape[1] > 1 and self.tokens_seen:
             raise KvbenchError("shadowkv: one prefill per generation")
         self.step = StepPlan(positions=positions, valid=valid, valid_counts=valid_counts, decode_step=decode_step)

@@ -35,6 +35,7 @@ class StepPlan:
     used_after: int = 0  # slots that may hold a valid entry once this step's tokens are written
     keep_n: tuple[int, ...] = ()  # overflow: entries each sequence keeps after the step
     overflow_evicts: bool = False  # overflow: whether any sequence keeps fewer entries than it holds
+    token_ids: torch.Tensor | None = None  # [B, L] the tokens, for a press that reads them (``Press.reads_tokens``)
 
 
 @dataclass
@@ -80,6 +81,9 @@ class SlotView:
     #: Entries each row keeps at the compression the press is scoring for (a row keeping at least what it holds
     #: keeps all); None outside the engine's compressions.
     compress_to: list[int] | None = None
+    #: The model's RoPE (``kvbench.engine.rope``) for a press with ``reads_rope``: positions [n] -> cos, sin
+    #: [n, rotary dims], and ``inv_freq``; None otherwise.
+    rope: Callable | None = None
     #: Overrides ``attention``: the cache's kept window attention, or attention that tests make by hand.
     attention_override: Callable[[str], torch.Tensor] | None = None
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvbench.errors import ConfigError
+from kvbench.presses import for_tokenizer
 from kvbench.runs.plan import RunConfig, build_cells, prepared_task, protocol_examples
 from kvbench.runs.runner import generation_settings
 
@@ -88,7 +89,8 @@ def inspect(config: InspectConfig, on_cell: Callable[[str], None] | None = None)
         if on_cell:
             on_cell(label)
         steps: list[tuple[list[int], int]] = []
-        (result,) = generate(session.loaded.model, [prompt_ids], cell.press, cell.budget, settings,
+        press = for_tokenizer(cell.press, session.loaded.tokenizer)
+        (result,) = generate(session.loaded.model, [prompt_ids], press, cell.budget, settings,
                              detokenize=codec.decode, pad_token_id=session.loaded.tokenizer.pad_token_id,
                              on_step=lambda cache, step, steps=steps: steps.append(held_counts(cache)))
         ids = prompt_ids + result.tokens

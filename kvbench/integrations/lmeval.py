@@ -167,7 +167,10 @@ class KvbenchLM(HFLM):
             top_p=float(generation_kwargs.get("top_p") or 1.0), top_k=int(generation_kwargs.get("top_k") or 0),
             seed=self.seed, eos_token_ids=(self.eot_token_id,), stop_strings=tuple(stop),
         )
-        outputs = generate(self.model, rows, self.press, self.budget, settings, detokenize=self.tok_decode,
+        from kvbench.presses import for_tokenizer
+
+        press = for_tokenizer(self.press, self.tokenizer)
+        outputs = generate(self.model, rows, press, self.budget, settings, detokenize=self.tok_decode,
                            pad_token_id=self.tokenizer.pad_token_id or 0)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
         width = max(len(o.tokens) for o in outputs)

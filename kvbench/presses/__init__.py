@@ -30,12 +30,15 @@ from kvbench.presses.pyramidkv import PyramidKVPress
 from kvbench.presses.quest import QuestPress
 from kvbench.presses.random import RandomPress
 from kvbench.presses.rkv import RKVPress
+from kvbench.presses.rlkv import RLKVPress
 from kvbench.presses.rpc import RPCPress
 from kvbench.presses.scope import SCOPEPress
+from kvbench.presses.sepllm import SepLLMPress
 from kvbench.presses.shadowkv import ShadowKVPress
 from kvbench.presses.snapkv_d import SnapKVDecodingPress
 from kvbench.presses.streaming_llm import StreamingLLMPress
 from kvbench.presses.tova import TOVAPress
+from kvbench.presses.triattention import TriAttentionPress
 from kvbench.presses.wrapper import WrapperPress
 
 PRESSES: dict[str, type[Press]] = {
@@ -44,7 +47,8 @@ PRESSES: dict[str, type[Press]] = {
         FullPress, StreamingLLMPress, H2OPress, SnapKVDecodingPress, KNormPress, RKVPress, RandomPress, TOVAPress,
         RPCPress, SCOPEPress, ShadowKVPress,
         # the methods a 2026 paper compares against
-        KeyDiffPress, ExpectedAttentionPress, MorphKVPress, GKVPress, QuestPress,
+        KeyDiffPress, ExpectedAttentionPress, MorphKVPress, GKVPress, QuestPress, TriAttentionPress,
+        SepLLMPress, RLKVPress,
         # the paper's harness: its rules with its defects fixed, and bug-compatible with its code
         HottH2OFixedPress, HottSnapKVDFixedPress, HottRKVFixedPress,
         HottH2OPress, HottSnapKVDPress, HottRKVPress, HottStreamingLLMPress, HottKNormPress,
@@ -53,9 +57,8 @@ PRESSES: dict[str, type[Press]] = {
 #: Allocation wrappers, composed with a scoring press as ``wrapper:press`` (``pyramidkv:adakv:snapkv-d``).
 WRAPPERS: dict[str, type[WrapperPress]] = {cls.name: cls for cls in (PyramidKVPress, AdaKVPress)}
 
-__all__ = ["PRESSES", "WRAPPERS", "Press", "PressError", "is_press", "make_checked_press", "make_press", "parse_bool",
-           "parse_press_args",
-           "press_parameters", "class_parameters", "plugin_presses"]
+__all__ = ["PRESSES", "WRAPPERS", "Press", "PressError", "for_tokenizer", "is_press", "make_checked_press",
+           "make_press", "parse_bool", "parse_press_args", "press_parameters", "class_parameters", "plugin_presses"]
 
 
 class PressError(KvbenchError, ValueError):
@@ -93,6 +96,14 @@ def make_press(name: str, args: dict[str, str] | None = None) -> Press:
     press = _build(name, kwargs)
     _check_shared_fields(press)
     return press
+
+
+def for_tokenizer(press: Press, tokenizer) -> Press:
+    """``press.for_tokenizer(tokenizer)`` (what it reads of the model's tokenizer resolved), its refusal one line."""
+    try:
+        return press.for_tokenizer(tokenizer)
+    except ValueError as err:
+        raise PressError(str(err)) from None
 
 
 def make_checked_press(name: str, args: dict[str, str] | None = None) -> Press:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 INF = math.inf
+#: The per-slot state holding each entry's token id (float32, exact below 2**24) for a press with ``reads_tokens``.
+TOKEN_STATE = "token"
 
 
 class View(Protocol):
@@ -37,6 +39,9 @@ class View(Protocol):
     #: the recent queries: ``queries`` [N, H_q, W, D], ``positions``, ``valid`` [N, W], ``scaling``, and ``rope``
     #: (positions [n] -> the model's cos, sin [n, rotary dims]) for a press with ``reads_rope``
     window: Any
+    #: The model's RoPE for a press with ``reads_rope``: positions [n] -> (cos, sin) [n, rotary dims], and its
+    #: ``inv_freq`` [rotary dims / 2]; None otherwise.
+    rope: Any
     #: Entries each row keeps at this compression (a row keeping at least what it holds keeps all); None when the
     #: view is not scored for one of the engine's compressions.
     compress_to: list[int] | None
@@ -74,6 +79,15 @@ class Press:
     selects: ClassVar[bool] = False
     #: True if the press reads the model's RoPE (``view.window.rope``), to undo it on the window's queries.
     reads_rope: ClassVar[bool] = False
+    #: The parameter naming a per-model statistics file (``kvbench calibrate`` writes one), for a press that reads
+    #: one (TriAttention's ``stats``); None: the press needs no calibration.
+    calibration: ClassVar[str | None] = None
+    #: True if the press reads each entry's token id (``view.state[TOKEN_STATE]``), e.g. to find separators.
+    reads_tokens: ClassVar[bool] = False
+    #: True if the press chooses how many entries a compression keeps: exactly those it scores above ``-inf``
+    #: (SepLLM: only the separators it finds; RLKV: every entry of its full heads). The engine then reads the counts
+    #: kept back from the device, once per compression; ``cadence``'s keep is only what it expects at most.
+    keeps_fewer: ClassVar[bool] = False
     #: Why the press's decoding step cannot be compiled into one graph (``--compile``); None: it can.
     compile_refusal: ClassVar[str | None] = None
 
@@ -83,6 +97,15 @@ class Press:
     def __post_init__(self) -> None:
         if self.buffer < 1:
             raise ValueError(f"{self.name}: buffer must be >= 1, got {self.buffer}")
+
+    def for_tokenizer(self, tokenizer) -> Press:
+        """The press to run with ``tokenizer`` (the model's): itself, or a copy with what it reads of the tokenizer
+        resolved (SepLLM's separator ids). Called where a run has its tokenizer, before generating."""
+        return self
+
+    def check_model(self, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        """Raise ValueError, in words, if the press cannot run on a model of these shapes (a calibrated press given
+        another model's statistics); the engine asks before the first forward."""
 
     def cadence(self, budget: int) -> tuple[int, int]:
         """(entries kept by a compression, entries held that trigger one) at ``budget``."""

@@ -24,15 +24,22 @@ class WrapperPress(Press):
                              "wrapped")
         if not self.inner.evicts:
             raise ValueError(f"{self.name}: the {self.inner.name!r} press does not evict; wrap a scoring press")
+        if self.inner.keeps_fewer:
+            raise ValueError(f"{self.name}: {self.inner.name!r} keeps only the entries it wants, fewer than a budget; "
+                             "it cannot be given per-layer or per-head budgets")
         if getattr(self.inner, "grows", False):
             raise ValueError(f"{self.name}: {self.inner.name!r} follows a schedule that grows with the sequence; "
                              "wrap it with -a schedule=budget")
+        if getattr(self.inner, "layers_keep_alike", False):
+            raise ValueError(f"{self.name}: {self.inner.name!r} ranks every layer's entries by one score per KV head "
+                             "(the same positions in every layer); per-layer or per-head budgets would break that")
         # Instance attributes: the label, state and revision are the composition's.
         self.name = f"{type(self).name}:{self.inner.name}"
         self.state_names = self.inner.state_names
         self.revision = self.inner.revision
         self.origin = self.inner.origin
         self.buffer = self.inner.buffer
+        self.reads_rope = self.inner.reads_rope  # the engine hands the model's RoPE to what the inner press reads
 
     def own_params(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("inner", "buffer")}
@@ -47,6 +54,9 @@ class WrapperPress(Press):
 
     def cadence(self, budget: int) -> tuple[int, int]:
         return self.inner.cadence(budget)
+
+    def check_model(self, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        self.inner.check_model(num_layers, num_heads, num_kv_heads, head_dim)
 
     @property
     def query_window(self) -> int:

@@ -68,7 +68,7 @@ def load(store: str | Path, text: tuple[str, ...] = (), metrics: tuple[Metric, .
 def _press_label(press: str, args_json: str, protocol: str) -> tuple[str, RowIdentity]:
     """The press name, the parameters that differ from its defaults and a protocol other than kvbench's (so
     variants never pool), with what the row ran."""
-    from kvbench.presses import is_press, make_press
+    from kvbench.presses import is_press, press_parameters
 
     try:
         given = json.loads(args_json or "{}")
@@ -80,7 +80,8 @@ def _press_label(press: str, args_json: str, protocol: str) -> tuple[str, RowIde
                            "out of the store directory") from None
     changed = given  # a press that cannot be rebuilt here (a plug-in not importable now): every parameter shown
     if is_press(press):
-        defaults = make_press(press).params()
+        defaults = {name: default for name, _, default, _ in press_parameters(press)}  # made without a press: some
+        # presses cannot be made from their defaults alone (triattention's statistics)
         changed = {k: v for k, v in given.items() if defaults.get(k) != v}
     label = press if not changed else f"{press}({', '.join(f'{k}={v}' for k, v in sorted(changed.items()))})"
     if protocol != DEFAULT_PROTOCOL:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.presses import make_press
+from kvbench.presses import for_tokenizer, make_press
 from kvbench.runs.session import Session
 from kvbench.tasks import Example, Task
 
@@ -63,6 +63,7 @@ def replay(session: Session, task: Task, ref: Reference, press, budget, settings
         agree.append(float(int(log_probs.argmax()) == int(full.argmax())))
         rank.append(float((log_probs > log_probs[tokens[t]]).sum()))
 
+    press = for_tokenizer(press, session.loaded.tokenizer)
     (out,) = generate(session.loaded.model, [ref.prompt_ids], press, budget, settings,
                       detokenize=session.codec(task).decode, pad_token_id=session.loaded.tokenizer.pad_token_id,
                       forced_tokens=[tokens], on_logits=compare, compile_backend=compile_backend)

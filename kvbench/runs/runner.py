@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from kvbench.errors import ConfigError
-from kvbench.presses import Press
+from kvbench.presses import Press, for_tokenizer
 from kvbench.runs.measurement_columns import attention_loss_columns, critical_token_positions, retention_columns
 from kvbench.runs.session import Session
 from kvbench.store import ResultStore
@@ -121,6 +121,7 @@ def run_generation_cell(
     settings = generation_settings(session, config, task)
 
     continuous = batching(config, cell) == "continuous"
+    press = for_tokenizer(cell.press, tokenizer)  # what the press reads of the tokenizer (SepLLM's separators)
 
     def produce(chunk: list[Example], started: set[int]) -> Produced:
         prompts = [codec.prompt(e) for e in chunk]
@@ -130,12 +131,12 @@ def run_generation_cell(
         loss = "attention-loss" in config.measure
         if not continuous:
             started.update(range(len(chunk)))
-            outputs = generate(session.loaded.model, ids, cell.press, cell.budget, settings, detokenize=codec.decode,
+            outputs = generate(session.loaded.model, ids, press, cell.budget, settings, detokenize=codec.decode,
                                pad_token_id=tokenizer.pad_token_id, measure_attention_loss=loss,
                                critical_positions=critical, compile_backend=config.compile)
             yield from enumerate(zip(prompts, outputs))
             return
-        stream = ContinuousGeneration(session.loaded.model, ids, cell.press, cell.budget, settings,
+        stream = ContinuousGeneration(session.loaded.model, ids, press, cell.budget, settings,
                                       batch_size(config, cell), detokenize=codec.decode,
                                       pad_token_id=tokenizer.pad_token_id,
                                       hooks=Hooks(attention_loss=loss, critical_positions=critical),

@@ -136,13 +136,13 @@ def _expand(path: Path, line: int, row: dict[str, str], store: str) -> list[Plan
 def _validate(path: Path, run: PlannedRun) -> None:
     """Check one run step by step, so the error names the column at fault."""
     from kvbench.models import resolve
-    from kvbench.presses import make_press, parse_press_args
+    from kvbench.presses import make_press, parse_press_args, press_parameters
 
     config = run.config
     press = config.presses[0]
     steps = [
         ("model", lambda: resolve(config.model)),
-        ("press", lambda: make_press(press)),
+        ("press", lambda: press_parameters(press)),  # the name; its arguments next (some presses need them)
         ("press_args", lambda: make_press(press, parse_press_args(list(config.press_args), [press])[press])),
         ("budget", lambda: _require_budget(config)),
         (None, lambda: build_cells(config)),  # numeric options: their flag names the column
@@ -165,9 +165,11 @@ _FLAGS = {"kind ": "kind", "--measure": "measure", "--num-samples": "num_samples
 
 
 def _require_budget(config: RunConfig) -> None:
-    from kvbench.presses import make_press
+    from kvbench.presses import make_press, parse_press_args
 
-    if config.budgets == (None,) and make_press(config.presses[0]).evicts:
+    name = config.presses[0]
+    press = make_press(name, parse_press_args(list(config.press_args), [name])[name])
+    if config.budgets == (None,) and press.evicts:
         raise ConfigError(f"press {config.presses[0]!r} evicts: give a budget")
 
 

@@ -7,9 +7,11 @@ Each check is a function ``(Subject) -> Outcome``; ``_checks()`` lists them in t
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 from kvbench.errors import KvbenchError
 from kvbench.verify.subject import NotApplicable, Outcome, Subject
@@ -73,7 +75,12 @@ def validate(config: VerifyConfig) -> Callable:
     from kvbench.presses import make_press, parse_press_args
 
     args = parse_press_args(list(config.press_args), [config.press])[config.press]
-    make_press(config.press, args)
+    calibration = _calibration(config.press, args)
+    if calibration is None:
+        make_press(config.press, args)
+    else:  # the other arguments are checked with a tiny model's statistics (run_checks calibrates each model)
+        with tempfile.TemporaryDirectory() as workdir:
+            make_press(config.press, {**args, calibration: str(_calibrated(config, workdir))})
     for arch in config.architectures:
         if arch not in TINY_CONFIGS:
             raise ConfigError(f"--arch {arch!r} is not a tiny model (known: {', '.join(TINY_CONFIGS)})")
@@ -81,6 +88,29 @@ def validate(config: VerifyConfig) -> Callable:
         if name not in check_names():
             raise ConfigError(f"--check {name!r} is unknown (known: {', '.join(check_names())})")
     return partial(make_press, config.press, args)
+
+
+def _calibration(press: str, args: dict) -> str | None:
+    """The parameter a press reads its per-model statistics from, where it needs them and none was given:
+    ``run_checks`` then calibrates each tiny model itself."""
+    from kvbench.presses import PRESSES
+
+    cls = PRESSES.get(press)
+    name = getattr(cls, "calibration", None)
+    return name if name is not None and name not in args else None
+
+
+def _calibrated(config: VerifyConfig, workdir: str, arch: str | None = None, model=None, tokenizer=None) -> Path:
+    """What the press reads of a tiny model (``kvbench.runs.calibrate.write_tiny_calibration``), in ``workdir``."""
+    from kvbench.models import build_tiny
+    from kvbench.runs.calibrate import write_tiny_calibration
+
+    arch = arch or config.architectures[0]
+    if model is None:
+        model, tokenizer = build_tiny(arch)
+    folder = Path(workdir) / arch
+    folder.mkdir(exist_ok=True)
+    return write_tiny_calibration(config.press, model.eval(), tokenizer, folder)
 
 
 def run_checks(config: VerifyConfig, on_progress: Callable[[str, str], None] | None = None) -> dict[str, list[Outcome]]:
@@ -91,17 +121,23 @@ def run_checks(config: VerifyConfig, on_progress: Callable[[str, str], None] | N
 
     make = validate(config)
     selected = [c for c in _checks() if not config.checks or c.name in config.checks]
+    args = make.args[1]
+    calibration = _calibration(config.press, args)
     results: dict[str, list[Outcome]] = {}
-    for arch in config.architectures:
-        model, tokenizer = build_tiny(arch)
-        model.to(device=config.device, dtype=getattr(torch, config.dtype)).eval()
-        subject = Subject(model, tokenizer, make)
-        results[arch] = []
-        for check in selected:
-            if on_progress:
-                on_progress(arch, check.name)
-            torch.manual_seed(0)
-            results[arch].append(_run_one(check, subject))
+    with tempfile.TemporaryDirectory(prefix="kvbench-verify-") as workdir:
+        for arch in config.architectures:
+            model, tokenizer = build_tiny(arch)
+            model.to(device=config.device, dtype=getattr(torch, config.dtype)).eval()
+            if calibration is not None:  # the press reads this model's own statistics
+                stats = str(_calibrated(config, workdir, arch, model, tokenizer))
+                make = partial(make.func, config.press, {**args, calibration: stats})
+            subject = Subject(model, tokenizer, make)
+            results[arch] = []
+            for check in selected:
+                if on_progress:
+                    on_progress(arch, check.name)
+                torch.manual_seed(0)
+                results[arch].append(_run_one(check, subject))
     return results
 
 

@@ -37,6 +37,10 @@ class Subject:
     tokenizer: object
     make: Callable[[], Press]
 
+    def __post_init__(self) -> None:
+        make, tokenizer = self.make, self.tokenizer
+        self.make = lambda: make().for_tokenizer(tokenizer)  # what a press reads of the tokenizer, resolved
+
     def prompt(self, length: int) -> list[int]:
         ids = self.tokenizer(PROMPT)["input_ids"]
         return (ids * (length // len(ids) + 1))[:length]

@@ -52,6 +52,7 @@ class Forward:
     values: torch.Tensor  # [layers, kv_heads, n, head_dim]
     queries: torch.Tensor  # [layers, query_heads, n, head_dim]
     scaling: float
+    tokens: torch.Tensor | None = None  # [n] the token ids, for a press that reads them (SepLLM's separators)
 
     @property
     def layers(self) -> int:
@@ -94,12 +95,13 @@ def run_cache(press: Press, budget: int, forwards: Sequence[Forward], *, seed: i
     cache = BudgetCache(press, budget, first.layers, first.keys.shape[1], n_tokens, [seed],
                         max_new_tokens=len(forwards), keep_window_attention=keep_window_attention)
     if rope is not None:
-        cache.query_ring.rope = rope
+        cache.set_rope(rope)
     kept: Kept = []
     with torch.inference_mode():
         for step, forward in enumerate(forwards):
             n = forward.positions.numel()
-            cache.begin_step(forward.positions[None], torch.ones(1, n, dtype=torch.bool), [n], step)
+            tokens = None if forward.tokens is None else forward.tokens[None]
+            cache.begin_step(forward.positions[None], torch.ones(1, n, dtype=torch.bool), [n], step, tokens)
             for i, layer in enumerate(cache.layers):
                 key, value = layer.update(forward.keys[i][None], forward.values[i][None])
                 layer.attend(forward.queries[i][None], key, value, forward.scaling)
@@ -139,9 +141,11 @@ def trace_model(model, prompt: Sequence[int], press: Press, budget: int,
 
     def on_step(cache, step):
         layers = [seen[i] for i in range(len(seen))]
+        tokens = cache.step.token_ids
         forwards.append(Forward(cache.step.positions[0].clone(), torch.stack([s["keys"] for s in layers]),
                                 torch.stack([s["values"] for s in layers]),
-                                torch.stack([s["queries"] for s in layers]), layers[0]["scaling"]))
+                                torch.stack([s["queries"] for s in layers]), layers[0]["scaling"],
+                                None if tokens is None else tokens[0].clone()))
         kept.append(cache.kept_positions(0))
         seen.clear()
 
