@@ -123,9 +123,8 @@ class TriAttentionPress(Press):
                              " (kvbench calibrate writes its own)")
 
     def score(self, view: View) -> torch.Tensor:
-        n, h, s, d = view.keys.shape
         layers = view.layers
-        batch = n // layers
+        batch = view.keys.shape[0] // layers
         prompt = view.prompt_length if view.prompt_length is not None else torch.zeros_like(view.query_position)
         pinned = view.positions < torch.clamp(prompt, max=view.budget or _BIG)[:, None, None]
         candidates = view.valid & ~pinned
@@ -141,7 +140,7 @@ class TriAttentionPress(Press):
         if layer >= stats.q_mean.shape[0]:
             raise ValueError(f"triattention: the statistics have {stats.q_mean.shape[0]} layers; this model has more")
         keys, positions = view.keys[rows].float(), view.positions[rows]
-        b, h, s, d = keys.shape
+        h, d = keys.shape[1], keys.shape[3]
         q_mean, q_abs = (t[layer].to(keys.device) for t in (stats.q_mean, stats.q_abs_mean))  # [H_q, d/2]
         if q_mean.shape[-1] * 2 != d or q_mean.shape[0] % h:
             raise ValueError(f"triattention: the statistics have {q_mean.shape[0]} query heads of "

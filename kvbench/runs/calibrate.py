@@ -44,9 +44,7 @@ def write_random_gates(model, out: Path, seed: int = 0) -> Path:
     so that ``verify`` and the tests can check the engine under a head-budget press."""
     config = model.config
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    gates = torch.rand(config.num_hidden_layers, heads, generator=torch.Generator().manual_seed(seed))
-    out.write_text("\n".join("\t".join(f"{g:.6f}" for g in row) for row in gates.tolist()) + "\n")
-    return out
+    return write_gates(torch.rand(config.num_hidden_layers, heads, generator=torch.Generator().manual_seed(seed)), out)
 
 
 def write_tiny_calibration(press_name: str, model, tokenizer, out_dir: Path) -> Path:
