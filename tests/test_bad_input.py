@@ -31,6 +31,7 @@ GRIDS = {
         "    def score(self, view):\n        return view.positions.float()\n"),
     "notes.txt": "not python at all: (\n",
     "empty.txt": "  \n",
+    "gates43.tsv": "0.1\t0.2\t0.3\n" * 4,
     "empty_press.csv": "model,press,dataset\ntiny-llama,,arith\n",
     "plugin_grid.csv": "model,press,dataset,budget,press_args\ntiny-llama,"
                        f"{Path(__file__).parents[1] / 'examples' / 'my_press.py'}:ValueNormAttentionPress,arith,8,"
@@ -192,6 +193,10 @@ CASES = [
      "--lr must be a positive number"),
     (["run", "-p", "rlkv", "-b", "80"], "give its gates, -a gates=FILE"),
     (["run", "-p", "rlkv", "-b", "80", "-a", "gates=GRID/notes.txt"], "is not a table of numbers"),
+    (["run", "--model", "tiny-llama", "-p", "rlkv", "-b", "8", "-a", "gates=GRID/gates43.tsv", "-a", "n_sink=2"],
+     "holds gates for 4 layers x 3 KV heads; this model has 3 x 2"),
+    (["calibrate", "-p", "rlkv", "--text", "GRID/notes.txt", "--out", "GRID/g.tsv", "--context-min", "300"],
+     "--sink + --recent (384) must be below --context-min (300)"),
 ]
 
 

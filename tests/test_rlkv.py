@@ -70,3 +70,24 @@ def test_bad_files_and_budgets_are_refused(tmp_path):
         make_press("rlkv", {"gates": TINY_GATES}).cadence(16)
     with pytest.raises(PressError, match="keeps only the entries it wants"):
         make_press("pyramidkv:rlkv", {"gates": TINY_GATES})
+
+
+def test_a_gates_file_rewritten_at_the_same_path_is_a_new_run(tmp_path):
+    """The run key holds the gates file's contents, not only its path: stored rows of other gates are not reused."""
+    from kvbench.runs.plan import RunConfig, execute
+
+    path = _gates(tmp_path, [[0.1, 0.9], [0.2, 0.3], [0.95, 0.05]])
+    config = RunConfig(model="tiny-llama", presses=("rlkv",), budgets=(8,), press_args=(f"gates={path}", "n_sink=2"),
+                       num_samples=1, max_new_tokens=4, store=str(tmp_path / "store"))
+    runs = []
+
+    def count():
+        made = []
+        execute(config, on_example=lambda cell, example: made.append(example))
+        runs.append(len(made))
+
+    count()
+    count()
+    _gates(tmp_path, [[0.9, 0.1], [0.3, 0.2], [0.05, 0.95]])
+    count()
+    assert runs == [1, 0, 1]

@@ -54,9 +54,9 @@ def calibrate(
 def _summary(press: str, out: str, text: str, payload: dict) -> str:
     if press == "rlkv":
         gates, losses = payload["gates"], payload["losses"]
-        return (f"wrote {out}: gates of {gates.shape[0]} layers x {gates.shape[1]} KV heads (mean {gates.mean():.3f}, "
-                f"{int((gates > 0.5).sum())} above 0.5); loss {losses[0]:.4f} -> {losses[-1]:.4f} over "
-                f"{len(losses)} steps")
+        return (f"wrote {out}: gates of {gates.shape[0]} layers x {gates.shape[1]} KV heads (from {gates.min():.3f} "
+                f"to {gates.max():.3f}, mean {gates.mean():.3f}; rlkv's -a sparsity picks the heads kept whole by "
+                f"rank); loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} step(s)")
     meta = payload["metadata"]
     layers = 1 + max(layer for layer, _ in meta["sampled_heads"])
     return (f"wrote {out}: {len(meta['sampled_heads'])} query heads over {layers} layers, head dim "

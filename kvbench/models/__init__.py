@@ -25,6 +25,7 @@ from kvbench.models.loading import (
     load,
     model_config,
     model_settings,
+    model_shape,
     resolve,
     resolve_device,
     resolve_dtype,
@@ -36,5 +37,5 @@ __all__ = [
     "ALIASES", "DEFAULT_MODEL", "MODELS_TABLE", "SHAPES_DIR", "SMOLLM2_HF_ID", "SMOLLM2_PACKAGE",
     "TINY_CONFIGS", "LoadedModel", "ModelNotFoundError", "ModelSpec", "build_random", "build_tiny",
     "byte_tokenizer", "cached_revision", "default_system_prompt", "known_models", "load", "model_config",
-    "model_settings", "resolve", "resolve_device", "resolve_dtype", "shape_aliases", "smollm2_gguf",
+    "model_settings", "model_shape", "resolve", "resolve_device", "resolve_dtype", "shape_aliases", "smollm2_gguf",
 ]

@@ -283,6 +283,23 @@ def model_config(spec: ModelSpec):
         raise ModelNotFoundError(f"cannot read the configuration of {spec.name!r}: {first_line}") from None
 
 
+def model_shape(name: str) -> tuple[int, int, int, int]:
+    """(layers, attention heads, KV heads, head dim) of model ``name`` from its configuration alone (what a press's
+    per-model data must match); ModelNotFoundError where the configuration cannot be read here."""
+    from transformers import AutoConfig
+
+    spec = resolve(name)
+    if spec.source == "alias":
+        params = dict(TINY_CONFIGS[name])
+        config = AutoConfig.for_model(params.pop("model_type"), **params)
+    else:
+        config = model_config(spec)
+    config = config.get_text_config(decoder=True)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, heads, getattr(config, "num_key_value_heads", None) or heads, head_dim
+
+
 def build_random(spec: ModelSpec, torch_dtype, device, seed: int = 0):
     """A model of ``spec``'s shape with seeded random weights, created directly on ``device``."""
     import torch

@@ -98,6 +98,11 @@ class Press:
         if self.buffer < 1:
             raise ValueError(f"{self.name}: buffer must be >= 1, got {self.buffer}")
 
+    def data_digest(self) -> str | None:
+        """A digest of the per-model file the press reads (``calibration``), so that stored rows made with other
+        contents at the same path are not reused as this run's; None for a press that reads none."""
+        return None
+
     def for_tokenizer(self, tokenizer) -> Press:
         """The press to run with ``tokenizer`` (the model's): itself, or a copy with what it reads of the tokenizer
         resolved (SepLLM's separator ids). Called where a run has its tokenizer, before generating."""

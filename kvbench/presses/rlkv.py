@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,10 @@ class RLKVPress(Press):
         if self.buffer != 1:
             raise ValueError("rlkv: buffer does not apply (compressed heads are cut after every forward)")
         self.full = torch.from_numpy(full_heads(load_gates(self.gates), self.sparsity, self.seed))
+        self.digest = hashlib.sha256(Path(self.gates).expanduser().read_bytes()).hexdigest()[:16]
+
+    def data_digest(self) -> str:
+        return self.digest
 
     @property
     def allocates(self) -> bool:
@@ -117,7 +122,8 @@ class RLKVPress(Press):
     def check_model(self, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         if tuple(self.full.shape) != (num_layers, num_kv_heads):
             raise ValueError(f"rlkv: {self.gates!r} holds gates for {self.full.shape[0]} layers x {self.full.shape[1]}"
-                             f" KV heads; this model has {num_layers} x {num_kv_heads}")
+                             f" KV heads; this model has {num_layers} x {num_kv_heads} (kvbench calibrate -p rlkv "
+                             "writes gates for a model)")
 
     def score(self, view: View) -> torch.Tensor:
         n, h = view.positions.shape[:2]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +37,8 @@ def load_frequency_stats(path: str) -> FrequencyStats:
         heads = sorted({(int(layer), int(head)) for layer, head in metadata["sampled_heads"]})
     except Exception as err:  # not a torch file, or another layout
         first = (str(err).splitlines() or [""])[0][:120]
-        raise ValueError(f"triattention: {str(file)!r} is not a TriAttention statistics file ({type(err).__name__}: "
-                         f"{first})") from None
+        raise ValueError(f"triattention: {str(file)!r} is not a TriAttention statistics file ({type(err).__name__}"
+                         f"{': ' + first if len(first) < 80 else ''})") from None
     if metadata.get("rope_style", "half") != "half":
         raise ValueError(f"triattention: {str(file)!r} pairs RoPE dims as {metadata['rope_style']!r}; kvbench's "
                          "models pair them as 'half' (dims i and i + d/2)")
@@ -113,6 +114,10 @@ class TriAttentionPress(Press):
         if self.offset_max_length < 1:
             raise ValueError(f"triattention: offset_max_length must be >= 1, got {self.offset_max_length}")
         self.frequency_stats = load_frequency_stats(self.stats)
+        self.digest = hashlib.sha256(Path(self.stats).expanduser().read_bytes()).hexdigest()[:16]
+
+    def data_digest(self) -> str:
+        return self.digest
 
     def check_model(self, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         layers, heads, half = self.frequency_stats.q_mean.shape

@@ -88,7 +88,8 @@ def validate(config: CalibrationConfig) -> str:
     _check_training(config.training or GateTraining())
     path = Path(config.text).expanduser()
     if not path.is_file():
-        raise ConfigError(f"--text {config.text!r}: no such file (any plain, coherent text will do)")
+        raise ConfigError(f"--text {config.text!r}: no such file, or not a regular one (any plain, coherent text "
+                          "will do)")
     text = path.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
         raise ConfigError(f"--text {config.text!r} is empty")
@@ -104,6 +105,9 @@ def _check_training(training: GateTraining) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least {0 if name == 'sink' else 1}")
     if training.context_max < training.context_min:
         raise ConfigError("--context-max must be at least --context-min")
+    if training.sink + training.recent >= training.context_min:
+        raise ConfigError(f"--sink + --recent ({training.sink + training.recent}) must be below --context-min "
+                          f"({training.context_min}): streaming attention over the whole sample learns nothing")
     if training.passkeys > len(ORDINALS):
         raise ConfigError(f"--passkeys must be at most {len(ORDINALS)} (DuoAttention's ordinals)")
     if not (math.isfinite(training.lr) and training.lr > 0 and math.isfinite(training.reg_weight)):

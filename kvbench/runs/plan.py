@@ -12,8 +12,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from kvbench.errors import ConfigError, KvbenchError
-from kvbench.models import cached_revision, default_system_prompt, resolve, resolve_device, resolve_dtype
-from kvbench.presses import make_checked_press, parse_press_args
+from kvbench.models import (
+    cached_revision,
+    default_system_prompt,
+    model_shape,
+    resolve,
+    resolve_device,
+    resolve_dtype,
+)
+from kvbench.presses import Press, make_checked_press, parse_press_args
 from kvbench.runs.config import BATCHINGS, KINDS, MEASUREMENTS, RunConfig
 from kvbench.runs.runner import Cell, decoding, max_new_tokens, pending, run_fidelity_cell, run_generation_cell
 from kvbench.runs.session import load_session
@@ -112,7 +119,25 @@ def build_cells(config: RunConfig) -> list[Cell]:
             cells.append(Cell(press=press, budget=b))
     if config.compile is not None:
         check_compile(config, cells)
+    check_model_data(config.model, [cell.press for cell in cells])
     return cells
+
+
+def check_model_data(model: str, presses: list[Press]) -> None:
+    """A press's per-model statistics or gates against the model's shapes, from its configuration alone (before
+    any weights load); where the configuration cannot be read here the run checks when it builds the cache."""
+    calibrated = [press for press in presses if press.calibration]
+    if not calibrated:
+        return
+    try:
+        shape = model_shape(model)
+    except KvbenchError:
+        return
+    for press in calibrated:
+        try:
+            press.check_model(*shape)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def check_compile(config: RunConfig, cells: list[Cell]) -> None:
@@ -155,6 +180,8 @@ def run_key(config: RunConfig, task: Task, cell: Cell, model_revision: str | Non
         payload["press_revision"] = cell.press.revision
     if cell.press.origin:  # a plug-in: the class its name resolved to
         payload["press_class"] = cell.press.origin
+    if cell.press.data_digest():  # the statistics or gates file's contents, not only its path
+        payload["press_data"] = cell.press.data_digest()
     if config.protocol != DEFAULT_PROTOCOL:
         payload["protocol"] = config.protocol
     if get_protocol(config.protocol).revision > 1:  # what the protocol feeds the model changed
