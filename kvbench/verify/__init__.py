@@ -69,24 +69,25 @@ class VerifyConfig:
 
 
 def validate(config: VerifyConfig) -> Callable:
-    """Check the press, its arguments, the architectures and the checks; return the press factory. Loads no model."""
+    """Check the press, its arguments, the architectures and the checks; return the press factory. Builds no model
+    but, for a press that reads per-model data and was given none, the first tiny one (to make that data)."""
     from kvbench.errors import ConfigError
     from kvbench.models import TINY_CONFIGS
     from kvbench.presses import make_press, parse_press_args
 
-    args = parse_press_args(list(config.press_args), [config.press])[config.press]
-    calibration = _calibration(config.press, args)
-    if calibration is None:
-        make_press(config.press, args)
-    else:  # the other arguments are checked with a tiny model's statistics (run_checks calibrates each model)
-        with tempfile.TemporaryDirectory() as workdir:
-            make_press(config.press, {**args, calibration: str(_calibrated(config, workdir))})
     for arch in config.architectures:
         if arch not in TINY_CONFIGS:
             raise ConfigError(f"--arch {arch!r} is not a tiny model (known: {', '.join(TINY_CONFIGS)})")
     for name in config.checks:
         if name not in check_names():
             raise ConfigError(f"--check {name!r} is unknown (known: {', '.join(check_names())})")
+    args = parse_press_args(list(config.press_args), [config.press])[config.press]
+    calibration = _calibration(config.press, args)
+    if calibration is None:
+        make_press(config.press, args)
+    else:  # the other arguments are checked with a tiny model's data (run_checks makes each model's own)
+        with tempfile.TemporaryDirectory() as workdir:
+            make_press(config.press, {**args, calibration: str(_calibrated(config, workdir))})
     return partial(make_press, config.press, args)
 
 
