@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -283,6 +284,7 @@ def model_config(spec: ModelSpec):
         raise ModelNotFoundError(f"cannot read the configuration of {spec.name!r}: {first_line}") from None
 
 
+@functools.lru_cache(maxsize=64)
 def model_shape(name: str) -> tuple[int, int, int, int]:
     """(layers, attention heads, KV heads, head dim) of model ``name`` from its configuration alone (what a press's
     per-model data must match); ModelNotFoundError where the configuration cannot be read here."""
@@ -292,6 +294,11 @@ def model_shape(name: str) -> tuple[int, int, int, int]:
     if spec.source == "alias":
         params = dict(TINY_CONFIGS[name])
         config = AutoConfig.for_model(params.pop("model_type"), **params)
+    elif spec.source == "hf":  # never the network (offline, it retries for minutes): the local cache or nothing
+        try:
+            config = AutoConfig.from_pretrained(spec.path, local_files_only=True, revision=spec.revision)
+        except (OSError, ValueError) as err:
+            raise ModelNotFoundError(f"no local configuration of {spec.name!r}") from err
     else:
         config = model_config(spec)
     config = config.get_text_config(decoder=True)
