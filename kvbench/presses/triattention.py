@@ -58,7 +58,8 @@ def load_frequency_stats(path: str) -> FrequencyStats:
 class TriAttentionPress(Press):
     """Keep the prompt and the decoded entries that calibrated query centres will attend to, scored without queries.
 
-    TriAttention (``TriAttention.compute_keep_indices``) as the paper's runs configure it (``scripts/cli.py``:
+    TriAttention (``TriAttention.compute_keep_indices``) as its own experiment scripts configure it
+    (``scripts/cli.py``:
     ``per_head_pruning``, ``count_prompt_tokens``, ``slack_budget_trigger``, normalised scores, ``divide_length``
     128, offsets up to 65,536, mean aggregation): once the cache holds ``budget + buffer`` entries (prompt included)
     it is cut back to ``budget``. The prompt's entries are never evicted (the first ``budget`` of them where the
@@ -101,7 +102,8 @@ class TriAttentionPress(Press):
     offset_max_length: int = 65536
     #: How the offsets' scores combine: ``mean`` (TriAttention's) or ``max``.
     aggregation: str = "mean"
-    #: z-normalise each query head's scores over the decoded entries before combining heads (the paper's runs).
+    #: z-normalise each query head's scores over the decoded entries before combining heads (TriAttention's
+    #: experiment scripts do).
     normalize: bool = True
 
     def __post_init__(self) -> None:

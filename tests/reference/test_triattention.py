@@ -2,7 +2,8 @@
 
 Source: WeianMao/triattention @ c3744ee6 (read with line numbers; transcribed without kvbench's press or its docs).
 
-- ``scripts/cli.py`` 298-313, ``scripts/worker.py`` 615-634: the paper's runs call ``apply_triattention_patch`` with
+- ``scripts/cli.py`` 298-313, ``scripts/worker.py`` 615-634: TriAttention's experiment scripts call
+  ``apply_triattention_patch`` with
   ``per_head_pruning=True``, ``count_prompt_tokens=True``, ``slack_budget_trigger=True``, ``normalize_scores=True``,
   ``divide_length=128``, ``offset_max_length=65536``, ``score_aggregation="mean"``, ``pruning_seed=0``,
   ``allow_prefill_compression=False``.
