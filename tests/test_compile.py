@@ -24,6 +24,8 @@ PROMPTS = [[1 + (i * 7) % 50 for i in range(12)], [3 + (i * 5) % 40 for i in ran
 #: 12-token prompts and a budget of 16: the first steps evict nothing, the rest evict every step (buffer 1).
 STEPS = 72
 COMPILABLE = sorted(name for name, cls in PRESSES.items() if compile_refusal(default_press(name), BUDGET) is None)
+#: Allocation wrappers over presses that compile: their layers and heads keep different counts, given as tensors.
+WRAPPED = ["adakv:snapkv-d", "pyramidkv:snapkv-d", "adakv:keydiff", "pyramidkv:scope"]
 
 
 class CountingBackend:
@@ -55,14 +57,17 @@ def _run(model, press, backend=None, steps: int = STEPS):
 
 
 def test_the_compilable_presses_are_the_expected_ones():
-    assert COMPILABLE == ["full", "h2o", "hott-h2o-fixed", "hott-snapkv-d-fixed", "knorm", "morphkv", "random",
-                          "snapkv-d", "streaming_llm", "tova", "triattention"]
+    assert COMPILABLE == ["expected-attention", "full", "gkv", "h2o", "hott-h2o-fixed", "hott-snapkv-d-fixed",
+                          "keydiff", "knorm", "morphkv", "quest", "random", "rpc", "scope", "snapkv-d",
+                          "streaming_llm", "tova", "triattention"]
 
 
-@pytest.mark.parametrize("name", COMPILABLE)
+@pytest.mark.parametrize("name", COMPILABLE + WRAPPED)
 def test_every_decoding_step_is_one_graph_equal_to_eager(model, name):
+    """Among them: schedules that change with the sequence (keydiff, expected-attention, gkv, rpc, scope: a first
+    compression at another count than the next ones) and allocation (layers, heads keeping different counts)."""
     torch._dynamo.reset()
-    args = TEST_ARGS["triattention"] if name == "triattention" else None  # its buffer of 128 is past 72 steps
+    args = TEST_ARGS.get(name.rsplit(":", 1)[-1])  # buffers and windows that evict within 72 steps
     press = make_press(name, args)
     backend = CountingBackend()
     compiled, compiled_kept = _run(model, press, backend)
@@ -71,8 +76,11 @@ def test_every_decoding_step_is_one_graph_equal_to_eager(model, name):
     assert [o.tokens for o in compiled] == [o.tokens for o in eager]
     assert [o.finish_reason for o in compiled] == [o.finish_reason for o in eager]
     assert compiled_kept == eager_kept  # every layer and KV head, after every forward
-    if press.evicts:
+    if press.evicts and not press.selects:
         assert all(o.evicted_tokens > 0 for o in compiled)
+    if press.selects:  # the selection ran in the graph: attending to what quest chose is not the full cache
+        full, _ = _run(model, make_press("full"))
+        assert [o.tokens for o in compiled] != [o.tokens for o in full]
 
 
 def test_steps_with_and_without_eviction_share_the_graph(model):
@@ -85,8 +93,9 @@ def test_steps_with_and_without_eviction_share_the_graph(model):
     assert [o.tokens for o in compiled] == [o.tokens for o in eager] and compiled_kept == eager_kept
 
 
-@pytest.mark.parametrize("name", sorted(set(PRESSES) - set(COMPILABLE)) + ["adakv:snapkv-d", "pyramidkv:snapkv-d"])
+@pytest.mark.parametrize("name", sorted(set(PRESSES) - set(COMPILABLE)) + ["adakv:rkv", "pyramidkv:hott-knorm"])
 def test_a_press_that_cannot_be_one_graph_is_refused_with_its_reason(name):
+    """A wrapper, by its inner press's reason."""
     press = default_press(name)
     reason = compile_refusal(press, BUDGET)
     assert reason
@@ -94,6 +103,29 @@ def test_a_press_that_cannot_be_one_graph_is_refused_with_its_reason(name):
     with pytest.raises(KvbenchError, match=f"--compile: {name} cannot decode as one graph: ") as error:
         generate(model, PROMPTS, press, BUDGET, GenerationSettings(max_new_tokens=4), compile_backend="eager")
     assert "\n" not in str(error.value)
+
+
+class SlowBackend(CountingBackend):
+    """Compiles for a second: what a compiling forward costs, so that it shows where it is counted."""
+
+    def __call__(self, graph_module, example_inputs):
+        import time
+
+        time.sleep(1.0)
+        return super().__call__(graph_module, example_inputs)
+
+
+def test_the_forward_that_compiles_is_left_out_of_the_decoding_time():
+    torch._dynamo.reset()
+    model, _ = build_tiny("tiny-llama")
+    settings = GenerationSettings(max_new_tokens=8)
+    compiled = generate(model, PROMPTS, make_press("h2o"), BUDGET, settings, compile_backend=SlowBackend())
+    eager = generate(model, PROMPTS, make_press("h2o"), BUDGET, settings)
+    for out in compiled:
+        assert out.compile_s >= 1.0  # the first decoding forward compiled, once, for both rows
+        assert out.decode_s < 1.0 and out.tokens_per_s == pytest.approx((out.output_tokens - 1) / out.decode_s)
+    assert [o.compile_s for o in eager] == [None, None]
+    assert [o.tokens for o in compiled] == [o.tokens for o in eager]
 
 
 def test_attention_loss_is_not_measured_in_a_compiled_step():
@@ -133,6 +165,7 @@ def test_run_and_fidelity_compiled_store_what_eager_stores(tmp_path):
                            kind=kind, compile=compile, batch_size=batch_size, batching=batching)
         _, cells = execute(config)
         assert {r["compile"] for c in cells for r in c.rows} == {compile}
+        assert all((r["compile_s"] is None) == (compile is None) for c in cells for r in c.rows)
         return {(c.press.name, r["example_id"]): (r["response"], r["evicted_tokens"], r["fidelity_top1"],
                                                   r["fidelity_kl_mean"]) for c in cells for r in c.rows}
 
@@ -150,8 +183,8 @@ def test_run_and_fidelity_compiled_store_what_eager_stores(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["-p", "shadowkv", "-b", "80"], "--compile: shadowkv cannot decode as one graph: its sparse attention"),
-    (["-p", "rkv", "-b", "24"], "--compile: rkv cannot decode as one graph: its schedule changes"),
-    (["-p", "adakv:snapkv-d", "-b", "24"], "--compile: adakv:snapkv-d cannot decode as one graph"),
+    (["-p", "rkv", "-b", "24"], "--compile: rkv cannot decode as one graph: it replays its source's physical cache"),
+    (["-p", "adakv:hott-h2o", "-b", "24"], "--compile: adakv:hott-h2o cannot decode as one graph"),
     (["-p", "h2o", "-b", "24", "--measure", "attention-loss"], "--compile: --measure attention-loss"),
     (["-p", "h2o", "-b", "24", "--compile-backend", "tvm"], "--compile-backend 'tvm' is unknown"),
 ])

@@ -9,8 +9,8 @@ from kvbench.tasks import Task
 
 
 def _compiled(config: RunConfig) -> str:
-    """The title's note of a compiled run (``--compile``), whose first steps include the compilation."""
-    return f"; decoding compiled ({config.compile}: tok/s includes the compile)" if config.compile else ""
+    """The title's note of a compiled run (``--compile``): its forwards that compiled a graph are not timed."""
+    return f"; decoding compiled ({config.compile}: tok/s leaves out the compiling steps)" if config.compile else ""
 
 
 def result_table(task: Task, cells: list[Cell], config: RunConfig) -> Table:

@@ -5,15 +5,19 @@ Static shapes: the cache attends over all of its preallocated ``budget + buffer`
 every decoding step has the same tensor shapes. No host decision inside the graph: whether a row evicts this step
 is decided on the host before the forward (its entry count against its trigger) and enters the graph as a mask,
 so that a step with eviction and one without run the same graph (rows not at their trigger keep their slots by
-masked arithmetic). The host's bookkeeping (entry counts, the next schedule, the query ring's write slot) stays
-outside, before and after the graph. The prefill runs eagerly (its length differs per prompt).
+masked arithmetic; a press whose compressions keep different counts, by schedule, layer or head, gets each row's
+count as a tensor instead). The host's bookkeeping (entry counts, the next schedule, the query ring's write slot)
+stays outside, before and after the graph. The prefill runs eagerly (its length differs per prompt).
 
 What cannot be one graph is refused by ``compile_refusal`` with the reason, before any model loads.
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
+from torch._dynamo.utils import counters
 
 from kvbench.errors import KvbenchError
 from kvbench.presses.base import Press
@@ -30,16 +34,13 @@ BACKENDS = ("inductor", "eager", "aot_eager")
 
 
 def compile_refusal(press: Press, budget: int | None) -> str | None:
-    """Why ``press`` at ``budget`` cannot decode as one graph, or None if it can."""
+    """Why ``press`` at ``budget`` cannot decode as one graph, or None if it can (a wrapper: its inner press's)."""
     if budget is None or not press.evicts:
         return None
     if press.sparse:
         return "its sparse attention selects chunks per step into a shadow cache of host-sized gathers"
-    if press.allocates:
-        return "its layers and heads keep different numbers of entries, ranked by counts decided per row"
-    if type(press).row_cadence is not Press.row_cadence or type(press).layer_keeps is not Press.layer_keeps:
-        return "its schedule changes with the sequence (how many entries a compression keeps differs per step)"
-    return press.compile_refusal
+    inner = getattr(press, "inner", None)
+    return press.compile_refusal or (None if inner is None else compile_refusal(inner, budget))
 
 
 def check_compilable(press: Press, budget: int | None, attention_loss: bool = False) -> None:
@@ -75,12 +76,15 @@ class CompiledStep:
         self.graph = torch.compile(self._step, fullgraph=True, backend=backend, mode=mode, dynamic=False)
         self.step = torch.zeros((), dtype=torch.long, device=device)  # the decoding step, as the views carry it
         self.marked = False
+        #: Seconds the last forward took if it compiled a graph (dynamo's trace and the backend's code, with that
+        #: one step), else 0: what a run's decoding time leaves out. A CUDA graph's recording is not counted.
+        self.compiling_s = 0.0
 
-    def _step(self, ids: torch.Tensor, positions: torch.Tensor, evicting: torch.Tensor,
-              step: torch.Tensor) -> torch.Tensor:
+    def _step(self, ids: torch.Tensor, positions: torch.Tensor, step: torch.Tensor, evicting: torch.Tensor | None,
+              keep: torch.Tensor | None) -> torch.Tensor:
         out = self.model(input_ids=ids, position_ids=positions, cache_position=positions[0], **self.cache_kwarg,
                          use_cache=True, kvbench_cache=self.cache, logits_to_keep=1)
-        self.cache.evict_on_device(evicting, step)
+        self.cache.evict_on_device(step, evicting, keep)
         return out.logits[:, -1]
 
     def _mark_static(self, cache) -> None:
@@ -109,6 +113,10 @@ class CompiledStep:
         cache.begin_step(positions, valid, counts, step, ids)
         full = cache.occupancy.at_trigger()
         self.step.fill_(step)
-        logits = self.graph(ids, positions, cache.row_mask(full), self.step)
+        evicting, keep = (None, cache.device_keeps(full)) if cache.keeps_by_rank else (cache.row_mask(full), None)
+        graphs, start = counters["stats"]["unique_graphs"], time.perf_counter()
+        logits = self.graph(ids, positions, self.step, evicting, keep)
+        compiled = counters["stats"]["unique_graphs"] != graphs
+        self.compiling_s = time.perf_counter() - start if compiled else 0.0
         cache.finish_decoding_step(full)
         return logits

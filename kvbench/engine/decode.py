@@ -61,6 +61,9 @@ class SequenceOutput:
     #: [layers, forwards] share of the critical prompt tokens held after each forward (0 = after prefill).
     retention: torch.Tensor | None = field(default=None, repr=False)
     text: str | None = None
+    #: Seconds of the decoding forwards that compiled a graph (``--compile``): not in ``decode_s`` nor
+    #: ``tokens_per_s``; None when decoding was not compiled.
+    compile_s: float | None = None
     #: Next-token logits of every step (only with ``Hooks.record_logits``; for tests and analysis).
     logits: list[torch.Tensor] = field(default_factory=list, repr=False)
 
@@ -80,6 +83,9 @@ class RowRecord:
     decode_end: float = 0.0
     loop_start: int | None = None
     cache_len_sum: float = 0.0
+    #: Seconds of the decoding forwards that compiled a graph (``--compile``), left out of ``decode_s``, and how many.
+    compile_s: float = 0.0
+    compiling_forwards: int = 0
 
 
 def cache_argument(model) -> str:
@@ -178,9 +184,13 @@ class Decoder:
         step_ids = torch.where(mask, chosen, self.pad_token_id)[:, None]
         self.logits = self.forward(step_ids, self.next_position[:, None], mask[:, None], [int(a) for a in active], step)
         self.next_position = self.next_position + mask  # not in place: the cache keeps the old tensor
+        compiling_s = 0.0 if self.step_graph is None else self.step_graph.compiling_s
         for index, (row, running) in enumerate(zip(self.rows, active)):
             if running:
                 row.cache_len_sum += self.cache.entries(index)
+                if compiling_s:
+                    row.compile_s += compiling_s
+                    row.compiling_forwards += 1
         if self.hooks.on_step:
             self.hooks.on_step(self.cache, step)
 
@@ -231,11 +241,12 @@ class Decoder:
 
     def _output(self, index: int, row: RowRecord) -> SequenceOutput:
         cache, n_out = self.cache, len(row.tokens)
-        decode_s = max(row.decode_end - row.decode_start, 1e-9)
+        decode_s = max(row.decode_end - row.decode_start - row.compile_s, 1e-9)
+        timed_tokens = max(n_out - row.compiling_forwards, 1)  # the tokens of compiling forwards are not timed
         steps = max(n_out - 1, 1)  # decode forwards this sequence took part in
         return SequenceOutput(
             tokens=row.tokens, finish_reason=row.finish or "length", prompt_tokens=row.prompt_tokens,
-            output_tokens=n_out, prefill_s=row.prefill_s, decode_s=decode_s, tokens_per_s=n_out / decode_s,
+            output_tokens=n_out, prefill_s=row.prefill_s, decode_s=decode_s, tokens_per_s=timed_tokens / decode_s,
             peak_kv_bytes=cache.peak_bytes(index), evicted_tokens=cache.evicted_tokens(index),
             mean_cache_len=row.cache_len_sum / steps if n_out > 1 else cache.entries(index),
             looped=row.loop_start is not None, loop_start=row.loop_start,
@@ -243,6 +254,7 @@ class Decoder:
             attention_loss=None if cache.loss_log is None else _copy(cache.loss_log[index, :, : max(n_out - 1, 0)]),
             retention=None if cache.retention_log is None else _copy(cache.retention_log[index, :, : max(n_out, 1)]),
             text=self.detokenize(row.tokens) if self.detokenize else None, logits=row.logits,
+            compile_s=None if self.step_graph is None else row.compile_s,
         )
 
 

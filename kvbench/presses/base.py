@@ -179,6 +179,12 @@ class Press:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def at_prefill(view: View) -> bool:
+    """True if ``view`` is scored at the prefill (step 0). A compiled decoding step carries its step number as a 0-d
+    tensor, so that one graph serves every step: it is never the prefill (which runs eagerly)."""
+    return not isinstance(view.step, torch.Tensor) and view.step == 0
+
+
 def recent_positions(view: View, recent: int) -> torch.Tensor:
     """[N, H, S]: the slots among each row's ``recent`` newest positions (the query's own included)."""
     return view.positions > view.query_position[:, None, None] - recent

@@ -87,7 +87,7 @@ class GKVPress(Press):
         similarity = _normalised(redundancy(view, position_index(view), self.threshold, exempt_first=False), prefix)
         if view.compress_to is not None:  # store the history of the rows this compression changes
             held = view.valid[:, 0].sum(dim=-1)
-            compressing = (held > torch.tensor(view.compress_to, device=held.device))[:, None, None]
+            compressing = (held > torch.as_tensor(view.compress_to, device=held.device))[:, None, None]
             stored = view.state[HISTORY]
             stored.copy_(torch.where(compressing, smoothed.masked_fill(~prefix, 0.0), stored))
         scores = self.mix_lambda * smoothed - (1 - self.mix_lambda) * similarity

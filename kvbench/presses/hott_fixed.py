@@ -12,7 +12,16 @@ from kvbench.presses.base import Press, View
 from kvbench.presses.h2o import H2OPress
 from kvbench.presses.hott_rkv import fork_rkv_score, window_queries
 from kvbench.presses.snapkv_d import SnapKVDecodingPress
-from kvbench.presses.source_order import STATE, compress, fork_index, fork_topk, reorder, valid_lengths, window_padded
+from kvbench.presses.source_order import (
+    COMPILE_REFUSAL,
+    STATE,
+    compress,
+    fork_index,
+    fork_topk,
+    reorder,
+    valid_lengths,
+    window_padded,
+)
 
 
 @dataclass
@@ -78,6 +87,7 @@ class HottRKVFixedPress(Press):
     """
 
     name = "hott-rkv-fixed"
+    compile_refusal = COMPILE_REFUSAL
     summary = "the fork's R-KV (interval 64, kernel 5, lambda 0.1) with the right sign, per-layer queries, every 64"
     source = "the kvpress fork of arXiv 2512.12008 (rkv_press.py: compress_interval=64, kernel_size=5)"
     reference = ("minghui-liu/kvpress@43d9e37 kvpress/presses/rkv_press.py (RKVPress.score, compress_decoding), "

@@ -3,7 +3,15 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.presses.base import Press, View
-from kvbench.presses.source_order import STATE, fork_index, fork_topk, from_fork_order, reorder, to_fork_order
+from kvbench.presses.source_order import (
+    COMPILE_REFUSAL,
+    STATE,
+    fork_index,
+    fork_topk,
+    from_fork_order,
+    reorder,
+    to_fork_order,
+)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -35,8 +43,7 @@ class HottH2OPress(Press):
     """
 
     name = "hott-h2o"
-    compile_refusal = ("it replays the fork's physical cache order (source_order): per-row lengths and gathers "
-                       "sized on the host")
+    compile_refusal = COMPILE_REFUSAL
     summary = "the paper's harness's H2O: one bf16 accumulator shared by all layers, misaligned (bug-compatible)"
     source = "the kvpress fork of arXiv 2512.12008 (h2o_press.py @43d9e37)"
     reference = ("minghui-liu/kvpress@43d9e37 kvpress/presses/h2o_press.py (H2OPress.score, compress_prefilling, "

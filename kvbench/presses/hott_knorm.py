@@ -3,7 +3,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.presses.base import Press, View
-from kvbench.presses.source_order import STATE, compress, fork_index, to_fork_order, valid_lengths
+from kvbench.presses.source_order import COMPILE_REFUSAL, STATE, compress, fork_index, to_fork_order, valid_lengths
 
 
 @dataclass
@@ -28,8 +28,7 @@ class HottKNormPress(Press):
     """
 
     name = "hott-knorm"
-    compile_refusal = ("it replays the fork's physical cache order (source_order): per-row lengths and gathers "
-                       "sized on the host")
+    compile_refusal = COMPILE_REFUSAL
     summary = "the paper's harness's KNorm: topk of -||k|| in the keys' dtype, over its topk-ordered cache"
     source = "the kvpress fork of arXiv 2512.12008 (knorm_press.py @43d9e37)"
     reference = ("minghui-liu/kvpress@43d9e37 kvpress/presses/knorm_press.py (KnormPress.score; "

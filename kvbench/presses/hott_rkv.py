@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from kvbench.presses.base import Press, View
 from kvbench.presses.source_order import (
+    COMPILE_REFUSAL,
     STATE,
     compress,
     fork_index,
@@ -49,6 +50,7 @@ class HottRKVPress(Press):
     """
 
     name = "hott-rkv"
+    compile_refusal = COMPILE_REFUSAL
     summary = ("the paper's harness's R-KV: 0.1 importance + 0.9 redundancy (sign reversed), interval 64, layer 0 a "
                "step behind")
     source = "the kvpress fork of arXiv 2512.12008 (rkv_press.py @43d9e37)"

@@ -4,8 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from kvbench.errors import KvbenchError
-from kvbench.presses.base import Press, View
+from kvbench.presses.base import Press, View, at_prefill
 from kvbench.presses.source_order import (
+    COMPILE_REFUSAL,
     STATE,
     compress,
     fork_index,
@@ -33,7 +34,7 @@ class HottSnapKVDPress(Press):
     """
 
     name = "hott-snapkv-d"
-    compile_refusal = "its rule branches on the step number (the prefill's window or one decoding query)"
+    compile_refusal = COMPILE_REFUSAL
     summary = "the paper's harness's SnapKV-D: current query only, window and pooling by cache index (bug-compatible)"
     source = "the kvpress fork of arXiv 2512.12008 (snapkv_press.py @43d9e37, eager decoding path)"
     reference = "minghui-liu/kvpress@43d9e37 kvpress/presses/snapkv_press.py (SnapKVPress.score, eager attentions)"
@@ -89,7 +90,7 @@ class HottSnapKVDPress(Press):
         prefill, the current query alone in decoding; [N, H_q, rows, D] in position order, positions [N, rows]."""
         window = view.window
         positions = window.positions.masked_fill(~window.valid, -1)
-        rows = 1 if view.step > 0 else min(self.window_size, positions.shape[-1])
+        rows = min(self.window_size, positions.shape[-1]) if at_prefill(view) else 1
         newest = positions.topk(rows, dim=-1).indices.flip(-1)  # position order
         queries = window.queries.gather(2, newest[:, None, :, None].expand(-1, window.queries.shape[1], -1,
                                                                              window.queries.shape[-1]))

@@ -3,7 +3,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.presses.base import Press, View
-from kvbench.presses.source_order import STATE, compress, fork_index, valid_lengths
+from kvbench.presses.source_order import COMPILE_REFUSAL, STATE, compress, fork_index, valid_lengths
 
 
 @dataclass
@@ -21,8 +21,7 @@ class HottStreamingLLMPress(Press):
     """
 
     name = "hott-streaming_llm"
-    compile_refusal = ("it replays the fork's physical cache order (source_order): per-row lengths and gathers "
-                       "sized on the host")
+    compile_refusal = COMPILE_REFUSAL
     summary = "the paper's harness's StreamingLLM: index rule over its topk-reordered cache (bug-compatible)"
     source = "the kvpress fork of arXiv 2512.12008 (streaming_llm_press.py @43d9e37)"
     reference = ("minghui-liu/kvpress@43d9e37 kvpress/presses/streaming_llm_press.py (StreamingLLMPress.score; "

@@ -37,7 +37,6 @@ class QuestPress(Press):
     source = "Tang et al. 2024, arXiv 2406.10774 (Quest)"
     reference = "mit-han-lab/Quest@01c1623 evaluation/quest_attention.py (forward, local_heavy_hitter_mask)"
     selects = True
-    compile_refusal = "its page selection ranks a number of pages that grows with the sequence"
 
     #: Consecutive positions per page (Quest's ``chunk_size``, 16 in its scripts).
     chunk_size: int = 16

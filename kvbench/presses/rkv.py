@@ -4,7 +4,15 @@ import torch
 import torch.nn.functional as F
 
 from kvbench.presses.base import INF, Press, View, window_softmax
-from kvbench.presses.source_order import STATE, fork_index, from_fork_order, reorder, to_fork_order, valid_lengths
+from kvbench.presses.source_order import (
+    COMPILE_REFUSAL,
+    STATE,
+    fork_index,
+    from_fork_order,
+    reorder,
+    to_fork_order,
+    valid_lengths,
+)
 
 _BIG = torch.iinfo(torch.long).max // 2
 
@@ -42,6 +50,7 @@ class RKVPress(Press):
     """
 
     name = "rkv"
+    compile_refusal = COMPILE_REFUSAL
     summary = "importance - redundancy (key cosine similarity), every 128 tokens, in R-KV's cache order"
     source = "Cai et al. 2025, arXiv 2505.24133"
     reference = "Zefan-Cai/R-KV@d15c976 rkv/compression/r1_kv.py (R1KV.update_kv)"

@@ -3,7 +3,16 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.errors import KvbenchError
-from kvbench.presses.base import INF, Press, View, pool_by_position, protect, recent_positions, window_logits
+from kvbench.presses.base import (
+    INF,
+    Press,
+    View,
+    at_prefill,
+    pool_by_position,
+    protect,
+    recent_positions,
+    window_logits,
+)
 
 _UNBOUNDED = 2**62
 
@@ -115,7 +124,7 @@ class RPCPress(Press):
     def score(self, view: View) -> torch.Tensor:
         recent = recent_positions(view, self.window_size)
         prompt = view.positions < view.prompt_length[:, None, None]
-        if view.step == 0:  # budget schedule, a prompt longer than the budget: compressed like SnapKV
+        if at_prefill(view):  # budget schedule, a prompt longer than the budget: compressed like SnapKV
             prompt = torch.zeros_like(prompt)
         reasoning = view.valid & ~prompt & ~recent
         attention = self._selector_attention(view, reasoning)

@@ -3,7 +3,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.errors import KvbenchError
-from kvbench.presses.base import INF, Press, View
+from kvbench.presses.base import INF, Press, View, at_prefill
 from kvbench.presses.ranking import rank_slots
 
 
@@ -105,7 +105,7 @@ class SCOPEPress(Press):
 
     def observe(self, view: View, attention: torch.Tensor) -> None:
         view.state["accumulated"] += attention
-        if view.step == 0:
+        if at_prefill(view):
             self._pin_prompt(view)
 
     def _pin_prompt(self, view) -> None:
@@ -122,7 +122,7 @@ class SCOPEPress(Press):
 
     def score(self, view: View) -> torch.Tensor:
         pinned = view.state["pinned"] > 0
-        if view.step == 0:  # a prompt longer than the prefill budget: the pinned ones
+        if at_prefill(view):  # a prompt longer than the prefill budget: the pinned ones
             return view.state["accumulated"].masked_fill(pinned, INF)
         pinned_n = self.prompt_budget(view.budget)
         prompt_length = view.prompt_length[:, None, None]

@@ -16,6 +16,9 @@ from collections.abc import Callable
 import torch
 
 STATE = "fork_index"
+#: Why a press that replays its source's cache order cannot decode as one graph (``--compile``).
+COMPILE_REFUSAL = ("it replays its source's physical cache order (source_order): per-row lengths and gathers sized "
+                   "on the host")
 _BIG = torch.iinfo(torch.long).max // 2
 
 

@@ -225,6 +225,7 @@ def base_row(session: Session, config: RunConfig, task: Task, cell: Cell, exampl
         "prompt": prompt, "response": out.text, "gold": example.gold,
         "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens, "output_tokens": out.output_tokens,
         "prefill_s": out.prefill_s, "decode_s": out.decode_s, "tokens_per_s": out.tokens_per_s,
+        "compile_s": out.compile_s,
         "peak_kv_bytes": out.peak_kv_bytes, "host_kv_bytes": out.host_kv_bytes, "evicted_tokens": out.evicted_tokens,
         "mean_cache_len": out.mean_cache_len, "looped": out.looped, "loop_start": out.loop_start,
         "kv_byte_steps": out.kv_byte_steps, "batch_size": batch_size(config, cell), "batching": batching(config, cell),

@@ -68,6 +68,7 @@ SCHEMA = pa.schema([
     ("prefill_s", pa.float64()),
     ("decode_s", pa.float64()),
     ("tokens_per_s", pa.float64()),
+    ("compile_s", pa.float64()),  # --compile: the forwards that compiled a graph, left out of decode_s (null: eager)
     ("peak_kv_bytes", pa.int64()),  # on the device
     ("host_kv_bytes", pa.int64()),  # offloaded to host memory (ShadowKV's values; 0 otherwise)
     ("evicted_tokens", pa.float64()),
