@@ -12,14 +12,17 @@ difference (step, layer, head), to be read against the same check in float32.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from kvbench.engine.compiled import compile_refusal
 from kvbench.engine.generate import GenerationSettings, generate
 from kvbench.models import build_tiny
-from kvbench.presses import PRESSES, make_press
+from kvbench.presses import PRESSES, for_tokenizer, make_press
+from kvbench.runs.calibrate import write_tiny_calibration
 from kvbench.verify import ARCHITECTURES, VerifyConfig, run_checks
 
 
@@ -36,20 +39,32 @@ def oracle_matrix(presses: list[str], archs: tuple[str, ...], device: str, dtype
                   f"{sum(o.status == 'n/a' for o in outcomes)} | {first} | {seconds / len(results):.1f} |", flush=True)
 
 
+def tiny_press(name: str, model, tokenizer, workdir: Path):
+    """Press ``name`` at its defaults for the tiny model: its calibration written for it (TriAttention's statistics,
+    RLKV's gates), what it reads of the tokenizer resolved (SepLLM's separators)."""
+    cls = PRESSES[name]
+    args = {}
+    if cls.calibration is not None:
+        args[cls.calibration] = str(write_tiny_calibration(name, model, tokenizer, workdir))
+    return for_tokenizer(make_press(name, args), tokenizer)
+
+
 def compiled_against_eager(presses: list[str], device: str, dtype: str, steps: int = 128) -> None:
     print("\n| press | backend | same tokens (of 2 x 128) | first difference | compile s |\n|---|---|---|---|---|")
-    model, _ = build_tiny("tiny-qwen2")
+    model, tokenizer = build_tiny("tiny-qwen2")
     model.to(device=device, dtype=getattr(torch, dtype)).eval()
     prompts = [[1 + (i * 7) % 50 for i in range(40)], [3 + (i * 5) % 40 for i in range(23)]]
     settings = GenerationSettings(max_new_tokens=steps)
+    workdir = Path(tempfile.mkdtemp(prefix="kvbench-gpu-check-"))
     for name in presses:
-        if compile_refusal(make_press(name), 16):
+        if compile_refusal(tiny_press(name, model, tokenizer, workdir), 16):
             continue
         torch._dynamo.reset()
         start = time.perf_counter()
-        compiled = generate(model, prompts, make_press(name), 16, settings, compile_backend="inductor")
+        compiled = generate(model, prompts, tiny_press(name, model, tokenizer, workdir), 16, settings,
+                            compile_backend="inductor")
         seconds = time.perf_counter() - start
-        eager = generate(model, prompts, make_press(name), 16, settings)
+        eager = generate(model, prompts, tiny_press(name, model, tokenizer, workdir), 16, settings)
         same = [next((i for i, (a, b) in enumerate(zip(c.tokens, e.tokens)) if a != b), len(c.tokens))
                 for c, e in zip(compiled, eager)]
         first = "none" if all(s == steps for s in same) else f"token {min(same)}"

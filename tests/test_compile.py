@@ -58,21 +58,29 @@ def _run(model, press, backend=None, steps: int = STEPS):
 
 def test_the_compilable_presses_are_the_expected_ones():
     assert COMPILABLE == ["expected-attention", "full", "gkv", "h2o", "hott-h2o-fixed", "hott-snapkv-d-fixed",
-                          "keydiff", "knorm", "morphkv", "quest", "random", "rpc", "scope", "snapkv-d",
-                          "streaming_llm", "tova", "triattention"]
+                          "keydiff", "knorm", "morphkv", "quest", "random", "rlkv", "rpc", "scope", "sepllm",
+                          "snapkv-d", "streaming_llm", "tova", "triattention"]
 
 
-@pytest.mark.parametrize("name", COMPILABLE + WRAPPED)
+#: Presses that compile with other parameters than their defaults (rkv: in token order, not R-KV's cache order).
+VARIANTS = {"rkv order=position": ("rkv", {**TEST_ARGS["rkv"], "order": "position"})}
+
+
+@pytest.mark.parametrize("name", COMPILABLE + WRAPPED + list(VARIANTS))
 def test_every_decoding_step_is_one_graph_equal_to_eager(model, name):
-    """Among them: schedules that change with the sequence (keydiff, expected-attention, gkv, rpc, scope: a first
-    compression at another count than the next ones) and allocation (layers, heads keeping different counts)."""
+    """Among them: schedules that change with the sequence (keydiff, expected-attention, gkv, rpc, scope, rkv: a
+    first compression at another count than the next ones), allocation (layers, heads keeping different counts),
+    presses that keep fewer (sepllm, rlkv: counts read back after the graph) and a selection (quest)."""
     torch._dynamo.reset()
-    args = TEST_ARGS.get(name.rsplit(":", 1)[-1])  # buffers and windows that evict within 72 steps
+    # buffers and windows that evict within 72 steps
+    name, args = VARIANTS.get(name, (name, TEST_ARGS.get(name.rsplit(":", 1)[-1])))
     press = make_press(name, args)
     backend = CountingBackend()
     compiled, compiled_kept = _run(model, press, backend)
     eager, eager_kept = _run(model, make_press(name, args))
-    assert backend.graphs == 1  # fullgraph, and no recompilation over the 71 decoding steps
+    # fullgraph, and no recompilation over the 71 decoding steps: one graph for the steps at which no row evicts (the
+    # cache filling), one for those at which some row does
+    assert backend.graphs == (2 if press.evicts and not press.selects else 1)
     assert [o.tokens for o in compiled] == [o.tokens for o in eager]
     assert [o.finish_reason for o in compiled] == [o.finish_reason for o in eager]
     assert compiled_kept == eager_kept  # every layer and KV head, after every forward
@@ -83,13 +91,14 @@ def test_every_decoding_step_is_one_graph_equal_to_eager(model, name):
         assert [o.tokens for o in compiled] != [o.tokens for o in full]
 
 
-def test_steps_with_and_without_eviction_share_the_graph(model):
-    """Buffer 8: a row evicts one step in eight; whether it does is a mask, not a branch."""
+def test_steps_with_and_without_eviction_alternate_between_two_graphs_compiled_once(model):
+    """Buffer 8: a sequence evicts one step in eight, the two rows at other steps; the steps at which no row evicts
+    run the graph without scoring, the others the evicting one (which rows evict: a mask). No recompilation."""
     torch._dynamo.reset()
     backend = CountingBackend()
     compiled, compiled_kept = _run(model, make_press("knorm", {"buffer": "8"}), backend)
     eager, eager_kept = _run(model, make_press("knorm", {"buffer": "8"}))
-    assert backend.graphs == 1
+    assert backend.graphs == 2
     assert [o.tokens for o in compiled] == [o.tokens for o in eager] and compiled_kept == eager_kept
 
 
@@ -121,9 +130,9 @@ def test_the_forward_that_compiles_is_left_out_of_the_decoding_time():
     settings = GenerationSettings(max_new_tokens=8)
     compiled = generate(model, PROMPTS, make_press("h2o"), BUDGET, settings, compile_backend=SlowBackend())
     eager = generate(model, PROMPTS, make_press("h2o"), BUDGET, settings)
-    for out in compiled:
-        assert out.compile_s >= 1.0  # the first decoding forward compiled, once, for both rows
-        assert out.decode_s < 1.0 and out.tokens_per_s == pytest.approx((out.output_tokens - 1) / out.decode_s)
+    for out in compiled:  # both graphs compiled while both rows ran: the first step's, and the first eviction's
+        assert out.compile_s >= 2.0
+        assert out.decode_s < 1.0 and out.tokens_per_s == pytest.approx((out.output_tokens - 2) / out.decode_s)
     assert [o.compile_s for o in eager] == [None, None]
     assert [o.tokens for o in compiled] == [o.tokens for o in eager]
 
@@ -135,9 +144,11 @@ def test_attention_loss_is_not_measured_in_a_compiled_step():
                  measure_attention_loss=True, compile_backend="eager")
 
 
-def test_continuous_batching_joins_run_in_the_same_graph():
+@pytest.mark.parametrize("name", ["snapkv-d", "keydiff", "sepllm", "adakv:snapkv-d"])
+def test_continuous_batching_joins_run_in_the_same_graph(name):
     """Five prompts through two rows: three joins after the first, each into the running batch's rows (its bucket),
-    one graph throughout, outputs equal to eager continuous batching."""
+    one graph throughout, outputs equal to eager continuous batching. keydiff's rows, joining at other steps, are
+    at other points of its schedule (each row's count is a tensor); sepllm's token ids are spliced with the row."""
     from kvbench.engine.continuous import generate_continuous
 
     torch._dynamo.reset()
@@ -145,10 +156,11 @@ def test_continuous_batching_joins_run_in_the_same_graph():
     prompts = [[1 + (i * k) % 50 for i in range(n)] for k, n in ((7, 12), (5, 9), (3, 20), (11, 6), (13, 15))]
     settings = GenerationSettings(max_new_tokens=40, eos_token_ids=(26,))  # ends four of the five early
     backend = CountingBackend()
-    compiled = generate_continuous(model, prompts, make_press("snapkv-d"), BUDGET, settings, 2,
+    args = TEST_ARGS.get(name.rsplit(":", 1)[-1])
+    compiled = generate_continuous(model, prompts, make_press(name, args), BUDGET, settings, 2,
                                    compile_backend=backend)
-    eager = generate_continuous(model, prompts, make_press("snapkv-d"), BUDGET, settings, 2)
-    assert backend.graphs == 1
+    eager = generate_continuous(model, prompts, make_press(name, args), BUDGET, settings, 2)
+    assert backend.graphs == 2  # with and without eviction, each compiled once
     assert [o.tokens for o in compiled] == [o.tokens for o in eager]
     assert [o.evicted_tokens for o in compiled] == [o.evicted_tokens for o in eager]
     assert len({len(o.tokens) for o in compiled}) > 1  # sequences end at different steps: rows free and rejoin

@@ -2,12 +2,12 @@
 
 Commands are read from the ```bash blocks of README.md and docs/*.md. Each runs in a scratch directory holding a
 small store (``results/``, with generation, fidelity and bench rows) and small copies of the grids: a command runs
-as written except that it is made small (``small``): the tiny Llama for a model (a shape alias: the tiny Qwen2),
-one example, a few new tokens, short benchmark runs, scratch paths. The paper's grids name hub models that cannot
-load here and hold 672 runs: they run with ``--dry-run`` (the whole grid checked and planned). A command that
-reads a hub revision must fail in one clear line offline. What is not run here (``make``, the kvpress venv of
-docs/kvpress-peer.md) is listed in ``NOT_RUN`` with the reason, and the test fails when a listed command leaves
-the docs.
+as written except that it is made small (``small``): the tiny Llama for a model (a shape alias: the tiny Qwen2), one
+example, a few new tokens, short benchmark runs, scratch paths, `--compile` traced by the eager backend. The paper's
+grids name hub models that cannot load here and hold 672 runs: they run with ``--dry-run`` (the whole grid checked
+and planned). A command that reads a hub revision must fail in one clear line offline. What is not run here
+(``make``, the kvpress venv of docs/kvpress-peer.md) is listed in ``NOT_RUN`` with the reason, and the test fails
+when a listed command leaves the docs.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ NOT_RUN = {
     "python3 -m venv": "docs/kvpress-peer.md: the venv kvpress 0.5.5 needs (transformers < 5.3)",
     "/tmp/kvpvenv/bin/": "docs/kvpress-peer.md: run in kvpress's own venv",
     "benchmarks.kvpress_peer": "docs/kvpress-peer.md: its halves exchange files with kvpress's venv (40 minutes)",
+    "benchmarks.compiled_window": "docs/measurements.md: compiles the embedded model with inductor twice (minutes); "
+                                  "each of its ways of decoding is a generation option tested on its own",
     "--text long-text.txt": "docs/measurements.md: calibrates a hub model (its weights, a GPU, a long text of yours)",
 }
 #: Grids whose models are hub checkpoints: checked and planned (``--dry-run``), not run.
@@ -104,6 +106,8 @@ def small(command: str, scratch: Path) -> list[str]:
                 option, out[1] != "bench")
             if applies and option not in out and not any(a in out for a in aliases):
                 out += [option, value]
+    if "--compile" in out and "--compile-backend" not in out:  # traced, not code-generated: seconds, not minutes
+        out += ["--compile-backend", "eager"]
     if out[:2] == ["kvbench", "sweep"] and any(grid in out for grid in HUB_GRIDS) and "--dry-run" not in out:
         out.append("--dry-run")
     return out

@@ -30,6 +30,13 @@ from kvbench.errors import KvbenchError
 from kvbench.runs.session import device_name
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process (dynamo's count)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def cells(config: BenchConfig) -> list[tuple[str, int | None]]:
     """(press, budget) pairs: the full cache first (the reference), then every press at every budget."""
     from kvbench.presses import press_parameters
@@ -223,11 +230,15 @@ class _Bench:
             for i, steps in enumerate(running):
                 if outputs[i] is not None:
                     continue
+                graphs = compiled_graphs()
                 seconds, finished, value = timed_step(steps, self._sync)
                 if finished:
                     outputs[i] = value
                     continue
-                times[i].append(seconds)
+                if compiled_graphs() == graphs:
+                    times[i].append(seconds)
+                else:  # a graph compiled at this step (the first eviction's): compile time, not a step's
+                    warmup[i] += seconds
                 done += 1
                 self.on_progress(label, done, total)
         rows = [self._row(p, b, batch, t, o, None) for (p, b, _), t, o in zip(variants, times, outputs)]

@@ -2,18 +2,21 @@
 writes and attention), the press's observation, scoring and eviction, with static shapes.
 
 Static shapes: the cache attends over all of its preallocated ``budget + buffer`` slots (``static_shapes``), so
-every decoding step has the same tensor shapes. No host decision inside the graph: whether a row evicts this step
-is decided on the host before the forward (its entry count against its trigger) and enters the graph as a mask,
-so that a step with eviction and one without run the same graph (rows not at their trigger keep their slots by
-masked arithmetic; a press whose compressions keep different counts, by schedule, layer or head, gets each row's
-count as a tensor instead). The host's bookkeeping (entry counts, the next schedule, the query ring's write slot)
-stays outside, before and after the graph. The prefill runs eagerly (its length differs per prompt).
+every decoding step has the same tensor shapes. Two graphs, each compiled once: a step at which no row is at its
+trigger runs the forward (and an accumulating press's observation) alone, so that a press compressing every
+``buffer`` steps does not score the cache at every step; a step at which some row is runs the scoring and
+eviction too. No host decision inside either: which rows evict is decided on the host before the forward (their
+entry counts against their triggers) and enters the graph as a mask (rows not at their trigger keep their slots
+by masked arithmetic; a press whose compressions keep different counts, by schedule, layer or head, gets each
+row's count as a tensor instead). The host's bookkeeping (entry counts, the next schedule, the query ring's write
+slot) stays outside, before and after the graph. The prefill runs eagerly (its length differs per prompt).
 
 What cannot be one graph is refused by ``compile_refusal`` with the reason, before any model loads.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -64,7 +67,8 @@ def bucketed_length(tokens: int) -> int:
 
 
 class CompiledStep:
-    """``forward`` of a ``Decoder``'s decoding steps, compiled once for the cache's batch and slot shapes."""
+    """``forward`` of a ``Decoder``'s decoding steps: two graphs (with and without eviction), each compiled once for
+    the cache's batch and slot shapes."""
 
     def __init__(self, model, cache, cache_kwarg: dict, backend: str = "inductor"):
         self.model, self.cache, self.cache_kwarg = model, cache, cache_kwarg
@@ -73,19 +77,29 @@ class CompiledStep:
         device = next(model.parameters()).device
         mode = "reduce-overhead" if backend == "inductor" and device.type == "cuda" else None  # CUDA graphs
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        self.graph = torch.compile(self._step, fullgraph=True, backend=backend, mode=mode, dynamic=False)
+        compile = functools.partial(torch.compile, fullgraph=True, backend=backend, mode=mode, dynamic=False)
+        self.evicting_graph, self.plain_graph = compile(self._evicting_step), compile(self._plain_step)
         self.step = torch.zeros((), dtype=torch.long, device=device)  # the decoding step, as the views carry it
         self.marked = False
         #: Seconds the last forward took if it compiled a graph (dynamo's trace and the backend's code, with that
         #: one step), else 0: what a run's decoding time leaves out. A CUDA graph's recording is not counted.
         self.compiling_s = 0.0
 
-    def _step(self, ids: torch.Tensor, positions: torch.Tensor, step: torch.Tensor, evicting: torch.Tensor | None,
-              keep: torch.Tensor | None) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=ids, position_ids=positions, cache_position=positions[0], **self.cache_kwarg,
                          use_cache=True, kvbench_cache=self.cache, logits_to_keep=1)
-        self.cache.evict_on_device(step, evicting, keep)
         return out.logits[:, -1]
+
+    def _evicting_step(self, ids: torch.Tensor, positions: torch.Tensor, step: torch.Tensor,
+                       evicting: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor:
+        logits = self._forward(ids, positions)
+        self.cache.evict_on_device(step, evicting, keep)
+        return logits
+
+    def _plain_step(self, ids: torch.Tensor, positions: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        logits = self._forward(ids, positions)
+        self.cache.observe_on_device(step)
+        return logits
 
     def _mark_static(self, cache) -> None:
         """The cache's buffers keep their addresses for the whole generation: a CUDA graph may write them in place
@@ -113,9 +127,13 @@ class CompiledStep:
         cache.begin_step(positions, valid, counts, step, ids)
         full = cache.occupancy.at_trigger()
         self.step.fill_(step)
-        evicting, keep = (None, cache.device_keeps(full)) if cache.keeps_by_rank else (cache.row_mask(full), None)
         graphs, start = counters["stats"]["unique_graphs"], time.perf_counter()
-        logits = self.graph(ids, positions, self.step, evicting, keep)
+        if not any(full):
+            logits = self.plain_graph(ids, positions, self.step)
+        elif cache.keeps_by_rank:
+            logits = self.evicting_graph(ids, positions, self.step, None, cache.device_keeps(full))
+        else:
+            logits = self.evicting_graph(ids, positions, self.step, cache.row_mask(full), None)
         compiled = counters["stats"]["unique_graphs"] != graphs
         self.compiling_s = time.perf_counter() - start if compiled else 0.0
         cache.finish_decoding_step(full)

@@ -50,7 +50,6 @@ class RKVPress(Press):
     """
 
     name = "rkv"
-    compile_refusal = COMPILE_REFUSAL
     summary = "importance - redundancy (key cosine similarity), every 128 tokens, in R-KV's cache order"
     source = "Cai et al. 2025, arXiv 2505.24133"
     reference = "Zefan-Cai/R-KV@d15c976 rkv/compression/r1_kv.py (R1KV.update_kv)"
@@ -112,15 +111,23 @@ class RKVPress(Press):
 
     def score(self, view: View) -> torch.Tensor:
         index = fork_index(view) if self.order == "cache" and STATE in view.state else position_index(view)
-        lengths = valid_lengths(view)
-        prefix = view.valid & (index < (torch.tensor(lengths, device=index.device) - self.window_size)[:, None, None])
-        final = self._final(view, index, prefix, max(lengths))
+        held = view.valid[:, 0].sum(dim=-1)  # [N] entries each row holds (alike in every head)
+        prefix = view.valid & (index < (held - self.window_size)[:, None, None])
+        # laid out over every slot: past a row's entries, -inf (max_pool1d's own padding), so no host length
+        final = self._final(view, index, prefix, view.valid.shape[-1])
         if self.order == "position" or view.compress_to is None:  # the engine keeps the best; the window first
             return final.masked_fill(view.valid & ~prefix, INF)
-        # the rows the engine compresses: keeping fewer than they hold, or exactly a held budget (a prompt of budget)
+        # the rows the engine compresses: keeping fewer than they hold, or exactly a held budget (a prompt of budget);
+        # topk over each row's own length, so that its ties fall in R-KV's order
+        lengths = valid_lengths(view)
         compressing = [n if n > keep or n == keep == view.budget else 0 for n, keep in zip(lengths, view.compress_to)]
         ordered = to_fork_order(final, index, prefix, max(lengths), fill=-INF).to(view.keys.dtype)
         return reorder(view, index, self._topk(ordered, compressing, view.budget))
+
+    @property
+    def compile_refusal(self) -> str | None:
+        """R-KV's cache order (``order=cache``) is replayed on the host; token order compiles."""
+        return COMPILE_REFUSAL if self.order == "cache" else None
 
     def _final(self, view, index: torch.Tensor, prefix: torch.Tensor, width: int) -> torch.Tensor:
         """[N, H, S] R-KV's final score of each slot before the window (``r1_kv.py`` 49-77)."""

@@ -71,7 +71,6 @@ class RLKVPress(Press):
     reads_whole_window = False
     keeps_fewer = True
     calibration = "gates"
-    compile_refusal = "its full heads grow with the sequence: the count kept is read back every step"
 
     #: The per-layer, per-KV-head gates (RLKV's adapter_weights.tsv, DuoAttention's full_attention_heads.tsv).
     gates: str = ""

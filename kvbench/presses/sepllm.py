@@ -55,7 +55,6 @@ class SepLLMPress(Press):
     reads_whole_window = False
     reads_tokens = True
     keeps_fewer = True
-    compile_refusal = "it keeps as many entries as it found separators: the count kept is read back every compression"
 
     #: Initial tokens always kept (SepLLM's ``init_cache_size``: 4).
     n_init: int = 4
