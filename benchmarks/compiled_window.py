@@ -1,10 +1,10 @@
 """Why a compiled window-scoring press (snapkv-d) is slower than eager at batch 8 on the CPU: the decoding step of
-one press decoded five ways, side by side, one step each in turn (so that drift of the machine is shared):
+one press decoded four ways, side by side, one step each in turn (so that drift of the machine is shared):
 
 - eager, the window's attention kept between steps (``kvbench.engine.window``: the CPU default);
 - eager, recomputed every step over the slots in use;
 - eager, recomputed every step over every preallocated slot (``static_shapes``: the compiled step's shapes);
-- compiled (``--compile``: static shapes, recomputed, one graph);
+- compiled (``--compile``: static shapes, recomputed, in graphs);
 - the full cache eager and compiled, for scale.
 
     python -m benchmarks.compiled_window                       # snapkv-d, budget 128, batch 8, 128 + 512 tokens
