@@ -145,10 +145,11 @@ def test_attention_loss_is_not_measured_in_a_compiled_step():
 
 
 @pytest.mark.parametrize("name", ["snapkv-d", "keydiff", "sepllm", "adakv:snapkv-d"])
-def test_continuous_batching_joins_run_in_the_same_graph(name):
+def test_continuous_batching_joins_run_in_the_same_graphs(name):
     """Five prompts through two rows: three joins after the first, each into the running batch's rows (its bucket),
-    one graph throughout, outputs equal to eager continuous batching. keydiff's rows, joining at other steps, are
-    at other points of its schedule (each row's count is a tensor); sepllm's token ids are spliced with the row."""
+    two graphs throughout (with and without eviction, each compiled once), outputs equal to eager continuous
+    batching. keydiff's rows, joining at other steps, are at other points of its schedule (each row's count is a
+    tensor); sepllm's token ids are spliced with the row."""
     from kvbench.engine.continuous import generate_continuous
 
     torch._dynamo.reset()
