@@ -54,13 +54,13 @@ def oracle_matrix(presses: list[str], archs: tuple[str, ...], device: str, dtype
 
 
 def tiny_press(name: str, model, tokenizer, workdir: Path):
-    """Press ``name`` at its defaults for the tiny model: its calibration written for it (TriAttention's statistics,
-    RLKV's gates), what it reads of the tokenizer resolved (SepLLM's separators)."""
+    """A maker of press ``name`` for the tiny model: verify's small settings, its calibration written for it once
+    (TriAttention's statistics, RLKV's gates), what it reads of the tokenizer resolved (SepLLM's separators)."""
     cls = PRESSES[name]
     args = dict(TINY_ARGS.get(name, {}))
     if cls.calibration is not None:
         args[cls.calibration] = str(write_tiny_calibration(name, model, tokenizer, workdir))
-    return for_tokenizer(make_press(name, args), tokenizer)
+    return lambda: for_tokenizer(make_press(name, args), tokenizer)
 
 
 def compiled_against_eager(presses: list[str], device: str, dtype: str, steps: int = 128) -> None:
@@ -71,14 +71,14 @@ def compiled_against_eager(presses: list[str], device: str, dtype: str, steps: i
     settings = GenerationSettings(max_new_tokens=steps)
     workdir = Path(tempfile.mkdtemp(prefix="kvbench-gpu-check-"))
     for name in presses:
-        if compile_refusal(tiny_press(name, model, tokenizer, workdir), 16):
+        press = tiny_press(name, model, tokenizer, workdir)
+        if compile_refusal(press(), 16):
             continue
         torch._dynamo.reset()
         start = time.perf_counter()
-        compiled = generate(model, prompts, tiny_press(name, model, tokenizer, workdir), 16, settings,
-                            compile_backend="inductor")
+        compiled = generate(model, prompts, press(), 16, settings, compile_backend="inductor")
         seconds = time.perf_counter() - start
-        eager = generate(model, prompts, tiny_press(name, model, tokenizer, workdir), 16, settings)
+        eager = generate(model, prompts, press(), 16, settings)
         same = [next((i for i, (a, b) in enumerate(zip(c.tokens, e.tokens)) if a != b), len(c.tokens))
                 for c, e in zip(compiled, eager)]
         first = "none" if all(s == steps for s in same) else f"token {min(same)}"

@@ -30,13 +30,6 @@ from kvbench.errors import KvbenchError
 from kvbench.runs.session import device_name
 
 
-def compiled_graphs() -> int:
-    """Graphs torch.compile has compiled in this process (dynamo's count)."""
-    from torch._dynamo.utils import counters
-
-    return counters["stats"]["unique_graphs"]
-
-
 def cells(config: BenchConfig) -> list[tuple[str, int | None]]:
     """(press, budget) pairs: the full cache first (the reference), then every press at every budget."""
     from kvbench.presses import press_parameters
@@ -211,6 +204,8 @@ class _Bench:
     def side_by_side(self, batch: int) -> list[BenchRow]:
         """Every cell (each eager and compiled, with --compile) one decoding step in turn; ratios to the full cache
         decoded the same way."""
+        from kvbench.engine.compiled import compiled_graphs
+
         config = self.config
         variants = [(p, b, compiled) for compiled in ((False, True) if config.compile else (False,))
                     for p, b in cells(config)]

@@ -61,6 +61,11 @@ def check_backend(backend: str) -> None:
         raise KvbenchError(f"--compile-backend {backend!r} is unknown (known: {', '.join(BACKENDS)})")
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process (dynamo's count): a change across a call means it compiled."""
+    return counters["stats"]["unique_graphs"]
+
+
 def bucketed_length(tokens: int) -> int:
     """The sequence length a compiled step's cache is sized for: ``tokens`` rounded up to ``LENGTH_BUCKET``."""
     return -(-tokens // LENGTH_BUCKET) * LENGTH_BUCKET
@@ -127,14 +132,14 @@ class CompiledStep:
         cache.begin_step(positions, valid, counts, step, ids)
         full = cache.occupancy.at_trigger()
         self.step.fill_(step)
-        graphs, start = counters["stats"]["unique_graphs"], time.perf_counter()
+        graphs, start = compiled_graphs(), time.perf_counter()
         if not any(full):
             logits = self.plain_graph(ids, positions, self.step)
         elif cache.keeps_by_rank:
             logits = self.evicting_graph(ids, positions, self.step, None, cache.device_keeps(full))
         else:
             logits = self.evicting_graph(ids, positions, self.step, cache.row_mask(full), None)
-        compiled = counters["stats"]["unique_graphs"] != graphs
+        compiled = compiled_graphs() != graphs
         self.compiling_s = time.perf_counter() - start if compiled else 0.0
         cache.finish_decoding_step(full)
         return logits

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from kvbench.presses.base import Press
-from kvbench.presses.ranking import lowest_slots, slot_ranks
+from kvbench.presses.ranking import lowest_slots
 
 
 class DeviceEviction:
@@ -62,8 +62,7 @@ class DeviceEviction:
             view.valid &= (scores > -torch.inf) | ~evicting
             return
         if keep is not None:
-            view.valid &= (self.keep_mask(scores, view.positions, keep) if self.allocates
-                           else slot_ranks(scores, view.positions) < keep[:, None, None])
+            view.valid &= self.keep_mask(scores, view.positions, keep)
             return
         # a cache shorter than the trigger (a short sequence) never evicts: the mask is all False then
         lowest = lowest_slots(scores, view.positions, min(self.trigger - self.budget, scores.shape[-1]))

@@ -6,8 +6,10 @@ to keep, through ``score``. Protected tokens (sinks, recent window) get ``+inf``
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -177,6 +179,11 @@ class Press:
 
     def params(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def file_digest(path: str) -> str:
+    """The first 16 hex digits of the SHA-256 of a per-model file's bytes (``Press.data_digest``)."""
+    return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()[:16]
 
 
 def at_prefill(view: View) -> bool:

@@ -11,7 +11,6 @@ from kvbench.presses.source_order import (
     from_fork_order,
     reorder,
     to_fork_order,
-    valid_lengths,
 )
 
 _BIG = torch.iinfo(torch.long).max // 2
@@ -119,7 +118,7 @@ class RKVPress(Press):
             return final.masked_fill(view.valid & ~prefix, INF)
         # the rows the engine compresses: keeping fewer than they hold, or exactly a held budget (a prompt of budget);
         # topk over each row's own length, so that its ties fall in R-KV's order
-        lengths = valid_lengths(view)
+        lengths = held.tolist()
         compressing = [n if n > keep or n == keep == view.budget else 0 for n, keep in zip(lengths, view.compress_to)]
         ordered = to_fork_order(final, index, prefix, max(lengths), fill=-INF).to(view.keys.dtype)
         return reorder(view, index, self._topk(ordered, compressing, view.budget))

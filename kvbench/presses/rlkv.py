@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +10,7 @@ import numpy as np
 import torch
 
 from kvbench.errors import KvbenchError
-from kvbench.presses.base import INF, Press, View, recent_positions
+from kvbench.presses.base import INF, Press, View, file_digest, recent_positions
 
 #: Slots a head may hold: every token (the cache then allocates the sequence's length).
 _UNBOUNDED = 2**62
@@ -94,7 +93,7 @@ class RLKVPress(Press):
         if self.buffer != 1:
             raise ValueError("rlkv: buffer does not apply (compressed heads are cut after every forward)")
         self.full = torch.from_numpy(full_heads(load_gates(self.gates), self.sparsity, self.seed))
-        self.digest = hashlib.sha256(Path(self.gates).expanduser().read_bytes()).hexdigest()[:16]
+        self.digest = file_digest(self.gates)
 
     def data_digest(self) -> str:
         return self.digest

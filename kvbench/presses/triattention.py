@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from kvbench.presses.base import INF, Press, View
+from kvbench.presses.base import INF, Press, View, file_digest
 
 _BIG = torch.iinfo(torch.long).max
 
@@ -116,7 +115,7 @@ class TriAttentionPress(Press):
         if self.offset_max_length < 1:
             raise ValueError(f"triattention: offset_max_length must be >= 1, got {self.offset_max_length}")
         self.frequency_stats = load_frequency_stats(self.stats)
-        self.digest = hashlib.sha256(Path(self.stats).expanduser().read_bytes()).hexdigest()[:16]
+        self.digest = file_digest(self.stats)
 
     def data_digest(self) -> str:
         return self.digest

@@ -180,8 +180,9 @@ def run_key(config: RunConfig, task: Task, cell: Cell, model_revision: str | Non
         payload["press_revision"] = cell.press.revision
     if cell.press.origin:  # a plug-in: the class its name resolved to
         payload["press_class"] = cell.press.origin
-    if cell.press.data_digest():  # the statistics or gates file's contents, not only its path
-        payload["press_data"] = cell.press.data_digest()
+    digest = cell.press.data_digest()
+    if digest:  # the statistics or gates file's contents, not only its path
+        payload["press_data"] = digest
     if config.protocol != DEFAULT_PROTOCOL:
         payload["protocol"] = config.protocol
     if get_protocol(config.protocol).revision > 1:  # what the protocol feeds the model changed
